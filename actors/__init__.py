@@ -1,0 +1,1 @@
+"""Thin Ray shells around MediMesh's pure core (imported as ``medimesh.actors``)."""

@@ -1,0 +1,125 @@
+"""What every MediMesh actor shares: identity, roster, transport and an audit outbox.
+
+Hospital, router, validator and auditor are *synchronous* Ray actors: measured here, a call
+into an async actor costs about twice the CPU of a call into a sync one (0.30 vs 0.15 ms),
+and CPU is what a 2-core machine runs out of first. Only the coordinator, which must wait
+for many messages at once, is async.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from medimesh.audit import AuditRecorder
+from medimesh.identity import Identity, Roster
+from medimesh.protocol import Message
+from medimesh.wire import seal
+
+__all__ = ["AUDIT_FLUSH_EVENTS", "AUDIT_FLUSH_S", "Audited", "Node", "RouterTransport"]
+
+AUDIT_FLUSH_EVENTS = 64
+AUDIT_FLUSH_S = 0.25
+
+
+class RouterTransport:
+    """Sends through the router actor and waits for its accept/refuse answer (AXL's /send)."""
+
+    def __init__(self, router: Any) -> None:
+        self._router = router
+        self._pending: list[Any] = []
+
+    def send(self, envelope: bytes) -> int:
+        import ray
+
+        return int(ray.get(self._router.send.remote(envelope)))
+
+    def post(self, envelope: bytes) -> None:
+        """Send without waiting for the router's answer; :meth:`failures` reports refusals later.
+
+        A hospital has nothing to do while the router works, and not blocking on each answer
+        saves CPU that a 2-core machine needs for the other hospitals.
+        """
+        self._pending.append(self._router.send.remote(envelope))
+
+    def failures(self) -> list[str]:
+        """Errors the router answered to earlier posts (AXL's 502 and refusals), oldest first."""
+        import ray
+
+        if not self._pending:
+            return []
+        done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+        errors = []
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # the router's refusal, re-raised by Ray
+                errors.append(f"{type(exc).__name__}: {exc}")
+        return errors
+
+    async def send_async(self, envelope: bytes) -> int:
+        return int(await self._router.send.remote(envelope))
+
+
+class Audited:
+    """An enrolled actor with an identity and an audit outbox flushed in batches."""
+
+    def __init__(self, seed: bytes, roster_json: str, auditor: Any) -> None:
+        self.identity = Identity.from_seed(seed)
+        self.roster = Roster.from_json(roster_json)
+        self.audit = AuditRecorder(self.identity)
+        self._auditor = auditor
+        self._last_flush = time.monotonic()
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    def maybe_flush(self) -> None:
+        now = time.monotonic()
+        if len(self.audit) >= AUDIT_FLUSH_EVENTS or now - self._last_flush > AUDIT_FLUSH_S:
+            self.flush_audit()
+
+    def flush_audit(self) -> int:
+        """Hand buffered events to the auditor; returns how many were handed over."""
+        self._last_flush = time.monotonic()
+        events = self.audit.drain()
+        if events and self._auditor is not None:
+            self._auditor.append.remote(events)
+        return len(events)
+
+    def sync_audit(self) -> int:
+        """Flush and wait until the auditor has chained the events (used at shutdown)."""
+        import ray
+
+        self._last_flush = time.monotonic()
+        events = self.audit.drain()
+        if events and self._auditor is not None:
+            ray.get(self._auditor.append.remote(events))
+        return len(events)
+
+
+class Node(Audited):
+    """An actor that also sends: seal-and-send through the router."""
+
+    def __init__(self, seed: bytes, roster_json: str, router: Any, auditor: Any) -> None:
+        super().__init__(seed, roster_json, auditor)
+        self.transport = RouterTransport(router)
+
+    def seal(self, msg: Message, recipients: list[str], round_: int) -> bytes:
+        return seal(self.identity, msg.TYPE, recipients, round_, msg.to_payload())
+
+    def send(self, msg: Message, recipients: list[str], round_: int) -> bytes:
+        envelope = self.seal(msg, recipients, round_)
+        self.transport.send(envelope)
+        return envelope
+
+    def post(self, msg: Message, recipients: list[str], round_: int) -> bytes:
+        envelope = self.seal(msg, recipients, round_)
+        self.transport.post(envelope)
+        return envelope
+
+    async def send_async(self, msg: Message, recipients: list[str], round_: int) -> bytes:
+        envelope = self.seal(msg, recipients, round_)
+        await self.transport.send_async(envelope)
+        return envelope

@@ -1,0 +1,365 @@
+"""The coordinator actor: setup round, round timing, aggregation and model publication.
+
+It is a recipient of every update (to aggregate) and of the validator's verdicts (to know
+which to use). It never sees a patient row: setup statistics, deltas and evaluation counts
+are all it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from medimesh.actors.base import Node
+from medimesh.aggregation import AGGREGATORS
+from medimesh.errors import ConfigError, EnvelopeError, MediMeshError, QuorumNotReached
+from medimesh.features import LocalStats, combine_stats
+from medimesh.model import Model, TrainConfig, model_hash
+from medimesh.protocol import (
+    EvalReport,
+    ModelPublished,
+    RoundStart,
+    SetupRequest,
+    SetupResult,
+    SetupStats,
+    Update,
+    Verdicts,
+    decode,
+)
+from medimesh.rounds import (
+    EvalTally,
+    RoundMetrics,
+    RoundState,
+    ServerOptimizer,
+    close_round,
+    initial_model,
+)
+from medimesh.wire import open_envelope
+
+__all__ = ["Coordinator", "CoordinatorConfig"]
+
+log = structlog.get_logger("medimesh.coordinator")
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    n_features: int
+    n_classes: int
+    spec_hash: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    aggregator: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.8
+    min_updates: int = 1
+    round_timeout_s: float = 30.0
+    eval_timeout_s: float = 10.0
+    setup_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError(f"unknown aggregator {self.aggregator!r}; have {list(AGGREGATORS)}")
+        if self.min_updates < 1:
+            raise ConfigError("min_updates must be at least 1")
+
+
+class Coordinator(Node):
+    def __init__(
+        self,
+        seed: bytes,
+        roster_json: str,
+        router: Any,
+        auditor: Any,
+        config: CoordinatorConfig,
+    ) -> None:
+        super().__init__(seed, roster_json, router, auditor)
+        self._cfg = config
+        self._hospitals = [m.peer_id for m in self.roster.with_role("hospital")]
+        self._validator = self.roster.with_role("validator")[0].peer_id
+        self._setup: dict[str, SetupStats] = {}
+        self._committed: dict[str, int] = {}
+        self._model: Model | None = None
+        self._model_hash = ""
+        self._velocity: np.ndarray | None = None
+        self._round = 0
+        self._state: RoundState | None = None
+        self._tallies: dict[str, EvalTally] = {}
+        self._pending: dict[int, dict[str, Any]] = {}
+        self._eval_bytes: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self.history: list[RoundMetrics] = []
+
+    # -- inbound -------------------------------------------------------------------------
+    async def deliver(self, envelope: bytes) -> None:
+        try:
+            opened = open_envelope(envelope, self.identity)
+        except EnvelopeError as exc:
+            self.audit.record("envelope_refused", -1, "", {"reason": type(exc).__name__})
+            return
+        h = opened.header
+        try:
+            if h.type == SetupStats.TYPE and h.sender in self._hospitals:
+                self._setup[h.sender] = decode(h.type, opened.payload, SetupStats)
+            elif h.type == Update.TYPE:
+                self._on_update(opened.digest, h.sender, opened.payload, len(envelope))
+            elif h.type == Verdicts.TYPE and h.sender == self._validator:
+                self._on_verdicts(opened.digest, opened.payload, len(envelope))
+            elif h.type == EvalReport.TYPE:
+                self._on_eval(h.sender, decode(h.type, opened.payload, EvalReport), len(envelope))
+            else:
+                self.audit.record("unexpected_message", h.round, h.message_id, {"type": h.type})
+        except MediMeshError as exc:
+            self.audit.record("message_failed", h.round, h.message_id, {"error": str(exc)})
+        self._wake.set()
+        self.maybe_flush()
+
+    def _on_update(self, dig: str, sender: str, payload: bytes, size: int) -> None:
+        state = self._state
+        if state is None:
+            return
+        state.bytes_in += size
+        try:
+            update = decode(Update.TYPE, payload, Update)
+        except MediMeshError:
+            return  # the validator judges malformed payloads; nothing to aggregate here
+        if not state.add_update(dig, sender, update):
+            self.audit.record("late_update", update.round, dig, {"hospital": sender})
+            return
+        tally = self._tallies.get(update.base_hash)
+        if tally is not None and update.round == state.round:
+            tally.add_from_update(sender, update)
+
+    def _on_eval(self, sender: str, report: EvalReport, size: int) -> None:
+        tally = self._tallies.get(report.model_hash)
+        if tally is None:
+            self.audit.record("late_evaluation", report.round, report.model_hash, {})
+            return
+        tally.add(sender, report)
+        self._eval_bytes[report.model_hash] = self._eval_bytes.get(report.model_hash, 0) + size
+
+    def _on_verdicts(self, vdig: str, payload: bytes, size: int) -> None:
+        batch = decode(Verdicts.TYPE, payload, Verdicts)
+        state = self._state
+        if state is not None:
+            state.bytes_in += size
+        for verdict in batch.items:
+            if state is None or not state.add_verdict(verdict, vdig):
+                self.audit.record(
+                    "late_verdict",
+                    verdict.round,
+                    verdict.update_digest,
+                    {"hospital": verdict.hospital},
+                )
+
+    async def _wait(self, done: Any, deadline: float) -> bool:
+        while not done():
+            left = deadline - time.time()
+            if left <= 0:
+                return False
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=left)
+            except TimeoutError:
+                return bool(done())
+        return True
+
+    # -- setup round ----------------------------------------------------------------------
+    async def setup(self) -> dict[str, Any]:
+        cfg = self._cfg
+        req = SetupRequest(cfg.spec_hash, cfg.n_features, cfg.n_classes)
+        self._setup.clear()
+        self.audit.record("setup_started", 0, cfg.spec_hash, {"hospitals": len(self._hospitals)})
+        await self.send_async(req, self._hospitals, 0)
+        deadline = time.time() + cfg.setup_timeout_s
+        await self._wait(lambda: len(self._setup) == len(self._hospitals), deadline)
+        if not self._setup:
+            raise QuorumNotReached("no hospital answered the setup round")
+        parts = [
+            LocalStats(s.n_examples, s.count, s.total, s.total_sq, s.class_counts)
+            for s in self._setup.values()
+        ]
+        standardizer, prior = combine_stats(parts)
+        self._committed = {pid: s.n_examples for pid, s in self._setup.items()}
+        result = SetupResult(cfg.spec_hash, standardizer.mean, standardizer.std, prior)
+        await self.send_async(result, list(self._setup), 0)
+        self._model, self._model_hash = initial_model(cfg.n_features, cfg.n_classes, prior)
+        summary = {
+            "hospitals": len(self._setup),
+            "n_train": int(sum(self._committed.values())),
+            "initial_model": self._model_hash,
+        }
+        self.audit.record("setup_completed", 0, self._model_hash, summary)
+        self.flush_audit()
+        return summary
+
+    async def sync_audit(self) -> int:  # type: ignore[override]
+        """Async twin of Node.sync_audit: an async actor must not block its event loop."""
+        events = self.audit.drain()
+        if events and self._auditor is not None:
+            await self._auditor.append.remote(events)
+        return len(events)
+
+    # -- federated rounds ------------------------------------------------------------------
+    async def run(self, rounds: int) -> list[dict[str, Any]]:
+        """Run ``rounds`` rounds back to back, then a final evaluation; returns the history.
+
+        Each RoundStart carries the previous round's published model, and hospitals evaluate
+        it before training on it: one broadcast serves both, so evaluation of model r rides on
+        round r+1 and a round costs three message hops, not five.
+        """
+        if self._model is None:
+            raise ConfigError("run setup() before the first round")
+        if rounds < 1:
+            raise ConfigError("rounds must be at least 1")
+        for _ in range(rounds):
+            await self._one_round()
+        await self._final_evaluation()
+        return self.metrics()
+
+    async def _one_round(self) -> None:
+        assert self._model is not None
+        cfg, t0 = self._cfg, time.perf_counter()
+        self._round += 1
+        r = self._round
+        live = [h for h in self._hospitals if h in self._committed]
+        deadline = time.time() + cfg.round_timeout_s
+        state = RoundState(
+            r, self._model, self._model_hash, frozenset(live), deadline, cfg.min_updates
+        )
+        self._state = state
+        tally = self._tallies.setdefault(
+            self._model_hash, EvalTally(self._model_hash, frozenset(live))
+        )
+        t = cfg.train
+        start = RoundStart(
+            r,
+            self._model_hash,
+            deadline,
+            self._model.weights,
+            self._model.bias,
+            t.epochs,
+            t.lr,
+            t.l2,
+            t.prox_mu,
+            t.clip_norm,
+            self._committed,
+        )
+        self.audit.record("round_started", r, self._model_hash, {"hospitals": len(live)})
+        marks = {"prepare": time.perf_counter()}
+        env = await self.send_async(start, [self._validator, *live], r)
+        bytes_routed = len(env)
+        marks["broadcast"] = time.perf_counter()
+        await self._wait(lambda: state.complete() and tally.complete(), deadline)
+        marks["updates_verdicts_evals"] = time.perf_counter()
+        self._finish_evaluation(r - 1)
+        parent = self._model_hash
+        try:
+            model, self._velocity, upd_digests, verdict_digests = close_round(
+                state,
+                AGGREGATORS[cfg.aggregator],
+                ServerOptimizer(cfg.server_lr, cfg.server_momentum),
+                self._velocity,
+            )
+        except QuorumNotReached as exc:
+            self.audit.record("round_failed", r, parent, {"error": str(exc)})
+            self.flush_audit()
+            raise
+        new_hash = model_hash(model)
+        self._model, self._model_hash = model, new_hash
+        self.audit.record(
+            "model_published",
+            r,
+            new_hash,
+            {"parent": parent, "updates": upd_digests, "verdicts": verdict_digests},
+        )
+        marks["aggregate"] = time.perf_counter()
+        reasons = state.rejection_reasons()
+        self._pending[r] = {
+            "round": r,
+            "model_hash": new_hash,
+            "parent_hash": parent,
+            "accepted": len(upd_digests),
+            "rejected": sum(reasons.values()),
+            "reasons": dict(reasons),
+            "late": len(state.late),
+            "duration_s": time.perf_counter() - t0,
+            "bytes_routed": bytes_routed + state.bytes_in + self._eval_bytes.pop(parent, 0),
+            "phases_ms": _phases(t0, marks),
+        }
+        self.flush_audit()
+
+    def _finish_evaluation(self, r: int) -> None:
+        """Merge the evaluation of round r's model into its metrics and publish them."""
+        pending = self._pending.pop(r, None)
+        if pending is None:
+            return
+        tally = self._tallies.pop(pending["model_hash"], None)
+        ev = tally.summary() if tally is not None else {}
+        metrics = RoundMetrics(
+            top1=float(ev.get("top1", float("nan"))),
+            top3=float(ev.get("top3", float("nan"))),
+            loss=float(ev.get("loss", float("nan"))),
+            n_eval=int(ev.get("n_eval", 0)),
+            evaluated_by=len(tally.reports) if tally is not None else 0,
+            **pending,
+        )
+        self.history.append(metrics)
+        self.audit.record("round_closed", r, metrics.model_hash, metrics.to_dict())
+        self._progress.set()
+
+    async def _final_evaluation(self) -> None:
+        """Evaluate the last model (no next round will carry it)."""
+        assert self._model is not None
+        live = [h for h in self._hospitals if h in self._committed]
+        tally = self._tallies.setdefault(
+            self._model_hash, EvalTally(self._model_hash, frozenset(live))
+        )
+        pub = ModelPublished(
+            self._round, self._model_hash, self._pending[self._round]["parent_hash"],
+            self._model.weights, self._model.bias, (), (),
+        )
+        env = await self.send_async(pub, live, self._round)
+        self._pending[self._round]["bytes_routed"] += len(env)
+        await self._wait(tally.complete, time.time() + self._cfg.eval_timeout_s)
+        self._pending[self._round]["bytes_routed"] += self._eval_bytes.pop(self._model_hash, 0)
+        self._finish_evaluation(self._round)
+        self.flush_audit()
+
+    async def wait_metrics(self, after: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Block until metrics of a round later than ``after`` exist (for live progress)."""
+        deadline = time.time() + timeout_s
+        while not any(m.round > after for m in self.history) and time.time() < deadline:
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), timeout=deadline - time.time())
+            except TimeoutError:
+                break
+        return [m.to_dict() for m in self.history if m.round > after]
+
+    # -- queries -------------------------------------------------------------------------
+    def current_model(self) -> dict[str, Any]:
+        if self._model is None:
+            raise ConfigError("no model yet: run setup() first")
+        return {
+            "round": self._round,
+            "model_hash": self._model_hash,
+            "weights": np.array(self._model.weights),
+            "bias": np.array(self._model.bias),
+        }
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return [m.to_dict() for m in self.history]
+
+
+def _phases(t0: float, marks: dict[str, float]) -> dict[str, float]:
+    """Milliseconds spent in each phase of a round, in order."""
+    out, prev = {}, t0
+    for name, t in marks.items():
+        out[name] = round((t - prev) * 1000.0, 3)
+        prev = t
+    return out

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``medimesh bench …``: each returns a JSON-able dict."""

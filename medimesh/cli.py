@@ -1,0 +1,221 @@
+"""The ``medimesh`` command: demo, benchmarks.
+
+Human progress goes to stderr; ``--json`` prints exactly one JSON object on stdout.
+Errors a user can fix print one line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from medimesh.errors import MediMeshError
+from medimesh.logs import configure
+
+__all__ = ["main"]
+
+_STDOUT: Any = None
+
+
+def emit(text: str) -> None:
+    """Write the command's result to the real stdout (everything else goes to stderr)."""
+    out = _STDOUT or sys.stdout
+    out.write(text + "\n")
+    out.flush()
+
+
+def _guard_stdout() -> None:
+    """Point fd 1 at stderr for the whole run, keeping a private handle on the real stdout.
+
+    Ray's driver prints raylet warnings with print(); --json output must stay one clean object.
+    """
+    global _STDOUT
+    if _STDOUT is not None:
+        return
+    sys.stdout.flush()
+    _STDOUT = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _run_args(p: argparse.ArgumentParser, hospitals: int = 8, rounds: int = 20) -> None:
+    p.add_argument("--dataset", choices=["rare", "heart"], default="rare")
+    p.add_argument("--hospitals", type=_positive_int, default=hospitals,
+                   help="number of hospitals (rare cohort; heart always has 4)")
+    p.add_argument("--rounds", type=_positive_int, default=rounds)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="Dirichlet concentration of each hospital's disease mix")
+    p.add_argument("--data-dir", default=None, help="heart data folder")
+    p.add_argument("--local-steps", type=_positive_int, default=None)
+    p.add_argument("--l2", type=float, default=None)
+    p.add_argument("--prox-mu", type=float, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from medimesh.actors.runtime import RunConfig
+    from medimesh.model import TrainConfig
+
+    base = TrainConfig()
+    if args.dataset == "heart":
+        base = TrainConfig(epochs=10, l2=0.07)
+    train = TrainConfig(
+        epochs=args.local_steps or base.epochs,
+        lr=base.lr,
+        l2=base.l2 if args.l2 is None else args.l2,
+        prox_mu=base.prox_mu if args.prox_mu is None else args.prox_mu,
+    )
+    return RunConfig(
+        dataset=args.dataset,
+        hospitals=args.hospitals,
+        rounds=args.rounds,
+        seed=args.seed,
+        alpha=args.alpha,
+        train=train,
+        data_dir=args.data_dir,
+        audit_path=getattr(args, "audit_file", None),
+    )
+
+
+def _progress(total: int) -> Callable[[dict[str, Any]], None]:
+    def show(m: dict[str, Any]) -> None:
+        acc = "   n/a" if math.isnan(m["top1"]) else f"{m['top1']:.3f}"
+        top3 = "   n/a" if math.isnan(m["top3"]) else f"{m['top3']:.3f}"
+        print(
+            f"round {m['round']:>3}/{total}  top1 {acc}  top3 {top3}  "
+            f"accepted {m['accepted']}/{m['accepted'] + m['rejected']}  "
+            f"{m['duration_s'] * 1000:7.1f} ms  model {m['model_hash'][:12]}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medimesh.actors.runtime import Consortium
+
+    cfg = _config(args)
+    print(
+        f"MediMesh demo: {cfg.n_sites} hospitals, {cfg.rounds} rounds, dataset {cfg.dataset} "
+        "(starting Ray…)",
+        file=sys.stderr,
+        flush=True,
+    )
+    fed = Consortium(cfg)
+    try:
+        timings = fed.start()
+        print(
+            f"started in {timings['startup_s']:.1f} s; setup round: "
+            f"{fed.setup_summary['n_train']} training patients across "
+            f"{fed.setup_summary['hospitals']} hospitals, pooled nowhere",
+            file=sys.stderr,
+            flush=True,
+        )
+        history = fed.run(None if args.json else _progress(cfg.rounds))
+        final = fed.final_model()
+        stats = fed.router_stats()
+        audit = fed.verify_audit()
+    finally:
+        fed.shutdown()
+    result = {
+        "dataset": cfg.dataset,
+        "hospitals": cfg.n_sites,
+        "rounds": history,
+        "final_model_hash": final["model_hash"],
+        "final_top1": history[-1]["top1"],
+        "final_top3": history[-1]["top3"],
+        "startup_s": timings,
+        "router": {
+            "messages_by_type": stats["messages_by_type"],
+            "bytes_by_type": stats["bytes_by_type"],
+            "rejected": stats["rejected"],
+        },
+        "audit": audit,
+    }
+    if args.json:
+        emit(json.dumps(result))
+    else:
+        print(
+            f"\nfinal model {final['model_hash'][:16]}…  top1 {history[-1]['top1']:.3f}  "
+            f"top3 {history[-1]['top3']:.3f}\n"
+            f"router: {sum(stats['messages_by_type'].values())} envelopes routed "
+            f"{dict(stats['messages_by_type'])}\n"
+            f"audit trail: {audit['entries']} entries, chain "
+            f"{'verifies' if audit['ok'] else 'BROKEN: ' + audit['problem']}",
+            file=sys.stderr,
+        )
+        if args.no_serve:
+            print("(--no-serve: exiting after training)", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    progress = None if args.json else _progress(cfg.rounds)
+    t0 = time.perf_counter()
+    if args.bench == "accuracy":
+        from medimesh.bench.accuracy import run_accuracy
+
+        result = run_accuracy(cfg, progress)
+    else:
+        from medimesh.bench.rounds import run_rounds
+
+        result = run_rounds(cfg, progress)
+    result["wall_s"] = round(time.perf_counter() - t0, 2)
+    emit(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medimesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a federated model on a local Ray instance")
+    _run_args(demo)
+    demo.add_argument("--no-serve", action="store_true",
+                      help="exit after training (the oracle and UI are not built yet)")
+    demo.add_argument("--audit-file", default=None,
+                      help="append the audit trail to this JSONL file (default: in memory)")
+    demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("bench", help="benchmarks that print JSON")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    acc = bsub.add_parser("accuracy", help="federated vs pooled vs isolated")
+    _run_args(acc)
+    acc.set_defaults(func=cmd_bench)
+    rounds = bsub.add_parser("rounds", help="startup and per-round wall time")
+    _run_args(rounds, hospitals=10, rounds=30)
+    rounds.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure(args.verbose)
+    _guard_stdout()
+    try:
+        return int(args.func(args))
+    except MediMeshError as exc:
+        print(f"medimesh: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medimesh: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Synthetic, seeded rare-disease cohorts (HPO/Orphanet-grounded) for the MediMesh demo."""

@@ -1,0 +1,560 @@
+"""Seeded synthetic rare-disease patients, split across hospitals in a non-IID way.
+
+Why this exists: MediMesh needs demo data on which federation visibly helps. Each hospital
+(a Ray actor elsewhere) calls :func:`make_site` in its own process; a site's patients depend only
+on ``(config, site)`` - the shared plan (site sizes and disease mixes) is cheap and derived from
+``config.seed``, the patients themselves come from a per-site random stream. numpy only (no
+scipy/sklearn) so that actors stay light; a default site builds in a few milliseconds.
+
+What is modelled (see ``docs/cohort.md`` for sources):
+
+* **Symptoms** - one binary feature per HPO term annotated with frequency >= "occasional" for at
+  least one panel disease (HPO 2025-01-16 / Orphanet annotations in ``rare_panel.json``).
+  A patient with disease D shows each of D's annotated terms with a fixed per-term probability
+  inside the term's HPO frequency class ``[low, high]``; the position inside the class is a
+  stable hash of (disease, term), so it does not depend on the cohort seed (the disease is the
+  same disease in every cohort). Unannotated terms appear at a small background rate.
+* **"Other / none of these"** - referrals that are *not* a panel disease: about half are
+  phenocopies of one panel disease (its differential diagnoses, e.g. Sandhoff for Tay-Sachs,
+  MPS II for MPS I, other myopathies for Pompe) with most of its symptoms and its non-specific
+  lab abnormalities but normal specific enzymes; the rest have non-specific symptoms shared by
+  many panel diseases (hepatosplenomegaly, seizures, regression, hypotonia...) at moderate rates.
+* **Biomarkers** - lognormal, literature-grounded medians/spreads (approximate), overlapping
+  tails, assay-specific pitfalls (CHIT1 null genotype, ARSA/GAA/GALC pseudodeficiency, Fabry
+  heterozygous females), missing when not measured (more often when not clinically indicated)
+  and shifted by a per-site multiplicative lab calibration factor.
+* **Genetics** - ``gene:SYMBOL`` = a reported (likely) pathogenic finding; detected in the causal
+  gene only if the site sequenced the patient (site-specific rate) and the assay found it; low
+  rate incidental/VUS-level calls everywhere.
+* **Age of onset** (years, disease-typical mixtures of infantile/juvenile/adult forms) and sex
+  (Fabry is X-linked: hemizygous males over-represented and more severe biochemically).
+
+Hospitals differ in size, disease mix (Dirichlet(alpha) over the ten diseases with "Other" held
+at a moderate share), sequencing availability and lab calibration.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Final, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "CohortConfig",
+    "FeatureInfo",
+    "SiteData",
+    "class_names",
+    "features",
+    "load_panel",
+    "make_site",
+    "sample_patients",
+    "site_mixes",
+    "site_sizes",
+    "symptom_probabilities",
+]
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """Describes one column of the feature matrix so that consumers can preprocess it."""
+
+    name: str
+    kind: Literal["binary", "numeric", "lognormal"]
+    label: str
+    unit: str
+    reference_range: tuple[float, float] | None
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """Everything a hospital needs to rebuild its own share of the cohort.
+
+    ``other_share`` bounds the per-site fraction of "Other / none of these" referrals so every
+    site has controls; the remaining share is split over the ten diseases by Dirichlet(alpha).
+    """
+
+    n_hospitals: int = 8
+    seed: int = 0
+    alpha: float = 0.5
+    test_fraction: float = 0.3
+    min_site_size: int = 60
+    max_site_size: int = 400
+    other_share: tuple[float, float] = (0.30, 0.45)
+    background_rate: float = 0.02
+    lab_shift_sd: float = 0.15
+    sequencing_rate: tuple[float, float] = (0.7, 0.95)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with a readable message if any field is out of range."""
+        if not isinstance(self.n_hospitals, int) or self.n_hospitals < 1:
+            raise ValueError(f"n_hospitals must be a positive int, got {self.n_hospitals!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a positive finite float, got {self.alpha!r}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        if not 10 <= self.min_site_size <= self.max_site_size:
+            raise ValueError(
+                "need 10 <= min_site_size <= max_site_size, got "
+                f"{self.min_site_size!r}..{self.max_site_size!r}"
+            )
+        lo, hi = self.other_share
+        if not 0.0 < lo <= hi < 1.0:
+            raise ValueError(f"other_share must satisfy 0 < lo <= hi < 1, got {self.other_share}")
+        if not 0.0 <= self.background_rate < 0.5:
+            raise ValueError(f"background_rate must be in [0, 0.5), got {self.background_rate}")
+        if not 0.0 <= self.lab_shift_sd <= 1.0:
+            raise ValueError(f"lab_shift_sd must be in [0, 1], got {self.lab_shift_sd}")
+        slo, shi = self.sequencing_rate
+        if not 0.0 <= slo <= shi <= 1.0:
+            raise ValueError(f"sequencing_rate must satisfy 0 <= lo <= hi <= 1, got {slo}, {shi}")
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One hospital's patients: raw features in natural units (NaN = not measured)."""
+
+    name: str
+    x_train: FloatArray = field(repr=False)
+    y_train: IntArray = field(repr=False)
+    x_test: FloatArray = field(repr=False)
+    y_test: IntArray = field(repr=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Class indices (panel order of rare_panel.json, then "Other").
+NPC, GAUCHER, FABRY, POMPE, MPS1, WILSON, ASMD, TAY_SACHS, KRABBE, MLD, OTHER = range(11)
+N_CLASSES: Final = 11
+OTHER_NAME: Final = "Other / none of these"
+
+# Groups of classes in whose work-up a test is clinically indicated (used for missingness).
+_VISCERAL = (NPC, GAUCHER, ASMD, WILSON)
+_NEURO = (NPC, TAY_SACHS, KRABBE, MLD, WILSON)
+
+
+@dataclass(frozen=True)
+class _Marker:
+    """Lognormal biomarker: control (median, log-sd) plus per-class overrides.
+
+    ``other`` describes non-specific "Other" referrals (often mildly abnormal: they are ill);
+    ``mimic`` overrides it for phenocopies of a given disease (e.g. MPS II/VI raise urinary GAG
+    like MPS I, other myopathies raise CK like Pompe, cholestasis raises urinary copper).
+    ``indicated`` lists the classes whose work-up normally includes the test.
+    """
+
+    name: str
+    label: str
+    unit: str
+    reference_range: tuple[float, float]
+    control: tuple[float, float]
+    disease: dict[int, tuple[float, float]]
+    other: tuple[float, float]
+    indicated: tuple[int, ...]
+    mimic: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+
+# Approximate literature values (medians, log-scale SDs). Sources, all approximate and used only
+# to make the synthetic data plausible - NOT clinical reference values:
+#  triol:    Porter et al., Sci Transl Med 2010;2:56ra81; Jiang et al., J Lipid Res 2011;52:1435;
+#            Reunert et al., EBioMedicine 2016;4:170 (also raised in ASMD and cholestasis).
+#  lysoSM509: Giese et al., Orphanet J Rare Dis 2015;10:78 (NPC >> controls; ASMD also raised).
+#  chitotriosidase: Hollak et al., J Clin Invest 1994;93:1288 (Gaucher ~several hundred-fold);
+#            Boot et al., J Biol Chem 1998;273:25680 (CHIT1 dup24 homozygotes ~6%: no activity).
+#  lyso-Gb1: Dekker et al., Blood 2011;118:e118; Rolfs et al., PLoS One 2013;8:e79732.
+#  lyso-Gb3 / alpha-Gal A: Aerts et al., PNAS 2008;105:2812; Germain, Orphanet J Rare Dis
+#            2010;5:30 (heterozygous females: often near-normal enzyme, modest lyso-Gb3).
+#  GAA / CK: Kishnani et al., Genet Med 2006;8:267 (ACMG Pompe guideline); van der Ploeg &
+#            Reuser, Lancet 2008;372:1342 (CK up to ~10x in IOPD, normal in some LOPD).
+#  ceruloplasmin / urinary copper: EASL Clinical Practice Guidelines: Wilson's disease,
+#            J Hepatol 2012;56:671 (ceruloplasmin < 20 mg/dL; urine Cu > 100 ug/24 h typical,
+#            40-100 in some; cholestatic liver disease also raises urine Cu).
+#  urinary GAG: Muenzer et al., Pediatrics 2009;123:19 (MPS I: several-fold above age norm).
+#  GALC: Wenger et al., Mol Genet Metab 2016 / Krabbe NBS literature (pseudodeficiency common).
+#  ARSA: Gieselmann & Krägeloh-Mann, Neuropediatrics 2010;41:1 (pseudodeficiency 5-20% activity).
+#  HexA %: Kaback & Desnick, GeneReviews "Hexosaminidase A deficiency" (TSD < ~5% HexA).
+_MARKERS: Final[tuple[_Marker, ...]] = (
+    _Marker("chol_triol", "Cholestane-3β,5α,6β-triol", "ng/mL", (0.0, 25.0),
+            (9.0, 0.45), {NPC: (60.0, 0.7), ASMD: (40.0, 0.7)}, (14.0, 0.7), _VISCERAL + _NEURO,
+            {NPC: (24.0, 0.8), ASMD: (22.0, 0.8), WILSON: (20.0, 0.8)}),
+    _Marker("lyso_sm509", "Lyso-SM-509", "ng/mL", (0.0, 1.0),
+            (0.35, 0.5), {NPC: (4.5, 0.8), ASMD: (2.5, 0.8)}, (0.5, 0.7), _VISCERAL + _NEURO,
+            {NPC: (0.8, 0.8), ASMD: (0.8, 0.8)}),
+    _Marker("chitotriosidase", "Chitotriosidase activity", "nmol/h/mL", (4.0, 120.0),
+            (35.0, 0.6), {GAUCHER: (9000.0, 0.9), NPC: (250.0, 0.9), ASMD: (400.0, 0.9)},
+            (60.0, 0.8), _VISCERAL, {GAUCHER: (500.0, 1.1), NPC: (150.0, 1.0), ASMD: (150.0, 1.0)}),
+    _Marker("lyso_gb1", "Lyso-Gb1 (glucosylsphingosine)", "ng/mL", (0.0, 5.0),
+            (1.5, 0.45), {GAUCHER: (150.0, 0.9), NPC: (2.5, 0.5), ASMD: (2.5, 0.5)},
+            (1.8, 0.5), _VISCERAL, {GAUCHER: (3.0, 0.7)}),
+    _Marker("lyso_gb3", "Lyso-Gb3", "ng/mL", (0.0, 1.8),
+            (0.5, 0.4), {FABRY: (30.0, 0.8)}, (0.6, 0.5), (FABRY,), {FABRY: (1.0, 0.7)}),
+    _Marker("gla_activity", "α-Galactosidase A activity (leukocytes)", "nmol/h/mg protein",
+            (25.0, 80.0), (48.0, 0.35), {FABRY: (2.0, 0.8)}, (45.0, 0.4), (FABRY,),
+            {FABRY: (30.0, 0.5)}),  # e.g. GLA p.D313Y pseudodeficiency among referrals
+    _Marker("gaa_activity", "Acid α-glucosidase activity (DBS)", "µmol/L/h", (4.0, 40.0),
+            (14.0, 0.4), {POMPE: (1.2, 0.9)}, (12.0, 0.5), (POMPE,), {POMPE: (9.0, 0.6)}),
+    _Marker("ck", "Creatine kinase", "U/L", (30.0, 200.0),
+            (110.0, 0.45), {POMPE: (650.0, 0.8)}, (150.0, 0.7), (POMPE, *_NEURO),
+            {POMPE: (700.0, 1.0)}),
+    _Marker("ceruloplasmin", "Ceruloplasmin", "mg/dL", (20.0, 40.0),
+            (28.0, 0.2), {WILSON: (10.0, 0.55)}, (25.0, 0.25), (WILSON, *_VISCERAL, *_NEURO),
+            {WILSON: (17.0, 0.35)}),
+    _Marker("urine_copper", "Urinary copper (24 h)", "µg/24 h", (0.0, 40.0),
+            (20.0, 0.5), {WILSON: (220.0, 0.8)}, (28.0, 0.6), (WILSON, *_VISCERAL),
+            {WILSON: (70.0, 0.8)}),
+    _Marker("urine_gag", "Urinary glycosaminoglycans", "mg/mmol creatinine", (0.0, 15.0),
+            (8.0, 0.45), {MPS1: (70.0, 0.55)}, (10.0, 0.5), (MPS1,), {MPS1: (45.0, 0.6)}),
+    _Marker("galc_activity", "Galactocerebrosidase activity (leukocytes)", "nmol/h/mg protein",
+            (0.5, 4.0), (1.8, 0.45), {KRABBE: (0.07, 0.7)}, (1.6, 0.55), _NEURO,
+            {KRABBE: (1.2, 0.6)}),
+    _Marker("arsa_activity", "Arylsulfatase A activity (leukocytes)", "nmol/h/mg protein",
+            (30.0, 120.0), (65.0, 0.35), {MLD: (3.5, 0.8)}, (55.0, 0.5), _NEURO,
+            {MLD: (35.0, 0.6)}),
+    _Marker("hexa_percent", "Hexosaminidase A (% of total hexosaminidase)", "%", (55.0, 75.0),
+            (62.0, 0.1), {TAY_SACHS: (2.5, 0.6)}, (58.0, 0.15), _NEURO,
+            {TAY_SACHS: (50.0, 0.3)}),  # GM1 / Sandhoff / carriers among mimics
+)
+_MISSING_INDICATED: Final = 0.12
+_MISSING_NOT_INDICATED: Final = 0.38
+_BROAD_SCREENING: Final = 0.4  # share of "Other" referrals tested with a broad LSD panel
+# Genotype/assay pitfalls that make single markers imperfect: (marker, affected fraction,
+# median, log-sd). Pseudodeficiencies hit classes whose value is otherwise normal; the CHIT1
+# null genotype hits everybody, Gaucher patients included (a classic diagnostic trap).
+_PITFALLS: Final = (
+    ("chitotriosidase", 0.06, 1.0, 0.5),  # CHIT1 dup24 homozygotes
+    ("arsa_activity", 0.05, 11.0, 0.5),  # ARSA pseudodeficiency
+    ("gaa_activity", 0.02, 3.0, 0.4),  # GAA pseudodeficiency (c.1726A, East Asian)
+    ("galc_activity", 0.04, 0.45, 0.4),  # GALC pseudodeficiency alleles
+)
+
+# Genetic findings: gene feature order and per-class diagnostic yield when sequenced.
+_GENES: Final = ("NPC1", "NPC2", "GBA1", "GLA", "GAA", "IDUA", "ATP7B", "SMPD1", "HEXA",
+                 "GALC", "ARSA")
+_CAUSAL: Final[dict[int, tuple[tuple[str, float], ...]]] = {
+    NPC: (("NPC1", 0.95), ("NPC2", 0.05)),
+    GAUCHER: (("GBA1", 1.0),), FABRY: (("GLA", 1.0),), POMPE: (("GAA", 1.0),),
+    MPS1: (("IDUA", 1.0),), WILSON: (("ATP7B", 1.0),), ASMD: (("SMPD1", 1.0),),
+    TAY_SACHS: (("HEXA", 1.0),), KRABBE: (("GALC", 1.0),), MLD: (("ARSA", 1.0),),
+}
+_YIELD: Final = (0.90, 0.95, 0.95, 0.93, 0.95, 0.85, 0.92, 0.95, 0.90, 0.90)
+_INCIDENTAL: Final = 0.01  # per gene, sequenced patients of a panel disease
+_INCIDENTAL_OTHER: Final = 0.02  # per gene, "Other" referrals (carrier/VUS enrichment)
+_DEFAULT_SEQUENCING: Final = 0.85
+
+# Age of onset: per class lognormal mixture of (weight, median years, log-sd).
+_ONSET: Final[dict[int, tuple[tuple[float, float, float], ...]]] = {
+    NPC: ((0.15, 0.5, 0.6), (0.25, 3.5, 0.4), (0.35, 9.0, 0.35), (0.25, 22.0, 0.4)),
+    GAUCHER: ((1.0, 12.0, 0.9),),
+    FABRY: ((1.0, 10.0, 0.55),),  # median replaced by sex: males ~8 y, females ~15 y
+    POMPE: ((0.3, 0.3, 0.5), (0.7, 28.0, 0.6)),
+    MPS1: ((1.0, 0.6, 0.5),),
+    WILSON: ((1.0, 15.0, 0.45),),
+    ASMD: ((1.0, 4.0, 0.9),),
+    TAY_SACHS: ((0.9, 0.5, 0.3), (0.1, 4.0, 0.6)),
+    KRABBE: ((0.85, 0.35, 0.4), (0.15, 6.0, 1.0)),
+    MLD: ((0.5, 1.8, 0.3), (0.35, 8.0, 0.4), (0.15, 25.0, 0.4)),
+    OTHER: ((0.5, 3.0, 1.2), (0.5, 25.0, 0.8)),
+}
+_ONSET_MISSING: Final = 0.05
+_MALE_FRACTION: Final = {FABRY: 0.62}  # diagnosed Fabry cohorts are male-enriched
+
+# "Other" referrals come in two kinds. Phenocopies (_PHENOCOPY_FRACTION) are differential
+# diagnoses of one panel disease D (Sandhoff/GM1 for Tay-Sachs, MPS II/VI for MPS I, Danon or
+# limb-girdle dystrophies for Pompe, other leukodystrophies for Krabbe/MLD, autoimmune or
+# cholestatic liver disease for Wilson, ...): they show D's terms at m * p_D, m ~ U(_PHENOCOPY_M),
+# D-specific terms (annotated in no other panel disease) scaled by _SPECIFIC_WEIGHT. Non-specific
+# referrals show shared terms (annotated in >= 3 panel diseases) at _NONSPECIFIC_RATE plus a
+# weak resemblance (m ~ U(_WEAK_M)) to a random panel disease.
+_PHENOCOPY_FRACTION: Final = 0.55
+_PHENOCOPY_M: Final = (0.7, 1.0)
+_WEAK_M: Final = (0.1, 0.4)
+_SPECIFIC_WEIGHT: Final = 0.8
+_NONSPECIFIC_RATE: Final = 0.06
+_MIN_FEATURE_FREQUENCY: Final = 0.05  # keep terms >= "occasional" in at least one disease
+
+
+@functools.cache
+def load_panel() -> dict[str, Any]:
+    """Read the committed HPO/Orphanet panel (``rare_panel.json``); cached per process."""
+    text = resources.files("medimesh.data").joinpath("rare_panel.json").read_text("utf-8")
+    panel: dict[str, Any] = json.loads(text)
+    return panel
+
+
+def _term_probability(orpha: str, hpo_id: str, low: float, high: float) -> float:
+    """Fixed position inside the frequency class from a stable hash (seed independent)."""
+    u = zlib.crc32(f"{orpha}|{hpo_id}".encode()) / 2**32
+    return low + (high - low) * u
+
+
+@dataclass(frozen=True)
+class _Model:
+    """Precomputed per-class sampling tables (built once per process)."""
+
+    terms: tuple[str, ...]
+    term_names: tuple[str, ...]
+    annotated: NDArray[np.bool_]  # (10, T) disease annotates term
+    p_disease: FloatArray  # (10, T) probability, 0 where unannotated
+    mimic: FloatArray  # (10, T) "Other" mimic profile at m = 1
+    nonspecific: FloatArray  # (T,) extra rate for terms shared by >= 3 diseases
+
+
+@functools.cache
+def _model() -> _Model:
+    panel = load_panel()
+    diseases = panel["diseases"]
+    if len(diseases) != N_CLASSES - 1:
+        raise ValueError(f"rare_panel.json has {len(diseases)} diseases, expected 10")
+    names: dict[str, str] = {}
+    keep: set[str] = set()
+    for d in diseases:
+        for ph in d["phenotypes"]:
+            names[ph["hpo_id"]] = ph["name"]
+            if ph["low"] >= _MIN_FEATURE_FREQUENCY:
+                keep.add(ph["hpo_id"])
+    terms = tuple(sorted(keep))
+    index = {t: j for j, t in enumerate(terms)}
+    p = np.zeros((N_CLASSES - 1, len(terms)))
+    for i, d in enumerate(diseases):
+        for ph in d["phenotypes"]:
+            j = index.get(ph["hpo_id"])
+            if j is not None:
+                p[i, j] = _term_probability(d["orpha_id"], ph["hpo_id"], ph["low"], ph["high"])
+    annotated = p > 0
+    n_dis = annotated.sum(axis=0)
+    weight = np.where(n_dis >= 2, 1.0, _SPECIFIC_WEIGHT)
+    mimic = p * weight[None, :]
+    nonspecific = np.where(n_dis >= 3, _NONSPECIFIC_RATE, 0.0)
+    return _Model(terms, tuple(names[t] for t in terms), annotated, p, mimic, nonspecific)
+
+
+@functools.cache
+def features() -> tuple[FeatureInfo, ...]:
+    """Feature columns in matrix order: HPO symptoms, biomarkers, genes, onset age, sex."""
+    m = _model()
+    out: list[FeatureInfo] = [
+        FeatureInfo(t, "binary", n, "", None) for t, n in zip(m.terms, m.term_names, strict=True)
+    ]
+    out += [
+        FeatureInfo(mk.name, "lognormal", f"{mk.label} ({mk.unit})", mk.unit, mk.reference_range)
+        for mk in _MARKERS
+    ]
+    out += [FeatureInfo(f"gene:{g}", "binary", f"{g} (likely) pathogenic finding", "", None)
+            for g in _GENES]
+    out.append(FeatureInfo("age_onset_years", "numeric", "Age at symptom onset (years)",
+                           "years", None))
+    out.append(FeatureInfo("sex_male", "binary", "Male sex", "", None))
+    return tuple(out)
+
+
+@functools.cache
+def class_names() -> tuple[str, ...]:
+    """Class labels in index order: the ten panel diseases, then "Other / none of these"."""
+    return (*(d["short_name"] for d in load_panel()["diseases"]), OTHER_NAME)
+
+
+def symptom_probabilities(disease_index: int) -> dict[str, float]:
+    """Per-term presence probability used for a panel disease (annotated terms only)."""
+    m = _model()
+    if not 0 <= disease_index < N_CLASSES - 1:
+        raise ValueError(f"disease_index must be in 0..{N_CLASSES - 2}, got {disease_index}")
+    row = m.p_disease[disease_index]
+    return {t: float(row[j]) for j, t in enumerate(m.terms) if m.annotated[disease_index, j]}
+
+
+def _lognormal(rng: np.random.Generator, median: FloatArray, sd: FloatArray) -> FloatArray:
+    return np.exp(np.log(median) + sd * rng.standard_normal(median.shape))
+
+
+def _sample_block(
+    cls: int,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    background: float,
+    sequencing: float,
+    lab_factor: FloatArray,
+) -> FloatArray:
+    """Draw ``n`` patients of class ``cls``; columns follow :func:`features`."""
+    m = _model()
+    n_terms = len(m.terms)
+    x = np.empty((n, n_terms + len(_MARKERS) + len(_GENES) + 2))
+    male = rng.random(n) < _MALE_FRACTION.get(cls, 0.5)
+
+    # Symptoms.
+    phenocopy = np.zeros(n, dtype=bool)
+    if cls == OTHER:
+        target = rng.integers(0, N_CLASSES - 1, size=n)
+        phenocopy = rng.random(n) < _PHENOCOPY_FRACTION
+        strength = np.where(
+            phenocopy, rng.uniform(*_PHENOCOPY_M, size=n), rng.uniform(*_WEAK_M, size=n)
+        )
+        extra = np.where(phenocopy[:, None], 0.0, m.nonspecific[None, :])
+        prob = background + extra + strength[:, None] * m.mimic[target]
+    else:
+        target = np.full(n, cls)
+        prob = np.where(m.annotated[cls], m.p_disease[cls], background)[None, :]
+    x[:, :n_terms] = rng.random((n, n_terms)) < np.minimum(prob, 1.0)
+
+    # Biomarkers.
+    col = n_terms
+    for k, mk in enumerate(_MARKERS):
+        if cls == OTHER:
+            medians = np.full(n, mk.other[0])
+            sds = np.full(n, mk.other[1])
+            for tgt, (med, sd) in mk.mimic.items():
+                sel = phenocopy & (target == tgt)
+                medians[sel] = med
+                sds[sel] = sd
+        else:
+            med, sd = mk.disease.get(cls, mk.control)
+            medians = np.full(n, med)
+            sds = np.full(n, sd)
+        if cls == FABRY and mk.name in ("lyso_gb3", "gla_activity"):
+            # Heterozygous females: lyso-Gb3 modestly raised, enzyme often near normal.
+            female_med = 4.0 if mk.name == "lyso_gb3" else 24.0
+            medians[~male] = female_med
+            sds[~male] = 0.6
+        values = _lognormal(rng, medians, sds)
+        for name, frac, p_med, p_sd in _PITFALLS:
+            if name == mk.name:
+                hit = rng.random(n) < frac
+                if name == "chitotriosidase" or cls not in mk.disease:
+                    values[hit] = np.exp(np.log(p_med) + p_sd * rng.standard_normal(hit.sum()))
+        indicated = np.isin(target, mk.indicated)
+        if cls == OTHER:
+            indicated |= rng.random(n) < _BROAD_SCREENING
+        p_missing = np.where(indicated, _MISSING_INDICATED, _MISSING_NOT_INDICATED)
+        values = values * lab_factor[k]
+        values[rng.random(n) < p_missing] = np.nan
+        x[:, col + k] = values
+
+    # Genetic findings (0 also when not sequenced: absence of a reported finding).
+    col += len(_MARKERS)
+    sequenced = rng.random(n) < sequencing
+    incidental = _INCIDENTAL_OTHER if cls == OTHER else _INCIDENTAL
+    genes = (rng.random((n, len(_GENES))) < incidental) & sequenced[:, None]
+    if cls != OTHER:
+        found = sequenced & (rng.random(n) < _YIELD[cls])
+        causal = _CAUSAL[cls]
+        pick = rng.choice(len(causal), size=n, p=[w for _, w in causal])
+        for c, (gene, _) in enumerate(causal):
+            genes[found & (pick == c), _GENES.index(gene)] = True
+    x[:, col : col + len(_GENES)] = genes
+
+    # Age of onset and sex.
+    col += len(_GENES)
+    mix = _ONSET[cls]
+    comp = rng.choice(len(mix), size=n, p=[w for w, _, _ in mix])
+    med_age = np.array([mm for _, mm, _ in mix])[comp]
+    sd_age = np.array([s for _, _, s in mix])[comp]
+    if cls == FABRY:
+        med_age = np.where(male, 8.0, 15.0)  # hemizygous males present earlier
+    age = _lognormal(rng, med_age, np.hypot(sd_age, 0.15))  # 0.15: recall/recording noise
+    age[rng.random(n) < _ONSET_MISSING] = np.nan
+    x[:, col] = np.round(age, 2)
+    x[:, col + 1] = male
+    return x
+
+
+def sample_patients(
+    disease_index: int,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    background_rate: float = 0.02,
+    sequencing_rate: float = _DEFAULT_SEQUENCING,
+) -> FloatArray:
+    """Draw ``n`` patients of one class without any site effect (used to test the model)."""
+    if not 0 <= disease_index < N_CLASSES:
+        raise ValueError(f"disease_index must be in 0..{N_CLASSES - 1}, got {disease_index}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return _sample_block(
+        disease_index, n, rng, background=background_rate, sequencing=sequencing_rate,
+        lab_factor=np.ones(len(_MARKERS)),
+    )
+
+
+@functools.cache
+def _plan(config: CohortConfig) -> tuple[tuple[int, ...], FloatArray]:
+    """Shared, cheap plan: per-site sizes and class mixtures, derived from ``config.seed``."""
+    rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(0,)))
+    h = config.n_hospitals
+    sizes = rng.integers(config.min_site_size, config.max_site_size + 1, size=h)
+    other = rng.uniform(*config.other_share, size=h)
+    disease_mix = rng.dirichlet(np.full(N_CLASSES - 1, config.alpha), size=h)
+    mixes = np.column_stack([disease_mix * (1.0 - other)[:, None], other])
+    mixes.setflags(write=False)
+    return tuple(int(s) for s in sizes), mixes
+
+
+def site_sizes(config: CohortConfig) -> tuple[int, ...]:
+    """Planned total number of patients (train + test) per site."""
+    return _plan(config)[0]
+
+
+def site_mixes(config: CohortConfig) -> FloatArray:
+    """Planned class mixture per site, shape (n_hospitals, n_classes); rows sum to 1."""
+    return _plan(config)[1].copy()
+
+
+def make_site(config: CohortConfig, site: int) -> SiteData:
+    """Build hospital ``site``'s train/test data from ``(config, site)`` only."""
+    config.validate()
+    if isinstance(site, bool) or not isinstance(site, int | np.integer):
+        raise ValueError(f"site must be an int, got {type(site).__name__}")
+    if not 0 <= site < config.n_hospitals:
+        raise ValueError(f"site must be in 0..{config.n_hospitals - 1}, got {site}")
+    site = int(site)
+    sizes, mixes = _plan(config)
+    rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(1, site)))
+    counts = rng.multinomial(sizes[site], mixes[site])
+    lab_factor = np.exp(rng.normal(0.0, config.lab_shift_sd, size=len(_MARKERS)))
+    sequencing = float(rng.uniform(*config.sequencing_rate))
+
+    blocks: list[FloatArray] = []
+    labels: list[IntArray] = []
+    is_test: list[NDArray[np.bool_]] = []
+    for cls, n_c in enumerate(counts.tolist()):
+        if n_c == 0:
+            continue
+        blocks.append(
+            _sample_block(cls, n_c, rng, background=config.background_rate,
+                          sequencing=sequencing, lab_factor=lab_factor)
+        )
+        labels.append(np.full(n_c, cls, dtype=np.int64))
+        # Stratified-ish split: stochastic rounding of test_fraction * n_c within each class.
+        n_test = math.floor(config.test_fraction * n_c + rng.random())
+        mask = np.zeros(n_c, dtype=bool)
+        mask[rng.permutation(n_c)[:n_test]] = True
+        is_test.append(mask)
+    x = np.concatenate(blocks)
+    y = np.concatenate(labels)
+    test = np.concatenate(is_test)
+    if not test.any():
+        test[rng.integers(len(test))] = True
+    if test.all():
+        test[rng.integers(len(test))] = False
+    order = rng.permutation(len(y))  # do not leak class order through row order
+    x, y, test = x[order], y[order], test[order]
+    return SiteData(
+        name=f"hospital-{site:02d}",
+        x_train=np.ascontiguousarray(x[~test]),
+        y_train=y[~test],
+        x_test=np.ascontiguousarray(x[test]),
+        y_test=y[test],
+    )

@@ -1,0 +1,144 @@
+"""A hospital's protocol logic: local statistics, local training, local evaluation.
+
+Inputs are decoded protocol messages; outputs are the messages to send back. Patient rows stay
+in this object, which lives only inside the hospital's own actor. What leaves is aggregates
+(setup statistics, evaluation counts) and model deltas.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medimesh.errors import ConfigError
+from medimesh.features import Standardizer, local_stats, log_transform
+from medimesh.model import (
+    Model,
+    TrainConfig,
+    cross_entropy,
+    model_hash,
+    predict_proba,
+    smoothness,
+    topk_correct,
+    train_local,
+)
+from medimesh.protocol import (
+    EvalReport,
+    ModelPublished,
+    RoundStart,
+    SetupRequest,
+    SetupResult,
+    SetupStats,
+    Update,
+)
+from medimesh.sites import DatasetInfo, LocalData
+
+__all__ = ["HospitalNode", "clip_delta"]
+
+
+def clip_delta(dw: np.ndarray, db: np.ndarray, max_norm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (dw, db) down to L2 norm ``max_norm`` if larger; 0 disables clipping."""
+    if max_norm <= 0:
+        return dw, db
+    norm = float(np.sqrt((dw**2).sum() + (db**2).sum()))
+    if norm <= max_norm:
+        return dw, db
+    scale = max_norm / norm
+    return dw * scale, db * scale
+
+
+class HospitalNode:
+    """Holds one site's rows and answers the coordinator's requests."""
+
+    def __init__(self, data: LocalData, info: DatasetInfo) -> None:
+        self.name = data.name
+        self._info = info
+        self._x_train_raw = log_transform(data.x_train, info.log_mask)
+        self._x_test_raw = log_transform(data.x_test, info.log_mask)
+        self._y_train = data.y_train
+        self._y_test = data.y_test
+        self._x_train: np.ndarray | None = None
+        self._x_test: np.ndarray | None = None
+        self._spec_hash = ""
+        self._curvature: float | None = None
+
+    @property
+    def n_train(self) -> int:
+        return len(self._y_train)
+
+    @property
+    def n_test(self) -> int:
+        return len(self._y_test)
+
+    @property
+    def ready(self) -> bool:
+        return self._x_train is not None
+
+    def on_setup_request(self, msg: SetupRequest) -> SetupStats:
+        k = len(self._info.class_names)
+        if msg.n_features != self._x_train_raw.shape[1] or msg.n_classes != k:
+            raise ConfigError(
+                f"{self.name}: consortium expects {msg.n_features} features / {msg.n_classes} "
+                f"classes, this site has {self._x_train_raw.shape[1]} / {k}"
+            )
+        self._spec_hash = msg.spec_hash
+        s = local_stats(self._x_train_raw, self._y_train, k)
+        return SetupStats(msg.spec_hash, s.n_examples, s.count, s.total, s.total_sq, s.class_counts)
+
+    def on_setup_result(self, msg: SetupResult) -> None:
+        mask = self._info.scale_mask
+        std = Standardizer(
+            mean=np.where(mask, msg.mean, 0.0), std=np.where(mask, msg.std, 1.0)
+        )
+        # float32 rows: training and evaluation cost half of float64, accuracy is unchanged.
+        self._x_train = std.apply(self._x_train_raw).astype(np.float32)
+        self._x_test = std.apply(self._x_test_raw).astype(np.float32)
+        self._curvature = smoothness(self._x_train)
+
+    def _prepared(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._x_train is None or self._x_test is None:
+            raise ConfigError(f"{self.name}: setup round has not completed")
+        return self._x_train, self._x_test
+
+    def on_round_start(self, msg: RoundStart) -> Update:
+        """Evaluate the base model (the last published one), then train on top of it."""
+        x_train, _ = self._prepared()
+        report = self.on_model(self.base_as_published(msg))
+        base = Model(msg.weights, msg.bias)
+        cfg = TrainConfig(msg.epochs, msg.lr, msg.l2, msg.prox_mu, msg.clip_norm)
+        local = train_local(base, x_train, self._y_train, cfg, self._curvature)
+        dw, db = clip_delta(local.weights - base.weights, local.bias - base.bias, msg.clip_norm)
+        return Update(
+            round=msg.round,
+            base_hash=msg.base_hash,
+            n_examples=self.n_train,
+            delta_w=dw.astype(np.float32),
+            delta_b=db.astype(np.float32),
+            eval={
+                "n_examples": report.n_examples,
+                "correct_top1": report.correct_top1,
+                "correct_top3": report.correct_top3,
+                "loss_sum": report.loss_sum,
+            },
+        )
+
+    @staticmethod
+    def base_as_published(msg: RoundStart) -> ModelPublished:
+        """A round's base model is the previous round's published model: evaluate it too."""
+        return ModelPublished(
+            msg.round - 1, msg.base_hash, "", msg.weights, msg.bias, (), ()
+        )
+
+    def on_model(self, msg: ModelPublished) -> EvalReport:
+        _, x_test = self._prepared()
+        model = Model(msg.weights, msg.bias)
+        if model_hash(model) != msg.model_hash:
+            raise ConfigError(f"{self.name}: published model does not match its hash")
+        proba = predict_proba(model, x_test)
+        return EvalReport(
+            round=msg.round,
+            model_hash=msg.model_hash,
+            n_examples=self.n_test,
+            correct_top1=topk_correct(proba, self._y_test, 1),
+            correct_top3=topk_correct(proba, self._y_test, 3),
+            loss_sum=cross_entropy(proba, self._y_test),
+        )

@@ -1,0 +1,316 @@
+"""Protocol messages and their pickle-free payload codec.
+
+Payload layout: ``u32 len | meta JSON | raw little-endian array bytes``. The meta names every
+array with its dtype and shape, so a decoder allocates nothing it was not told about, and a
+validator can check shape and dtype before it ever does arithmetic on a value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self, TypeVar, cast
+
+import numpy as np
+
+from medimesh.errors import MalformedPayload
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "EvalReport",
+    "Message",
+    "ModelPublished",
+    "RoundStart",
+    "SetupRequest",
+    "SetupResult",
+    "SetupStats",
+    "Update",
+    "Verdict",
+    "Verdicts",
+    "decode",
+    "decode_arrays",
+    "encode_arrays",
+]
+
+_DTYPES: dict[str, np.dtype[Any]] = {k: np.dtype(k) for k in ("<f4", "<f8", "<i8")}
+_MAX_ARRAYS = 16
+_MAX_META = 1 << 20
+
+
+def encode_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialize JSON-able meta plus named numeric arrays, without pickle."""
+    specs: list[list[Any]] = []
+    chunks: list[bytes] = []
+    for name, arr in arrays.items():
+        a = np.ascontiguousarray(arr)
+        dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+        key = dt.str
+        if key not in _DTYPES:
+            raise MalformedPayload(f"array {name!r} has unsupported dtype {a.dtype}")
+        specs.append([name, key, list(a.shape)])
+        chunks.append(a.astype(_DTYPES[key], copy=False).tobytes())
+    head = json.dumps({**meta, "arrays": specs}, separators=(",", ":"), sort_keys=True).encode()
+    return struct.pack(">I", len(head)) + head + b"".join(chunks)
+
+
+def decode_arrays(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Inverse of :func:`encode_arrays`; every inconsistency raises MalformedPayload."""
+    try:
+        (hlen,) = struct.unpack_from(">I", payload, 0)
+        if hlen > _MAX_META or 4 + hlen > len(payload):
+            raise MalformedPayload("payload meta length is out of range")
+        meta = json.loads(payload[4 : 4 + hlen])
+        if not isinstance(meta, dict):
+            raise MalformedPayload("payload meta is not an object")
+        specs = meta.pop("arrays")
+        if not isinstance(specs, list) or len(specs) > _MAX_ARRAYS:
+            raise MalformedPayload("payload array list is invalid")
+        arrays: dict[str, np.ndarray] = {}
+        offset = 4 + hlen
+        for name, dt_key, shape in specs:
+            dt = _DTYPES[dt_key]
+            if not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise MalformedPayload(f"array {name!r} has an invalid shape")
+            size = math.prod(shape) * dt.itemsize
+            if offset + size > len(payload):
+                raise MalformedPayload(f"array {name!r} runs past the end of the payload")
+            arrays[str(name)] = np.frombuffer(payload, dt, math.prod(shape), offset).reshape(shape)
+            offset += size
+        if offset != len(payload):
+            raise MalformedPayload("trailing bytes after the last array")
+        return meta, arrays
+    except MalformedPayload:
+        raise
+    except (struct.error, ValueError, KeyError, TypeError) as exc:
+        raise MalformedPayload(f"payload does not decode: {exc}") from exc
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+}
+
+M = TypeVar("M", bound="Message")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base for protocol messages: scalar fields travel in meta, ndarray fields as raw arrays."""
+
+    TYPE: ClassVar[str] = ""
+
+    def to_payload(self) -> bytes:
+        meta: dict[str, Any] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                arrays[f.name] = value
+            elif isinstance(value, tuple):
+                meta[f.name] = list(value)
+            elif isinstance(value, list):
+                meta[f.name] = [v.to_meta() if isinstance(v, Message) else v for v in value]
+            else:
+                meta[f.name] = value
+        return encode_arrays(meta, arrays)
+
+    def to_meta(self) -> dict[str, Any]:
+        """Scalar-only messages as a JSON object (for nesting in a batch)."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Self:
+        meta, arrays = decode_arrays(payload)
+        return cls._build(meta, arrays)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Self:
+        return cls._build(dict(meta), {})
+
+    @classmethod
+    def _build(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Self:
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            kind = str(f.type)
+            if kind == "np.ndarray":
+                if f.name not in arrays:
+                    raise MalformedPayload(f"{cls.TYPE}: missing array {f.name!r}")
+                kwargs[f.name] = arrays[f.name]
+                continue
+            if f.name not in meta:
+                raise MalformedPayload(f"{cls.TYPE}: missing field {f.name!r}")
+            value: Any = meta[f.name]
+            if kind in _SCALARS:
+                if not isinstance(value, _SCALARS[kind]) or (
+                    kind != "bool" and isinstance(value, bool)
+                ):
+                    raise MalformedPayload(f"{cls.TYPE}: field {f.name!r} must be {kind}")
+                if kind == "float":
+                    value = float(cast(float, value))
+            elif kind.startswith("tuple"):
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise MalformedPayload(f"{cls.TYPE}: field {f.name!r} must be a string list")
+                value = tuple(value)
+            elif kind.startswith("dict") and not isinstance(value, dict):
+                raise MalformedPayload(f"{cls.TYPE}: field {f.name!r} must be an object")
+            elif kind.startswith("list") and not (
+                isinstance(value, list) and all(isinstance(v, dict) for v in value)
+            ):
+                raise MalformedPayload(f"{cls.TYPE}: field {f.name!r} must be an object list")
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class SetupRequest(Message):
+    """Coordinator asks every hospital for federated feature statistics (setup round)."""
+
+    TYPE: ClassVar[str] = "setup_request"
+    spec_hash: str
+    n_features: int
+    n_classes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetupStats(Message):
+    """Aggregates only: counts, sums and sums of squares per feature, and class counts."""
+
+    TYPE: ClassVar[str] = "setup_stats"
+    spec_hash: str
+    n_examples: int
+    count: np.ndarray
+    total: np.ndarray
+    total_sq: np.ndarray
+    class_counts: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class SetupResult(Message):
+    """The consortium-wide standardization every site applies, and committed example counts."""
+
+    TYPE: ClassVar[str] = "setup_result"
+    spec_hash: str
+    mean: np.ndarray
+    std: np.ndarray
+    class_prior: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class RoundStart(Message):
+    """The global model of round r and how to train on it."""
+
+    TYPE: ClassVar[str] = "round_start"
+    round: int
+    base_hash: str
+    deadline: float
+    weights: np.ndarray
+    bias: np.ndarray
+    epochs: int
+    lr: float
+    l2: float
+    prox_mu: float
+    clip_norm: float
+    committed: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Update(Message):
+    """A hospital's model delta for one round, bound to the base model it started from.
+
+    ``eval`` carries the site's evaluation counts of that base model (the previous round's
+    published model) on its held-out split: one envelope per hospital per round, not two.
+    """
+
+    TYPE: ClassVar[str] = "update"
+    round: int
+    base_hash: str
+    n_examples: int
+    delta_w: np.ndarray
+    delta_b: np.ndarray
+    eval: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict(Message):
+    """The validator's signed decision about one update, with reasons and scores."""
+
+    TYPE: ClassVar[str] = "verdict"
+    round: int
+    update_digest: str
+    hospital: str
+    accepted: bool
+    reasons: tuple[str, ...]
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPublished(Message):
+    """A new global model with its hash and the digests of what built it."""
+
+    TYPE: ClassVar[str] = "model_published"
+    round: int
+    model_hash: str
+    parent_hash: str
+    weights: np.ndarray
+    bias: np.ndarray
+    updates: tuple[str, ...]
+    verdicts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EvalReport(Message):
+    """A hospital's score of a global model on its own held-out split (counts only)."""
+
+    TYPE: ClassVar[str] = "eval_report"
+    round: int
+    model_hash: str
+    n_examples: int
+    correct_top1: int
+    correct_top3: int
+    loss_sum: float
+
+
+@dataclass(frozen=True, slots=True)
+class Verdicts(Message):
+    """The validator's signed verdicts for a round, sent as one batch once all are judged.
+
+    Judging a round's updates together is also what cross-update outlier scoring needs.
+    """
+
+    TYPE: ClassVar[str] = "verdicts"
+    round: int
+    items: list[Verdict]
+
+    def __post_init__(self) -> None:
+        converted = [v if isinstance(v, Verdict) else Verdict.from_meta(v) for v in self.items]
+        object.__setattr__(self, "items", converted)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        SetupRequest,
+        SetupStats,
+        SetupResult,
+        RoundStart,
+        Update,
+        Verdicts,
+        ModelPublished,
+        EvalReport,
+    )
+}
+
+
+def decode(type_: str, payload: bytes, expected: type[M]) -> M:
+    """Decode a payload whose header claims ``type_`` into the ``expected`` message class."""
+    if type_ != expected.TYPE:
+        raise MalformedPayload(f"expected a {expected.TYPE} message, got {type_!r}")
+    return expected.from_payload(payload)

