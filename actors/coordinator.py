@@ -18,7 +18,7 @@ import structlog
 from medimesh.actors.base import Node
 from medimesh.aggregation import AGGREGATORS
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError, QuorumNotReached
-from medimesh.features import LocalStats, combine_stats
+from medimesh.features import LocalStats, Standardizer, combine_stats
 from medimesh.model import Model, TrainConfig, model_hash
 from medimesh.protocol import (
     EvalReport,
@@ -85,6 +85,7 @@ class Coordinator(Node):
         self._model: Model | None = None
         self._model_hash = ""
         self._velocity: np.ndarray | None = None
+        self._standardizer: Standardizer | None = None
         self._round = 0
         self._state: RoundState | None = None
         self._tallies: dict[str, EvalTally] = {}
@@ -179,11 +180,12 @@ class Coordinator(Node):
         await self._wait(lambda: len(self._setup) == len(self._hospitals), deadline)
         if not self._setup:
             raise QuorumNotReached("no hospital answered the setup round")
-        parts = [
+        parts = [  # roster order, so the global statistics do not depend on arrival order
             LocalStats(s.n_examples, s.count, s.total, s.total_sq, s.class_counts)
-            for s in self._setup.values()
+            for s in (self._setup[h] for h in self._hospitals if h in self._setup)
         ]
         standardizer, prior = combine_stats(parts)
+        self._standardizer = standardizer
         self._committed = {pid: s.n_examples for pid, s in self._setup.items()}
         result = SetupResult(cfg.spec_hash, standardizer.mean, standardizer.std, prior)
         await self.send_async(result, list(self._setup), 0)
@@ -229,7 +231,8 @@ class Coordinator(Node):
         live = [h for h in self._hospitals if h in self._committed]
         deadline = time.time() + cfg.round_timeout_s
         state = RoundState(
-            r, self._model, self._model_hash, frozenset(live), deadline, cfg.min_updates
+            r, self._model, self._model_hash, frozenset(live), deadline, cfg.min_updates,
+            order=tuple(live),
         )
         self._state = state
         tally = self._tallies.setdefault(
@@ -345,11 +348,14 @@ class Coordinator(Node):
     def current_model(self) -> dict[str, Any]:
         if self._model is None:
             raise ConfigError("no model yet: run setup() first")
+        std = self._standardizer
         return {
             "round": self._round,
             "model_hash": self._model_hash,
             "weights": np.array(self._model.weights),
             "bias": np.array(self._model.bias),
+            "mean": None if std is None else np.array(std.mean),
+            "std": None if std is None else np.array(std.std),
         }
 
     def metrics(self) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ class Hospital(Node):
     ) -> None:
         super().__init__(seed, roster_json, router, auditor)
         data = load_site(descriptor)  # built here, inside the hospital's own process
+        self._data_notes = {"skipped_rows": data.skipped_rows, "unknown_codes": data.unknown_codes}
         self._node = HospitalNode(data, dataset_info(descriptor.kind, descriptor.params))
         self._coordinator = self.roster.with_role("coordinator")[0].peer_id
         self._validator = self.roster.with_role("validator")[0].peer_id
@@ -52,6 +53,7 @@ class Hospital(Node):
             "n_train": self._node.n_train,
             "n_test": self._node.n_test,
             "rounds_trained": self.rounds_trained,
+            **self._data_notes,
         }
 
     def deliver(self, envelope: bytes) -> None:

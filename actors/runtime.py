@@ -53,6 +53,10 @@ class RunConfig:
     preprocessing: str = "flamby+missing"
     audit_path: str | None = None
     capture_envelopes: int = 0
+    spec: dict[str, Any] | None = None
+    csv_sites: tuple[tuple[str, str], ...] = ()
+    test_fraction: float = 0.3
+    skip_bad_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -61,8 +65,12 @@ class RunConfig:
             raise ConfigError("--rounds must be at least 1")
         if self.alpha <= 0:
             raise ConfigError("--alpha must be positive")
-        if self.dataset not in ("rare", "heart"):
-            raise ConfigError(f"unknown dataset {self.dataset!r}; expected 'rare' or 'heart'")
+        if self.dataset not in ("rare", "heart", "csv"):
+            raise ConfigError(f"unknown dataset {self.dataset!r}; expected rare, heart or csv")
+        if self.dataset == "csv" and (self.spec is None or not self.csv_sites):
+            raise ConfigError("the csv dataset needs --spec and at least one --site NAME=PATH")
+        if not 0 <= self.test_fraction < 1:
+            raise ConfigError("--test-fraction must be in [0, 1)")
 
     @property
     def quorum(self) -> int:
@@ -70,6 +78,8 @@ class RunConfig:
 
     @property
     def n_sites(self) -> int:
+        if self.dataset == "csv":
+            return len(self.csv_sites)
         return 4 if self.dataset == "heart" else self.hospitals
 
 
@@ -81,6 +91,23 @@ def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
             SiteDescriptor("rare", f"hospital-{i + 1:02d}", {"cohort": cohort, "site": i})
             for i in range(cfg.hospitals)
         ]
+    if cfg.dataset == "csv":
+        names = [n for n, _ in cfg.csv_sites]
+        if len(set(names)) != len(names):
+            raise ConfigError("site names must be distinct")
+        descs = []
+        for name, path in cfg.csv_sites:
+            if not Path(path).is_file():
+                raise ConfigError(f"site {name}: {path} is not a file")
+            params = {
+                "path": str(Path(path).resolve()),
+                "spec": cfg.spec,
+                "test_fraction": cfg.test_fraction,
+                "seed": cfg.seed,
+                "skip_bad_rows": cfg.skip_bad_rows,
+            }
+            descs.append(SiteDescriptor("csv", name, params))
+        return descs
     from medimesh.data import heart
 
     data_dir = cfg.data_dir or (str(heart.default_data_dir() or ""))
@@ -120,6 +147,15 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
 
 def _actor(cls: type, name: str) -> Any:
     return ray.remote(cls).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0)
+
+
+def _cause(exc: BaseException) -> str:
+    """The last line of a remote error (e.g. "site.csv:17: column 'age': …"), not a traceback."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error" in line.split(":")[0] or line.startswith("medimesh."):
+            return line.split(": ", 1)[-1] if line.startswith(("medimesh.", "ValueError")) else line
+    return lines[-1] if lines else type(exc).__name__
 
 
 class Consortium:
@@ -206,7 +242,14 @@ class Consortium:
             if n not in ("router", "auditor")
         ]
         ray.get(regs)
-        self.hospital_info = ray.get([h.info.remote() for h in hospitals.values()])
+        self.hospital_info = []
+        for name, h in hospitals.items():
+            try:
+                self.hospital_info.append(ray.get(h.info.remote()))
+            except ray.exceptions.RayActorError as exc:
+                self.shutdown()
+                cause = _cause(exc)
+                raise ConfigError(f"hospital {name} could not load its data: {cause}") from None
         t_actors = time.perf_counter()
         self.setup_summary = ray.get(coordinator.setup.remote())
         t_setup = time.perf_counter()

@@ -6,7 +6,7 @@ import numpy as np
 
 from medimesh.model import Model, predict_proba, topk_correct
 
-__all__ = ["evaluate", "macro_f1"]
+__all__ = ["evaluate", "macro_f1", "per_class_recall", "scores"]
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
@@ -20,6 +20,32 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
             continue
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(f1s)) if f1s else 0.0
+
+
+def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> list[float | None]:
+    """Recall per class; None for a class absent from y_true."""
+    out: list[float | None] = []
+    for c in range(n_classes):
+        n = int(np.sum(y_true == c))
+        out.append(None if n == 0 else float(np.sum((y_pred == c) & (y_true == c)) / n))
+    return out
+
+
+def scores(proba: np.ndarray, y: np.ndarray) -> dict[str, object]:
+    """The external-validation report: n, top-1, top-3, balanced accuracy, macro-F1, recalls."""
+    k = proba.shape[1]
+    pred = proba.argmax(axis=1)
+    recalls = per_class_recall(y, pred, k)
+    present = [r for r in recalls if r is not None]
+    n = max(len(y), 1)
+    return {
+        "n": len(y),
+        "top1": topk_correct(proba, y, 1) / n,
+        "top3": topk_correct(proba, y, 3) / n,
+        "balanced_accuracy": float(np.mean(present)) if present else 0.0,
+        "macro_f1": macro_f1(y, pred, k),
+        "per_class_recall": recalls,
+    }
 
 
 def evaluate(model: Model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -44,6 +44,7 @@ class RoundState:
     closed: bool = False
     late: list[str] = field(default_factory=list)
     bytes_in: int = 0
+    order: tuple[str, ...] = ()
 
     def add_update(self, digest: str, sender: str, update: Update) -> bool:
         """Record an update the coordinator decrypted; False if it arrived after close."""
@@ -71,14 +72,19 @@ class RoundState:
         return self.answered() >= self.expected
 
     def accepted(self) -> list[tuple[str, str, Update, str]]:
-        """(update digest, sender, update, verdict digest) for accepted, present updates."""
+        """(update digest, sender, update, verdict digest) for accepted, present updates.
+
+        Ordered by the hospitals' roster order (``order``), so the aggregate's floating-point
+        sum, and hence the model hash, does not depend on message arrival order.
+        """
+        rank = {h: i for i, h in enumerate(self.order)}
         out = []
-        for dig, (v, vdig) in sorted(self.verdicts.items()):
+        for dig, (v, vdig) in self.verdicts.items():
             if v.accepted and dig in self.updates:
                 sender, upd = self.updates[dig]
                 if sender == v.hospital:
                     out.append((dig, sender, upd, vdig))
-        return out
+        return sorted(out, key=lambda t: (rank.get(t[1], len(rank)), t[0]))
 
     def rejection_reasons(self) -> Counter[str]:
         return Counter(v.reasons[0] for v, _ in self.verdicts.values() if not v.accepted)

@@ -106,7 +106,9 @@ def test_hospital_actor_answers_with_counts_only(run: dict[str, Any]) -> None:
     """The only thing a hospital tells the driver is counts."""
     fed: Consortium = run["fed"]
     info = ray.get(fed.handles[fed.descriptors[0].name].info.remote())
-    assert set(info) == {"name", "peer_id", "n_train", "n_test", "rounds_trained"}
+    assert set(info) == {
+        "name", "peer_id", "n_train", "n_test", "rounds_trained", "skipped_rows", "unknown_codes"
+    }
     assert all(isinstance(v, int | str) for v in info.values())
 
 

@@ -102,6 +102,10 @@ def run_accuracy(cfg: Any, progress: Any = None) -> dict[str, Any]:
         },
         "federated_wall_s": round(t_fed, 3),
     }
+    out["mean_of_centers_top1"] = {
+        "federated": float(np.mean(out["federated"]["per_center_top1"])),
+        "pooled": float(np.mean(out["pooled"]["per_center_top1"])),
+    }
     if cfg.dataset == "heart":
         # FLamby's metric: mean over centers of per-center test accuracy.
         out["flamby_metric"] = {
