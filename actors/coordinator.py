@@ -86,6 +86,7 @@ class Coordinator(Node):
         self._model_hash = ""
         self._velocity: np.ndarray | None = None
         self._standardizer: Standardizer | None = None
+        self._prior: np.ndarray = np.zeros(0)
         self._round = 0
         self._state: RoundState | None = None
         self._tallies: dict[str, EvalTally] = {}
@@ -189,13 +190,65 @@ class Coordinator(Node):
         self._committed = {pid: s.n_examples for pid, s in self._setup.items()}
         result = SetupResult(cfg.spec_hash, standardizer.mean, standardizer.std, prior)
         await self.send_async(result, list(self._setup), 0)
+        self._prior = prior
         self._model, self._model_hash = initial_model(cfg.n_features, cfg.n_classes, prior)
+        self._auditor.record_model.remote(
+            self._model_hash, 0, "", self._model.weights, self._model.bias, [], []
+        )
+        self._checkpoint()
         summary = {
             "hospitals": len(self._setup),
             "n_train": int(sum(self._committed.values())),
             "initial_model": self._model_hash,
         }
         self.audit.record("setup_completed", 0, self._model_hash, summary)
+        self.flush_audit()
+        return summary
+
+    def _checkpoint(self) -> None:
+        """Persist what a restarted coordinator needs to continue at the next round."""
+        assert self._standardizer is not None
+        state = {
+            "round": self._round,
+            "committed": self._committed,
+            "mean": self._standardizer.mean.tolist(),
+            "std": self._standardizer.std.tolist(),
+            "prior": np.asarray(self._prior).tolist(),
+            "velocity": None if self._velocity is None else self._velocity.tolist(),
+            "pending": {str(k): v for k, v in self._pending.items()},
+        }
+        self._auditor.save_checkpoint.remote(self._round, state, self._model_hash)
+
+    async def resume(self) -> dict[str, Any]:
+        """Continue from the latest checkpoint (after a coordinator crash) instead of setup().
+
+        The model comes from the store by hash; hospitals get the checkpointed standardization
+        again (idempotent), so restarted hospitals can rejoin too.
+        """
+        cp = await self._auditor.latest_checkpoint.remote()
+        if cp is None:
+            raise ConfigError("no checkpoint to resume from: run setup() first")
+        stored = await self._auditor.get_model.remote(cp["model_hash"])
+        if stored is None:
+            raise ConfigError(f"checkpointed model {cp['model_hash'][:12]}… is not in the store")
+        st = cp["state"]
+        self._round = int(cp["round"])
+        self._committed = {k: int(v) for k, v in st["committed"].items()}
+        self._standardizer = Standardizer(np.array(st["mean"]), np.array(st["std"]))
+        self._prior = np.array(st["prior"])
+        self._velocity = None if st["velocity"] is None else np.array(st["velocity"])
+        self._pending = {int(k): v for k, v in st["pending"].items()}
+        model = Model(np.asarray(stored["weights"]), np.asarray(stored["bias"]))
+        if model_hash(model) != cp["model_hash"]:
+            raise ConfigError("stored model does not match its checkpointed hash")
+        self._model, self._model_hash = model, cp["model_hash"]
+        self.history = []
+        result = SetupResult(
+            self._cfg.spec_hash, self._standardizer.mean, self._standardizer.std, self._prior
+        )
+        await self.send_async(result, list(self._committed), self._round)
+        summary = {"resumed_at_round": self._round, "model_hash": self._model_hash}
+        self.audit.record("coordinator_resumed", self._round, self._model_hash, summary)
         self.flush_audit()
         return summary
 
@@ -280,6 +333,9 @@ class Coordinator(Node):
             new_hash,
             {"parent": parent, "updates": upd_digests, "verdicts": verdict_digests},
         )
+        self._auditor.record_model.remote(
+            new_hash, r, parent, model.weights, model.bias, upd_digests, verdict_digests
+        )
         marks["aggregate"] = time.perf_counter()
         reasons = state.rejection_reasons()
         self._pending[r] = {
@@ -294,6 +350,7 @@ class Coordinator(Node):
             "bytes_routed": bytes_routed + state.bytes_in + self._eval_bytes.pop(parent, 0),
             "phases_ms": _phases(t0, marks),
         }
+        self._checkpoint()
         self.flush_audit()
 
     def _finish_evaluation(self, r: int) -> None:
@@ -312,6 +369,7 @@ class Coordinator(Node):
             **pending,
         )
         self.history.append(metrics)
+        self._auditor.record_round.remote(r, metrics.to_dict(), metrics.model_hash)
         self.audit.record("round_closed", r, metrics.model_hash, metrics.to_dict())
         self._progress.set()
 
@@ -331,6 +389,7 @@ class Coordinator(Node):
         await self._wait(tally.complete, time.time() + self._cfg.eval_timeout_s)
         self._pending[self._round]["bytes_routed"] += self._eval_bytes.pop(self._model_hash, 0)
         self._finish_evaluation(self._round)
+        self._checkpoint()
         self.flush_audit()
 
     async def wait_metrics(self, after: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:

@@ -52,6 +52,7 @@ class RunConfig:
     data_dir: str | None = None
     preprocessing: str = "flamby+missing"
     audit_path: str | None = None
+    database_url: str | None = None
     capture_envelopes: int = 0
     spec: dict[str, Any] | None = None
     csv_sites: tuple[tuple[str, str], ...] = ()
@@ -175,6 +176,7 @@ class Consortium:
         # Actor names read like the architecture in the Ray dashboard ("hospital:hospital-03@…");
         # the run id keeps two federations in one Ray instance from colliding.
         self.run_id = secrets.token_hex(3)
+        self.restarts = 0
 
     def _name(self, name: str) -> str:
         return f"{name}@{self.run_id}"
@@ -202,7 +204,7 @@ class Consortium:
         roster_json = self.roster.to_json()
         seed = self.identities
         auditor = _actor(Auditor, self._name("auditor")).remote(
-            seed["auditor"].seed, roster_json, self.cfg.audit_path
+            seed["auditor"].seed, roster_json, self.cfg.audit_path, self.cfg.database_url
         )
         router = _actor(Router, self._name("router")).remote(
             seed["router"].seed, roster_json, auditor, self.cfg.seed, self.cfg.capture_envelopes
@@ -220,9 +222,8 @@ class Consortium:
             min_updates=self.cfg.quorum,
             round_timeout_s=self.cfg.round_timeout_s,
         )
-        coordinator = _actor(Coordinator, self._name("coordinator")).remote(
-            seed["coordinator"].seed, roster_json, router, auditor, coord_cfg
-        )
+        self._coord_args = (seed["coordinator"].seed, roster_json, router, auditor, coord_cfg)
+        coordinator = _actor(Coordinator, self._name("coordinator")).remote(*self._coord_args)
         hospitals = {
             d.name: _actor(Hospital, self._name(f"hospital:{d.name}")).remote(
                 seed[d.name].seed, roster_json, router, auditor, d
@@ -267,7 +268,7 @@ class Consortium:
         """Train for ``rounds`` (default: the config's), calling ``on_round`` as each closes."""
         coordinator = self.handles["coordinator"]
         done = coordinator.run.remote(rounds or self.cfg.rounds)
-        seen = self._seen_round
+        seen = start = self._seen_round
         while True:
             ready, _ = ray.wait([done], timeout=0)
             fresh = ray.get(coordinator.wait_metrics.remote(seen, 1.0))
@@ -279,10 +280,24 @@ class Consortium:
                 break
         history = list(ray.get(done))  # re-raises a failed round's error
         self._seen_round = seen
-        return [m for m in history if m["round"] > self._run_start(history, rounds)]
+        return [m for m in history if m["round"] > start]
 
-    def _run_start(self, history: list[dict[str, Any]], rounds: int | None) -> int:
-        return history[-1]["round"] - (rounds or self.cfg.rounds) if history else 0
+    def restart_coordinator(self) -> dict[str, Any]:
+        """Kill the coordinator and start a new one on the same key, resuming from checkpoint.
+
+        What a crashed coordinator's supervisor does: the round in flight (if any) is lost, the
+        new coordinator continues after the last closed round, and the audit chain goes on.
+        """
+        ray.kill(self.handles["coordinator"], no_restart=True)
+        self.restarts += 1
+        name = self._name(f"coordinator-r{self.restarts}")
+        coordinator = _actor(Coordinator, name).remote(*self._coord_args)
+        ray.get(self.handles["router"].register.remote(
+            self.identities["coordinator"].peer_id, coordinator
+        ))
+        self.handles["coordinator"] = coordinator
+        self._seen_round = 0
+        return dict(ray.get(coordinator.resume.remote()))
 
     def final_model(self) -> dict[str, Any]:
         return dict(ray.get(self.handles["coordinator"].current_model.remote()))

@@ -117,7 +117,19 @@ def _config(args: argparse.Namespace) -> Any:
         train=train,
         data_dir=args.data_dir,
         audit_path=getattr(args, "audit_file", None),
+        database_url=_database_url(getattr(args, "database_url", "none")),
     )
+
+
+def _database_url(choice: str | None) -> str | None:
+    """'none' → in memory; 'embedded' → the pgserver in .medimesh/pg; else the URL given."""
+    if choice in (None, "none"):
+        return None
+    if choice == "embedded":
+        from medimesh.store import database_url
+
+        return database_url()
+    return choice
 
 
 def _progress(total: int) -> Callable[[dict[str, Any]], None]:
@@ -286,13 +298,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    progress = None if args.json else _progress(cfg.rounds)
+    cfg = _config(args) if args.bench != "audit" else None
+    progress = None if args.json or cfg is None else _progress(cfg.rounds)
     t0 = time.perf_counter()
     if args.bench == "accuracy":
         from medimesh.bench.accuracy import run_accuracy
 
         result = run_accuracy(cfg, progress)
+    elif args.bench == "audit":
+        from medimesh.bench.audit import run_audit_bench
+
+        result = run_audit_bench(n_append=args.append, n_verify=args.verify)
     elif args.bench == "codes":
         from medimesh.bench.codes import run_codes
 
@@ -314,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-serve", action="store_true",
                       help="exit after training (the oracle and UI are not built yet)")
     demo.add_argument("--audit-file", default=None,
-                      help="append the audit trail to this JSONL file (default: in memory)")
+                      help="also keep the audit trail as a JSONL file (no database)")
+    demo.add_argument("--database-url", default="embedded",
+                      help="PostgreSQL for the audit trail: a URL, 'embedded' (default: an "
+                           "embedded server in .medimesh/pg) or 'none' (in memory)")
     demo.set_defaults(func=cmd_demo)
     train = sub.add_parser("train", help="federated training on CSV sites, saves the model")
     _run_args(train)
@@ -327,11 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("-v", "--verbose", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
+    from medimesh.audit_cli import add_audit_commands
+
+    add_audit_commands(sub)
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bsub = bench.add_subparsers(dest="bench", required=True)
     acc = bsub.add_parser("accuracy", help="federated vs pooled vs isolated")
     _run_args(acc)
     acc.set_defaults(func=cmd_bench)
+    audit = bsub.add_parser("audit", help="audit appends/s and verification speed on PostgreSQL")
+    audit.add_argument("--append", type=_positive_int, default=20_000)
+    audit.add_argument("--verify", type=_positive_int, default=100_000)
+    audit.add_argument("--json", action="store_true")
+    audit.add_argument("-v", "--verbose", action="store_true")
+    audit.set_defaults(func=cmd_bench)
     codes = bsub.add_parser("codes", help="train + evaluate on CSV sites with ~400 HPO codes")
     _run_args(codes, rounds=20)
     codes.set_defaults(func=cmd_bench)

@@ -677,6 +677,27 @@ class Store:
                 return
             after_seq = rows[-1].seq
 
+    async def tail(
+        self, limit: int, event: str | None = None, round: int | None = None
+    ) -> list[AuditEntry]:
+        """The newest ``limit`` entries matching the filters, in seq order (for display)."""
+        where: list[str] = ["TRUE"]
+        args: list[object] = []
+        if event is not None:
+            args.append(event)
+            where.append(f"event = ${len(args)}")
+        if round is not None:
+            args.append(round)
+            where.append(f"round = ${len(args)}")
+        args.append(limit)
+        sql = (
+            f"SELECT {_ENTRY_COLUMNS} FROM audit_entries WHERE {' AND '.join(where)}"
+            f" ORDER BY seq DESC LIMIT ${len(args)}"
+        )
+        async with _db_errors("tail"):
+            rows = await self._pool.fetch(sql, *args)
+        return [_row_entry(r)[0] for r in reversed(rows)]
+
     async def head(self) -> tuple[int, str]:
         """(last seq, its entry_hash), or (0, GENESIS): what an AuditChain resumes from."""
         async with _db_errors("head"):
@@ -969,6 +990,14 @@ class PostgresSink:
     def head(self) -> tuple[int, str]:
         return self._call(self._with_store(lambda s: s.head()))
 
+    def call(self, op: Callable[[Store], Awaitable[T]]) -> T:
+        """Run one :class:`Store` operation synchronously (models, rounds, nodes, checkpoints).
+
+        Same reconnect-on-next-call behaviour as :meth:`write`; failures to reach the database
+        raise :class:`StoreUnavailable`, so callers can buffer and retry.
+        """
+        return self._call(self._with_store(op))
+
     def verify(self, known_signers: set[str] | None = None) -> ChainReport:
         return self._call(self._with_store(lambda s: verify(s, known_signers)))
 
@@ -1032,6 +1061,11 @@ class BufferedSink:
     def pending(self) -> int:
         with self._lock:
             return len(self._state.entries)
+
+    def buffered(self) -> list[AuditEntry]:
+        """A copy of the entries still waiting for the inner sink, in seq order."""
+        with self._lock:
+            return list(self._state.entries)
 
     @property
     def last_error(self) -> str | None:

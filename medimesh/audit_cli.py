@@ -1,0 +1,267 @@
+"""``medimesh audit verify | show | provenance``: read the trail and model lineage from the store.
+
+These commands trust nothing in the database: ``verify`` recomputes every hash and both
+signatures (the append-only trigger stops accidents, not a superuser), and the signers it
+accepts are the enrolled ``nodes``. Results go to the real stdout via ``medimesh.cli.emit``;
+``verify`` exits 1 when the chain is broken so scripts and CI can gate on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from medimesh.errors import MediMeshError
+
+if TYPE_CHECKING:
+    from pgserver.postgres_server import PostgresServer
+
+    from medimesh.store import Store, StoredModel
+
+__all__ = ["add_audit_commands", "resolve_database"]
+
+T = TypeVar("T")
+_HEX = re.compile(r"^[0-9a-f]+$")
+MIN_PREFIX = 8
+
+
+def _emit(text: str) -> None:
+    from medimesh.cli import emit  # lazy: medimesh.cli imports this module
+
+    emit(text)
+
+
+def resolve_database(url: str | None, data_dir: str | None) -> tuple[str, PostgresServer | None]:
+    """``--database-url``, else ``$MEDIMESH_DATABASE_URL``, else the embedded server.
+
+    The embedded server is only started over an existing data directory: auditing an empty,
+    freshly initialised database would report a meaningless "intact, 0 entries".
+    """
+    from medimesh.store import DATABASE_URL_ENV, default_data_dir, embedded_server
+
+    if url:
+        return url, None
+    env = os.environ.get(DATABASE_URL_ENV)
+    if env:
+        return env, None
+    path = (Path(data_dir) if data_dir else default_data_dir()).expanduser().resolve()
+    if not (path / "PG_VERSION").is_file():
+        raise MediMeshError(f"no audit database at {path}; run medimesh demo first")
+    server = embedded_server(path)
+    return str(server.get_uri()), server
+
+
+def _with_store(args: argparse.Namespace, op: Callable[[Store], Awaitable[T]]) -> T:
+    """Open the store, run one operation, close everything (including an embedded server)."""
+    from medimesh.store import Store
+
+    url, server = resolve_database(args.database_url, getattr(args, "data_dir", None))
+
+    async def run() -> T:
+        async with await Store.open(url) as store:
+            return await op(store)
+
+    try:
+        return asyncio.run(run())
+    finally:
+        if server is not None:
+            server.cleanup()  # stops it only if no other process holds a handle
+
+
+def _db_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--database-url", default=None,
+                   help="PostgreSQL URL (default: $MEDIMESH_DATABASE_URL, else the embedded one)")
+    p.add_argument("--data-dir", default=None,
+                   help="embedded PostgreSQL data directory (default .medimesh/pg)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def add_audit_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``audit verify|show|provenance`` on the ``medimesh`` sub-parsers."""
+    audit = sub.add_parser("audit", help="verify and inspect the audit trail and model lineage")
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+
+    verify = asub.add_parser("verify", help="recompute every hash and signature; exit 1 if broken")
+    _db_args(verify)
+    verify.set_defaults(func=cmd_verify)
+
+    show = asub.add_parser("show", help="list audit entries (newest last)")
+    _db_args(show)
+    show.add_argument("--round", type=int, default=None, help="only this round")
+    show.add_argument("--event", default=None, help="only this event type")
+    show.add_argument("--limit", type=_nonnegative, default=50,
+                      help="the newest N matching entries (0: all; default 50)")
+    show.set_defaults(func=cmd_show)
+
+    prov = asub.add_parser("provenance", help="a model's lineage back to the initial model")
+    prov.add_argument("model_hash", metavar="MODEL_HASH",
+                      help=f"full hash or a unique prefix of >= {MIN_PREFIX} hex characters")
+    _db_args(prov)
+    prov.set_defaults(func=cmd_provenance)
+
+
+# ---------------------------------------------------------------------------------- verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the stored chain is intact, 1 naming the first broken entry."""
+    from medimesh.store import verify
+
+    async def check(store: Store) -> tuple[Any, int]:
+        known = {n.peer_id for n in await store.nodes()}
+        return await verify(store, known), len(known)
+
+    report, n_known = _with_store(args, check)
+    if args.json:
+        _emit(json.dumps({**asdict(report), "known_signers": n_known}))
+    elif report.ok:
+        _emit(
+            f"audit trail intact: {report.entries} entries, head {report.head_hash[:16]}…, "
+            f"{n_known} enrolled signers"
+        )
+    else:
+        _emit(
+            f"audit trail BROKEN at seq {report.broken_seq}: {report.problem} "
+            f"({report.entries} entries read; last good hash {report.head_hash[:16]}…)"
+        )
+    return 0 if report.ok else 1
+
+
+# ------------------------------------------------------------------------------------ show
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """The newest entries as a table, or one JSON object per line with ``--json``."""
+    from medimesh.audit import canonical
+
+    async def fetch(store: Store) -> tuple[list[Any], dict[str, str]]:
+        names = {n.peer_id: n.name for n in await store.nodes()}
+        if args.limit:
+            rows = await store.tail(args.limit, event=args.event, round=args.round)
+        else:
+            rows = await store.entries(event=args.event, round=args.round)
+        return rows, names
+
+    rows, names = _with_store(args, fetch)
+    if args.json:
+        lines = [
+            json.dumps({**asdict(e), "actor_name": names.get(e.actor)}, ensure_ascii=False)
+            for e in rows
+        ]
+        if lines:
+            _emit("\n".join(lines))
+        return 0
+    out = [f"{'seq':>7}  {'time (UTC)':19}  {'actor':16}  {'event':22}  {'round':>5}  "
+           f"{'subject':12}  body"]
+    for e in rows:
+        when = dt.datetime.fromtimestamp(e.at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        actor = names.get(e.actor, e.actor[:12] + "…")
+        body = canonical(e.body).decode()
+        out.append(
+            f"{e.seq:>7}  {when:19}  {_short(actor, 16):16}  {_short(e.event, 22):22}  "
+            f"{e.round:>5}  {e.subject[:12]:12}  {_short(body, 60)}"
+        )
+    out.append(f"({len(rows)} entries)")
+    _emit("\n".join(out))
+    return 0
+
+
+# ------------------------------------------------------------------------------ provenance
+
+
+def _resolve_model(models: list[StoredModel], wanted: str) -> StoredModel:
+    """Exact hash, or a unique prefix of at least MIN_PREFIX hex characters."""
+    key = wanted.strip().lower()
+    if not _HEX.match(key):
+        raise MediMeshError(f"{wanted!r} is not a hex model hash")
+    exact = [m for m in models if m.model_hash == key]
+    if exact:
+        return exact[0]
+    if len(key) < MIN_PREFIX:
+        raise MediMeshError(
+            f"no model {key!r}; give the full hash or a prefix of >= {MIN_PREFIX} hex characters"
+        )
+    hits = [m for m in models if m.model_hash.startswith(key)]
+    if not hits:
+        raise MediMeshError(f"no model with hash {key} in the store ({len(models)} models stored)")
+    if len(hits) > 1:
+        raise MediMeshError(f"prefix {key} is ambiguous: {len(hits)} models match")
+    return hits[0]
+
+
+def _lineage(models: list[StoredModel], start: StoredModel) -> tuple[list[StoredModel], str]:
+    """Follow parents to the initial model; the note says why a walk stopped early."""
+    by_hash = {m.model_hash: m for m in models}
+    chain, seen = [start], {start.model_hash}
+    while chain[-1].parent_hash:
+        parent = chain[-1].parent_hash
+        if parent in seen:
+            return chain, f"cycle at {parent[:16]}…"
+        if parent not in by_hash:
+            return chain, f"parent {parent[:16]}… is not in the store"
+        seen.add(parent)
+        chain.append(by_hash[parent])
+    return chain, ""
+
+
+def cmd_provenance(args: argparse.Namespace) -> int:
+    """For each model back to the initial one: round, parent, update and verdict digests."""
+
+    async def fetch(store: Store) -> list[StoredModel]:
+        return await store.models()
+
+    models = _with_store(args, fetch)
+    chain, note = _lineage(models, _resolve_model(models, args.model_hash))
+    if args.json:
+        doc = {
+            "model_hash": chain[0].model_hash,
+            "complete": not note,
+            "note": note,
+            "lineage": [
+                {
+                    "model_hash": m.model_hash,
+                    "round": m.round,
+                    "parent_hash": m.parent_hash,
+                    "updates": m.provenance.get("updates", []),
+                    "verdicts": m.provenance.get("verdicts", []),
+                    "shape": list(m.shape),
+                    "created_at": m.created_at,
+                }
+                for m in chain
+            ],
+        }
+        _emit(json.dumps(doc))
+        return 0
+    out: list[str] = []
+    for m in chain:
+        updates = m.provenance.get("updates", [])
+        verdicts = m.provenance.get("verdicts", [])
+        parent = f"{m.parent_hash[:16]}…" if m.parent_hash else "(initial model)"
+        out.append(f"round {m.round:>4}  model {m.model_hash}  parent {parent}")
+        out.append(f"            {len(updates)} accepted update(s), {len(verdicts)} verdict(s)")
+        out.extend(f"              update  {d}" for d in updates)
+        out.extend(f"              verdict {d}" for d in verdicts)
+    done = f"{len(chain)} model(s) back to the initial model"
+    out.append(f"lineage incomplete: {note}" if note else done)
+    _emit("\n".join(out))
+    return 0
