@@ -16,7 +16,8 @@ import numpy as np
 import structlog
 
 from medimesh.actors.base import Node
-from medimesh.aggregation import AGGREGATORS
+from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
+from medimesh.aggregation import coordinate_median, make_aggregator
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError, QuorumNotReached
 from medimesh.features import LocalStats, Standardizer, combine_stats
 from medimesh.model import Model, TrainConfig, model_hash
@@ -52,7 +53,8 @@ class CoordinatorConfig:
     n_classes: int
     spec_hash: str
     train: TrainConfig = field(default_factory=TrainConfig)
-    aggregator: str = "fedavg"
+    aggregator: str = DEFAULT_AGGREGATOR
+    n_byzantine: int = 0
     server_lr: float = 1.0
     server_momentum: float = 0.8
     min_updates: int = 1
@@ -61,8 +63,7 @@ class CoordinatorConfig:
     setup_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.aggregator not in AGGREGATORS:
-            raise ConfigError(f"unknown aggregator {self.aggregator!r}; have {list(AGGREGATORS)}")
+        make_aggregator(self.aggregator, self.n_byzantine)  # unknown names fail here, early
         if self.min_updates < 1:
             raise ConfigError("min_updates must be at least 1")
 
@@ -315,12 +316,7 @@ class Coordinator(Node):
         self._finish_evaluation(r - 1)
         parent = self._model_hash
         try:
-            model, self._velocity, upd_digests, verdict_digests = close_round(
-                state,
-                AGGREGATORS[cfg.aggregator],
-                ServerOptimizer(cfg.server_lr, cfg.server_momentum),
-                self._velocity,
-            )
+            model, self._velocity, upd_digests, verdict_digests = self._close(state)
         except QuorumNotReached as exc:
             self.audit.record("round_failed", r, parent, {"error": str(exc)})
             self.flush_audit()
@@ -352,6 +348,25 @@ class Coordinator(Node):
         }
         self._checkpoint()
         self.flush_audit()
+
+    def _close(
+        self, state: RoundState
+    ) -> tuple[Model, np.ndarray, list[str], list[str]]:
+        """Aggregate with the configured rule; if too few updates survived for it (e.g. Krum
+        needs n > 2f + 2), fall back to the coordinate median and say so in the audit trail."""
+        cfg = self._cfg
+        server = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
+        n = len(state.accepted())
+        f = min(cfg.n_byzantine, max((n - 1) // 2, 0))
+        try:
+            rule = make_aggregator(cfg.aggregator, f)
+            return close_round(state, rule, server, self._velocity)
+        except ConfigError as exc:
+            state.closed = False
+            self.audit.record(
+                "aggregation_fallback", state.round, cfg.aggregator, {"reason": str(exc)}
+            )
+            return close_round(state, coordinate_median, server, self._velocity)
 
     def _finish_evaluation(self, r: int) -> None:
         """Merge the evaluation of round r's model into its metrics and publish them."""

@@ -1,19 +1,31 @@
-"""The hospital actor: builds its own patients from a descriptor and never lets a row out."""
+"""The hospital actor: builds its own patients from a descriptor and never lets a row out.
+
+A hospital may be configured to misbehave (``behaviour``), so that tests and
+``medimesh bench byzantine`` can show what the validator and the aggregation rules withstand.
+Statistical attacks change the delta it sends; protocol attacks change the envelope.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import numpy as np
+import ray
 import structlog
 
 from medimesh.actors.base import Node
-from medimesh.errors import EnvelopeError, MediMeshError
+from medimesh.adversary import PROTOCOL_ATTACKS, AttackContext, protocol_envelope
+from medimesh.aggregation import flatten, unflatten
+from medimesh.attacks import ATTACKS, attack_update, flip_labels
+from medimesh.errors import ConfigError, EnvelopeError, MediMeshError
 from medimesh.hospital import HospitalNode
 from medimesh.protocol import (
     ModelPublished,
     RoundStart,
     SetupRequest,
     SetupResult,
+    Update,
     decode,
 )
 from medimesh.sites import SiteDescriptor, dataset_info, load_site
@@ -35,15 +47,52 @@ class Hospital(Node):
         auditor: Any,
         descriptor: SiteDescriptor,
         behaviour: str = "honest",
+        colluders: Any = None,
+        n_byzantine: int = 0,
     ) -> None:
         super().__init__(seed, roster_json, router, auditor)
+        if behaviour not in ATTACKS and behaviour not in PROTOCOL_ATTACKS:
+            raise ConfigError(f"unknown behaviour {behaviour!r}")
         data = load_site(descriptor)  # built here, inside the hospital's own process
         self._data_notes = {"skipped_rows": data.skipped_rows, "unknown_codes": data.unknown_codes}
-        self._node = HospitalNode(data, dataset_info(descriptor.kind, descriptor.params))
+        info = dataset_info(descriptor.kind, descriptor.params)
+        self._rng = np.random.default_rng(int(self.peer_id[:8], 16))
+        if behaviour == "label_flip":
+            flipped = flip_labels(data.y_train, len(info.class_names), self._rng)
+            data = dataclasses.replace(data, y_train=flipped)
+        self._node = HospitalNode(data, info)
         self._coordinator = self.roster.with_role("coordinator")[0].peer_id
         self._validator = self.roster.with_role("validator")[0].peer_id
         self._behaviour = behaviour
+        self._colluders = colluders
+        self._n_byzantine = n_byzantine
+        self._n_hospitals = len(self.roster.with_role("hospital"))
+        self._last_envelope: bytes | None = None
         self.rounds_trained = 0
+
+    def _misbehave(self, update: Update, round_: int) -> Update:
+        """Apply a statistical attack to the honest delta (identity for honest sites)."""
+        name = self._behaviour
+        if name in ("honest", "label_flip") or name in PROTOCOL_ATTACKS:
+            return update
+        honest = flatten(update.delta_w, update.delta_b)
+        group: list[np.ndarray] = []
+        if name in ("alie", "ipm") and self._colluders is not None:
+            # The attackers' own side channel (outside MediMesh): share honest deltas.
+            group = list(ray.get(self._colluders.share.remote(round_, honest)))
+        vec = attack_update(
+            name,
+            honest,
+            round_=round_,
+            rng=self._rng,
+            colluders=group,
+            n_clients=self._n_hospitals,
+            n_byzantine=max(self._n_byzantine, 1),
+        )
+        dw, db = unflatten(vec, *update.delta_w.shape)
+        return dataclasses.replace(
+            update, delta_w=dw.astype(np.float32), delta_b=db.astype(np.float32)
+        )
 
     def info(self) -> dict[str, Any]:
         """Counts only: what the runtime and /network may know about this site."""
@@ -83,8 +132,25 @@ class Hospital(Node):
         elif type_ == SetupResult.TYPE:
             node.on_setup_result(decode(type_, payload, SetupResult))
         elif type_ == RoundStart.TYPE:
-            update = node.on_round_start(decode(type_, payload, RoundStart))
-            self.post(update, [self._validator, self._coordinator], round_)
+            start = decode(type_, payload, RoundStart)
+            update = self._misbehave(node.on_round_start(start), round_)
+            recipients = [self._validator, self._coordinator]
+            env = self.seal(update, recipients, round_)
+            if self._behaviour in PROTOCOL_ATTACKS and round_ >= 2:
+                victims = [m.peer_id for m in self.roster.with_role("hospital")]
+                ctx = AttackContext(
+                    self.identity,
+                    recipients,
+                    round_,
+                    self._last_envelope,
+                    next(v for v in victims if v != self.peer_id),
+                    int(start.committed.get(self.peer_id, node.n_train)),
+                )
+                attack = protocol_envelope(self._behaviour, ctx, update)
+                self.transport.post(attack)
+            else:
+                self.transport.post(env)
+                self._last_envelope = env  # what a replaying attacker captured last
             self.rounds_trained += 1
         elif type_ == ModelPublished.TYPE:
             report = node.on_model(decode(type_, payload, ModelPublished))

@@ -20,10 +20,12 @@ from typing import Any
 import ray
 
 from medimesh.actors.auditor import Auditor
+from medimesh.actors.colluders import Colluders
 from medimesh.actors.coordinator import Coordinator, CoordinatorConfig
 from medimesh.actors.hospital import Hospital
 from medimesh.actors.router import Router
 from medimesh.actors.validator import Validator
+from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
 from medimesh.errors import ConfigError
 from medimesh.identity import Identity, Member, Roster
 from medimesh.model import TrainConfig
@@ -44,7 +46,9 @@ class RunConfig:
     seed: int = 0
     alpha: float = 0.5
     train: TrainConfig = field(default_factory=TrainConfig)
-    aggregator: str = "fedavg"
+    aggregator: str = DEFAULT_AGGREGATOR
+    validator_scoring: bool = True
+    behaviours: tuple[tuple[str, str], ...] = ()  # (site name, behaviour) for dishonest sites
     server_momentum: float = 0.8
     min_updates: int | None = None
     round_timeout_s: float = 30.0
@@ -72,6 +76,10 @@ class RunConfig:
             raise ConfigError("the csv dataset needs --spec and at least one --site NAME=PATH")
         if not 0 <= self.test_fraction < 1:
             raise ConfigError("--test-fraction must be in [0, 1)")
+
+    @property
+    def n_byzantine(self) -> int:
+        return sum(1 for _, b in self.behaviours if b != "honest")
 
     @property
     def quorum(self) -> int:
@@ -210,7 +218,12 @@ class Consortium:
             seed["router"].seed, roster_json, auditor, self.cfg.seed, self.cfg.capture_envelopes
         )
         validator = _actor(Validator, self._name("validator")).remote(
-            seed["validator"].seed, roster_json, router, auditor, self.cfg.max_update_norm
+            seed["validator"].seed,
+            roster_json,
+            router,
+            auditor,
+            self.cfg.max_update_norm,
+            self.cfg.validator_scoring,
         )
         coord_cfg = CoordinatorConfig(
             n_features=len(self.info.feature_names),
@@ -218,18 +231,37 @@ class Consortium:
             spec_hash=spec_hash(self.info),
             train=self.cfg.train,
             aggregator=self.cfg.aggregator,
+            n_byzantine=self.cfg.n_byzantine,
             server_momentum=self.cfg.server_momentum,
             min_updates=self.cfg.quorum,
             round_timeout_s=self.cfg.round_timeout_s,
         )
         self._coord_args = (seed["coordinator"].seed, roster_json, router, auditor, coord_cfg)
         coordinator = _actor(Coordinator, self._name("coordinator")).remote(*self._coord_args)
+        behaviour = dict(self.cfg.behaviours)
+        unknown = set(behaviour) - {d.name for d in self.descriptors}
+        if unknown:
+            raise ConfigError(f"behaviours name unknown sites: {sorted(unknown)}")
+        colluding = [n for n, b in behaviour.items() if b in ("alie", "ipm")]
+        colluders = (
+            _actor(Colluders, self._name("adversary:colluders")).remote(len(colluding))
+            if colluding
+            else None
+        )
         hospitals = {
             d.name: _actor(Hospital, self._name(f"hospital:{d.name}")).remote(
-                seed[d.name].seed, roster_json, router, auditor, d
+                seed[d.name].seed,
+                roster_json,
+                router,
+                auditor,
+                d,
+                behaviour.get(d.name, "honest"),
+                colluders if d.name in colluding else None,
+                self.cfg.n_byzantine,
             )
             for d in self.descriptors
         }
+        self._colluders = colluders
         self.handles = {
             "auditor": auditor,
             "router": router,
@@ -319,7 +351,8 @@ class Consortium:
         return dict(ray.get(self.handles["auditor"].verify.remote()))
 
     def shutdown(self) -> None:
-        for h in self.handles.values():
+        extra = [self._colluders] if getattr(self, "_colluders", None) is not None else []
+        for h in [*self.handles.values(), *extra]:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(h)
         self.handles = {}

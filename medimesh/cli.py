@@ -299,12 +299,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _config(args) if args.bench != "audit" else None
-    progress = None if args.json or cfg is None else _progress(cfg.rounds)
+    progress = (
+        None if args.json or cfg is None or args.bench == "byzantine" else _progress(cfg.rounds)
+    )
     t0 = time.perf_counter()
     if args.bench == "accuracy":
         from medimesh.bench.accuracy import run_accuracy
 
         result = run_accuracy(cfg, progress)
+    elif args.bench == "byzantine":
+        from medimesh.bench.byzantine import run_byzantine
+
+        def say(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        result = run_byzantine(cfg, args.malicious, None if args.json else say)
     elif args.bench == "audit":
         from medimesh.bench.audit import run_audit_bench
 
@@ -354,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     acc = bsub.add_parser("accuracy", help="federated vs pooled vs isolated")
     _run_args(acc)
     acc.set_defaults(func=cmd_bench)
+    byz = bsub.add_parser("byzantine", help="every attack against every aggregation rule")
+    _run_args(byz, hospitals=10, rounds=20)
+    byz.add_argument("--malicious", type=int, default=3, help="number of dishonest hospitals")
+    byz.set_defaults(func=cmd_bench)
     audit = bsub.add_parser("audit", help="audit appends/s and verification speed on PostgreSQL")
     audit.add_argument("--append", type=_positive_int, default=20_000)
     audit.add_argument("--verify", type=_positive_int, default=100_000)

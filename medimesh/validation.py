@@ -40,6 +40,12 @@ REASONS = {
     "too_large": "the envelope exceeds the size bound",
     "norm_exceeded": "the delta's L2 norm exceeds the bound",
     "bad_example_count": "the example count is not positive or exceeds what was committed",
+    "norm_outlier": "the delta's norm is far from the round's (robust z-score)",
+    "direction_outlier": "the delta points against the consensus direction",
+    "distance_outlier": "the delta is far from the round's robust centre",
+    "free_rider": "the delta is (nearly) zero: the hospital contributes nothing",
+    "near_duplicate": "the delta nearly duplicates another hospital's (colluders)",
+    "quarantined": "earlier rounds flagged this hospital repeatedly; its updates are refused",
 }
 
 
