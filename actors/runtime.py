@@ -331,6 +331,15 @@ class Consortium:
         self._seen_round = 0
         return dict(ray.get(coordinator.resume.remote()))
 
+    def router_name(self) -> str:
+        """The router's actor name (the oracle reads /network from it)."""
+        return self._name("router")
+
+    def flush_store(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything the auditor buffered is in the database."""
+        self.flush_audit()
+        return bool(ray.get(self.handles["auditor"].flush.remote(timeout_s)))
+
     def final_model(self) -> dict[str, Any]:
         return dict(ray.get(self.handles["coordinator"].current_model.remote()))
 

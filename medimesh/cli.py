@@ -171,37 +171,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
         final = fed.final_model()
         stats = fed.router_stats()
         audit = fed.verify_audit()
+        fed.flush_store()
+        result = {
+            "dataset": cfg.dataset,
+            "hospitals": cfg.n_sites,
+            "rounds": history,
+            "final_model_hash": final["model_hash"],
+            "final_top1": history[-1]["top1"],
+            "final_top3": history[-1]["top3"],
+            "startup_s": timings,
+            "router": {
+                "messages_by_type": stats["messages_by_type"],
+                "bytes_by_type": stats["bytes_by_type"],
+                "rejected": stats["rejected"],
+            },
+            "audit": audit,
+        }
+        if args.json:
+            emit(json.dumps(result))
+        else:
+            print(
+                f"\nfinal model {final['model_hash'][:16]}…  top1 {history[-1]['top1']:.3f}  "
+                f"top3 {history[-1]['top3']:.3f}\n"
+                f"router: {sum(stats['messages_by_type'].values())} envelopes routed "
+                f"{dict(stats['messages_by_type'])}\n"
+                f"audit trail: {audit['entries']} entries, chain "
+                f"{'verifies' if audit['ok'] else 'BROKEN: ' + audit['problem']}",
+                file=sys.stderr,
+            )
+        if args.no_serve or args.json:
+            return 0
+        if cfg.database_url is None:
+            print("(no database: nothing to serve; use --database-url)", file=sys.stderr)
+            return 0
+        _serve_forever(cfg.database_url, args.port, fed.router_name())
     finally:
         fed.shutdown()
-    result = {
-        "dataset": cfg.dataset,
-        "hospitals": cfg.n_sites,
-        "rounds": history,
-        "final_model_hash": final["model_hash"],
-        "final_top1": history[-1]["top1"],
-        "final_top3": history[-1]["top3"],
-        "startup_s": timings,
-        "router": {
-            "messages_by_type": stats["messages_by_type"],
-            "bytes_by_type": stats["bytes_by_type"],
-            "rejected": stats["rejected"],
-        },
-        "audit": audit,
-    }
-    if args.json:
-        emit(json.dumps(result))
-    else:
-        print(
-            f"\nfinal model {final['model_hash'][:16]}…  top1 {history[-1]['top1']:.3f}  "
-            f"top3 {history[-1]['top3']:.3f}\n"
-            f"router: {sum(stats['messages_by_type'].values())} envelopes routed "
-            f"{dict(stats['messages_by_type'])}\n"
-            f"audit trail: {audit['entries']} entries, chain "
-            f"{'verifies' if audit['ok'] else 'BROKEN: ' + audit['problem']}",
-            file=sys.stderr,
-        )
-        if args.no_serve:
-            print("(--no-serve: exiting after training)", file=sys.stderr)
+    return 0
+
+
+def _serve_forever(database_url: str, port: int, router_name: str | None) -> None:
+    """Deploy the oracle on Ray Serve and block until Ctrl-C."""
+    from medimesh.actors.oracle import deploy
+
+    url = deploy(database_url, router_name=router_name, port=port)
+    print(
+        f"\noracle: {url}  (API docs {url}/docs; try {url}/network, {url}/rounds)\n"
+        "press Ctrl-C to stop",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        from ray import serve
+
+        serve.shutdown()  # type: ignore[no-untyped-call]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the oracle on an existing store (models, rounds and audit of earlier runs)."""
+    from medimesh.actors.runtime import ensure_ray
+
+    url = _database_url(args.database_url)
+    if url is None:
+        raise MediMeshError("serve needs a database: --database-url URL or 'embedded'")
+    ensure_ray()
+    _serve_forever(url, args.port, None)
     return 0
 
 
@@ -298,7 +337,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    cfg = _config(args) if args.bench != "audit" else None
+    cfg = _config(args) if args.bench not in ("audit", "oracle") else None
     progress = (
         None if args.json or cfg is None or args.bench == "byzantine" else _progress(cfg.rounds)
     )
@@ -314,6 +353,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr, flush=True)
 
         result = run_byzantine(cfg, args.malicious, None if args.json else say)
+    elif args.bench == "oracle":
+        from medimesh.bench.oracle import run_oracle_bench
+
+        result = run_oracle_bench(args.requests, args.concurrency, args.duration, port=args.port)
     elif args.bench == "audit":
         from medimesh.bench.audit import run_audit_bench
 
@@ -337,13 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a federated model on a local Ray instance")
     _run_args(demo)
     demo.add_argument("--no-serve", action="store_true",
-                      help="exit after training (the oracle and UI are not built yet)")
+                      help="exit after training instead of serving the oracle")
     demo.add_argument("--audit-file", default=None,
                       help="also keep the audit trail as a JSONL file (no database)")
     demo.add_argument("--database-url", default="embedded",
                       help="PostgreSQL for the audit trail: a URL, 'embedded' (default: an "
                            "embedded server in .medimesh/pg) or 'none' (in memory)")
+    demo.add_argument("--port", type=int, default=8000, help="oracle HTTP port")
     demo.set_defaults(func=cmd_demo)
+    serve_p = sub.add_parser("serve", help="serve the oracle (Ray Serve) on an existing store")
+    serve_p.add_argument("--database-url", default="embedded")
+    serve_p.add_argument("--port", type=int, default=8000)
+    serve_p.add_argument("-v", "--verbose", action="store_true")
+    serve_p.set_defaults(func=cmd_serve)
     train = sub.add_parser("train", help="federated training on CSV sites, saves the model")
     _run_args(train)
     train.add_argument("--out", default=None, help="model directory (default .medimesh/models/…)")
@@ -367,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(byz, hospitals=10, rounds=20)
     byz.add_argument("--malicious", type=int, default=3, help="number of dishonest hospitals")
     byz.set_defaults(func=cmd_bench)
+    oracle = bsub.add_parser("oracle", help="/diagnose latency, throughput and hot swap")
+    oracle.add_argument("--requests", type=_positive_int, default=300)
+    oracle.add_argument("--concurrency", type=_positive_int, default=16)
+    oracle.add_argument("--duration", type=float, default=10.0)
+    oracle.add_argument("--port", type=int, default=8123)
+    oracle.add_argument("--json", action="store_true")
+    oracle.add_argument("-v", "--verbose", action="store_true")
+    oracle.set_defaults(func=cmd_bench)
     audit = bsub.add_parser("audit", help="audit appends/s and verification speed on PostgreSQL")
     audit.add_argument("--append", type=_positive_int, default=20_000)
     audit.add_argument("--verify", type=_positive_int, default=100_000)

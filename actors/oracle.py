@@ -1,0 +1,744 @@
+"""The oracle: a Ray Serve deployment with a FastAPI ingress over the diagnosis engine.
+
+Why this shape: the API is a plain FastAPI app built by :func:`build_app`, so it is testable
+with httpx's ASGI transport and no Ray; :func:`oracle_deployment` wraps that same app with
+``@serve.ingress`` for production, and :func:`deploy` starts it on Serve. Endpoints are
+``async def`` (a thread hop costs Serve 3-4 ms per request) and the engine runs inline: one
+prediction is ~0.2 ms.
+
+Hot swap: a background task reacts to the store's NOTIFY (and polls every ``poll_interval``
+seconds as a fallback), builds a new immutable :class:`DiagnosisEngine` for the latest model
+and replaces ``OracleState.engine`` in one assignment. A request reads that reference once, so
+it is answered entirely by one model, and no request waits for or fails during a swap.
+
+Client mistakes are 4xx, never 500: pydantic bounds and engine validation give 422 naming the
+field, an oversized body 413, an unknown model 404; a missing model or database is 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from medimesh.audit import AuditEntry
+from medimesh.data import cohort
+from medimesh.diagnosis import (
+    DiagnosisEngine,
+    Measurement,
+    PatientRequest,
+    ValidationError,
+    saved_model_for,
+)
+from medimesh.store import Store, StoredModel, StoreError, StoreUnavailable, verify
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "OracleConfig",
+    "OracleState",
+    "app_builder",
+    "build_app",
+    "deploy",
+    "entry_dict",
+    "oracle_deployment",
+]
+
+_log = logging.getLogger("medimesh.oracle")
+
+MAX_BODY_BYTES = 64 * 1024
+_KEEPALIVE_S = 15.0
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, slots=True)
+class OracleConfig:
+    """Where the oracle reads from. ``router`` (an actor handle) overrides ``router_name``."""
+
+    database_url: str
+    router_name: str | None = None
+    router_namespace: str = "medimesh"
+    poll_interval: float = 1.0
+    max_body_bytes: int = MAX_BODY_BYTES
+    router: Any = None
+    load_ontology: bool = True
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+def _engine_from(stored: StoredModel, state: dict[str, Any]) -> DiagnosisEngine:
+    """Join a stored model with the setup round's statistics (kept in the checkpoint)."""
+    if "mean" not in state or "std" not in state:
+        raise StoreError("latest checkpoint has no standardization (mean/std)")
+    saved = saved_model_for(
+        stored.to_model(),
+        cohort.features(),
+        cohort.class_names(),
+        np.asarray(state["mean"], dtype=float),
+        np.asarray(state["std"], dtype=float),
+        round_=stored.round,
+    )
+    return DiagnosisEngine(saved, cohort.features())
+
+
+class OracleState:
+    """The store connection, the live engine and the NOTIFY fan-out for one app instance."""
+
+    def __init__(self, config: OracleConfig) -> None:
+        self.config = config
+        self.store: Store | None = None
+        self.engine: DiagnosisEngine | None = None
+        self.last_error: str | None = None
+        self.swaps = 0
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._stopping = False
+        self._ontology: Any = None
+        self._router: Any = config.router
+        self._connected = asyncio.Event()
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Start background work once; never raises (readiness reports what is missing)."""
+        if self._started:
+            return
+        self._started = True
+        self._tasks.append(asyncio.create_task(self._run(), name="oracle-watch"))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+
+    def _announce(self, _seq: int = 0) -> None:
+        """Wake every waiter (SSE streams, the model watcher): replace-and-set, race-free."""
+        ev, self._changed = self._changed, asyncio.Event()
+        ev.set()
+
+    def changed(self) -> asyncio.Event:
+        """The event the *next* announcement sets; grab it before reading the store."""
+        return self._changed
+
+    async def _run(self) -> None:
+        if self.config.load_ontology:
+            with contextlib.suppress(Exception):
+                from medimesh.hpo import HpoAncestors
+
+                self._ontology = await asyncio.to_thread(HpoAncestors.load)
+        backoff = 0.2
+        while not self._stopping:
+            try:
+                if self.store is None:
+                    self.store = await Store.open(self.config.database_url, max_size=8)
+                    self._connected.set()
+                feed = await self.store.listen(self._announce)
+                try:
+                    backoff = 0.2
+                    await self._watch_models()
+                finally:
+                    with contextlib.suppress(Exception):
+                        await feed.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep serving the current engine; retry the store
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                _log.warning("oracle store watcher: %s", self.last_error)
+                self._announce()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _watch_models(self) -> None:
+        while not self._stopping:
+            ev = self.changed()
+            await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), self.config.poll_interval)
+
+    async def refresh(self) -> bool:
+        """Load the newest model if it differs from the live one; True if swapped."""
+        store = self.store
+        if store is None:
+            return False
+        models = await store.models()
+        if not models:
+            return False
+        latest = max(models, key=lambda m: (m.round, m.created_at))
+        current = self.engine
+        if current is not None and current.model_hash == latest.model_hash:
+            return False
+        cp = await store.latest_checkpoint()
+        if cp is None:
+            self.last_error = "no checkpoint with the setup round's standardization yet"
+            return False
+        try:
+            engine = _engine_from(latest, cp.state)
+        except (StoreError, ValidationError) as exc:
+            self.last_error = f"model {latest.model_hash[:12]}… not servable: {exc}"
+            return False
+        if self._ontology is not None:
+            engine = DiagnosisEngine(engine.saved, engine.features, self._ontology)
+        self.engine = engine  # the atomic swap: one reference assignment
+        self.swaps += 1
+        self.last_error = None
+        _log.info("oracle serving model %s (round %d)", latest.model_hash[:12], latest.round)
+        return True
+
+    async def require_store(self, wait: float = 5.0) -> Store:
+        """The store, waiting up to ``wait`` s for the first connection; else 503."""
+        if self.store is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), wait)
+        if self.store is None:
+            raise HTTPException(503, f"store not reachable yet ({self.last_error or 'starting'})")
+        return self.store
+
+    async def router(self) -> Any:
+        """The router actor handle, looked up by name once; None when not configured."""
+        if self._router is None and self.config.router_name:
+            import ray
+
+            self._router = await asyncio.to_thread(
+                ray.get_actor, self.config.router_name, self.config.router_namespace
+            )
+        return self._router
+
+
+# ---------------------------------------------------------------------------- request models
+
+Term = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+
+
+class BiomarkerIn(BaseModel):
+    """One lab value in the unit it was reported in."""
+
+    model_config = ConfigDict(extra="forbid")
+    value: float = Field(ge=0.0, le=1e9, allow_inf_nan=False)
+    unit: str = Field(min_length=1, max_length=32)
+
+
+class DiagnoseIn(BaseModel):
+    """A patient in the consortium's vocabulary; every field is optional."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "symptoms": ["HP:0001744", "HP:0002240"],
+                    "biomarkers": {"chitotriosidase": {"value": 5200, "unit": "nmol/h/mL"}},
+                    "genes": ["GBA1"],
+                    "age": 12,
+                    "sex": "F",
+                }
+            ]
+        },
+    )
+    symptoms: list[Term] = Field(default_factory=list, max_length=256)
+    biomarkers: dict[Term, BiomarkerIn] = Field(default_factory=dict, max_length=64)
+    genes: list[Term] = Field(default_factory=list, max_length=64)
+    age: float | None = Field(default=None, ge=0.0, le=130.0, allow_inf_nan=False)
+    sex: Literal["F", "M"] | None = None
+
+    def to_request(self) -> PatientRequest:
+        return PatientRequest(
+            symptoms=tuple(self.symptoms),
+            biomarkers={k: Measurement(v.value, v.unit) for k, v in self.biomarkers.items()},
+            genes=tuple(self.genes),
+            age=self.age,
+            sex=self.sex,
+        )
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def entry_dict(e: AuditEntry) -> dict[str, Any]:
+    """An audit entry as JSON (every field, so a client can re-verify it)."""
+    return {
+        "seq": e.seq,
+        "at": e.at,
+        "actor": e.actor,
+        "event": e.event,
+        "round": e.round,
+        "subject": e.subject,
+        "body": e.body,
+        "signature": e.signature,
+        "prev_hash": e.prev_hash,
+        "entry_hash": e.entry_hash,
+        "writer": e.writer,
+        "writer_signature": e.writer_signature,
+    }
+
+
+def _model_dict(m: StoredModel, active: str | None) -> dict[str, Any]:
+    return {
+        "model_hash": m.model_hash,
+        "round": m.round,
+        "parent_hash": m.parent_hash,
+        "n_features": m.shape[0],
+        "n_classes": m.shape[1],
+        "provenance": m.provenance,
+        "created_at": m.created_at,
+        "active": m.model_hash == active,
+    }
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: replace them with null so a metrics row never breaks a response."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _sse(entry: AuditEntry) -> bytes:
+    data = json.dumps(entry_dict(entry), separators=(",", ":"), ensure_ascii=False)
+    return f"id: {entry.seq}\nevent: audit\ndata: {data}\n\n".encode()
+
+
+def _body_limit(app: ASGIApp, limit: int) -> ASGIApp:
+    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while streaming."""
+
+    async def reject(send: Send) -> None:
+        body = json.dumps({"detail": f"request body exceeds {limit} bytes"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > limit
+            except ValueError:
+                too_big = True
+            if too_big:
+                await reject(send)
+                return
+            await app(scope, receive, send)
+            return
+        # No length (chunked): buffer up to the limit, then replay.
+        chunks: list[bytes] = []
+        size, more = 0, scope["method"] in ("POST", "PUT", "PATCH")
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                break
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await reject(send)
+                return
+            chunks.append(chunk)
+            more = bool(msg.get("more_body", False))
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await app(scope, replay if chunks else receive, send)
+
+    return middleware
+
+
+# --------------------------------------------------------------------------------------- app
+
+
+def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
+    """The oracle's FastAPI app. Pass a config (or ``database_url=...``) now, or configure the
+    app later with :func:`configure` (how the Serve deployment does it, in its replica)."""
+    if config is None and kwargs:
+        config = OracleConfig(**kwargs)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state: OracleState | None = getattr(app.state, "oracle", None)
+        if state is not None:
+            await state.start()
+        try:
+            yield
+        finally:
+            if state is not None:
+                await state.stop()
+
+    app = FastAPI(
+        title="MediMesh oracle",
+        version="1",
+        summary="Differential diagnosis from the federation's latest model, plus its audit.",
+        lifespan=lifespan,
+    )
+    if config is not None:
+        configure(app, config)
+
+    async def st(request: Request) -> OracleState:
+        state: OracleState | None = getattr(request.app.state, "oracle", None)
+        if state is None:
+            raise HTTPException(503, "oracle not configured")
+        await state.start()
+        return state
+
+    @app.exception_handler(StoreUnavailable)
+    async def _unavailable(_request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": f"store unavailable: {exc}"}, status_code=503)
+
+    @app.post("/diagnose", summary="Ranked differential for one patient")
+    async def diagnose(body: DiagnoseIn, request: Request) -> dict[str, Any]:
+        state = await st(request)
+        engine = state.engine  # read the reference once: one model answers the whole request
+        if engine is None:
+            raise HTTPException(503, f"no model loaded yet ({state.last_error or 'starting'})")
+        try:
+            return engine.diagnose(body.to_request()).to_dict()
+        except ValidationError as exc:
+            detail = [
+                {"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}
+            ]
+            return JSONResponse({"detail": detail}, status_code=422)  # type: ignore[return-value]
+
+    @app.get("/network", summary="Nodes and message counts, AXL-topology-shaped")
+    async def network(request: Request) -> dict[str, Any]:
+        state = await st(request)
+        router_error = None
+        try:
+            router = await state.router()
+        except Exception as exc:  # router gone: fall back to enrolment, say why
+            router, router_error = None, f"{type(exc).__name__}: {exc}"
+        if router is not None:
+            try:
+                stats, topo = await asyncio.gather(router.stats.remote(), router.topology.remote())
+                return _network_from_router(stats, topo)
+            except Exception as exc:
+                router_error = f"{type(exc).__name__}: {exc}"
+        out = _network_from_nodes(await (await state.require_store()).nodes())
+        if router_error:
+            out["router_error"] = router_error
+        return out
+
+    @app.get("/audit", summary="Audit entries, keyset-paged by seq")
+    async def audit(
+        request: Request,
+        after_seq: Annotated[int, Query(ge=0, le=2**62)] = 0,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+        event: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+        round: Annotated[int | None, Query(ge=-(2**31), lt=2**31)] = None,
+    ) -> dict[str, Any]:
+        store = await (await st(request)).require_store()
+        rows = await store.entries(after_seq=after_seq, limit=limit + 1, event=event, round=round)
+        page = rows[:limit]
+        return {
+            "entries": [entry_dict(e) for e in page],
+            "next_after_seq": page[-1].seq if page else after_seq,
+            "has_more": len(rows) > limit,
+        }
+
+    @app.get("/audit/verify", summary="Recompute the hash chain and signatures")
+    async def audit_verify(request: Request) -> dict[str, Any]:
+        store = await (await st(request)).require_store()
+        nodes = await store.nodes()
+        known = {n.peer_id for n in nodes} or None
+        r = await verify(store, known)
+        return {
+            "ok": r.ok,
+            "entries": r.entries,
+            "head_hash": r.head_hash,
+            "broken_seq": r.broken_seq,
+            "problem": r.problem,
+            "signers_checked": known is not None,
+        }
+
+    @app.get("/rounds", summary="Closed rounds and their metrics")
+    async def rounds(request: Request) -> list[dict[str, Any]]:
+        store = await (await st(request)).require_store()
+        return [
+            {
+                "round": r.round,
+                "metrics": _finite(r.metrics),
+                "model_hash": r.model_hash,
+                "closed_at": r.closed_at,
+            }
+            for r in await store.rounds()
+        ]
+
+    @app.get("/models", summary="Every stored global model (metadata)")
+    async def models(request: Request) -> list[dict[str, Any]]:
+        state = await st(request)
+        active = state.engine.model_hash if state.engine is not None else None
+        return [_model_dict(m, active) for m in await (await state.require_store()).models()]
+
+    @app.get("/models/{model_hash}", summary="One model's metadata and provenance")
+    async def model(
+        request: Request,
+        model_hash: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")],
+    ) -> dict[str, Any]:
+        state = await st(request)
+        store = await state.require_store()
+        m = await store.get_model(model_hash)
+        if m is None:
+            raise HTTPException(404, f"no model {model_hash}")
+        active = state.engine.model_hash if state.engine is not None else None
+        out = _model_dict(m, active)
+        out["round_metrics"] = next(
+            (_finite(r.metrics) for r in await store.rounds() if r.model_hash == model_hash), None
+        )
+        return out
+
+    @app.get(
+        "/events",
+        summary="Live audit feed (Server-Sent Events, resumable with Last-Event-ID)",
+        response_class=StreamingResponse,
+    )
+    async def events(
+        request: Request,
+        last_event_id: Annotated[str | None, Header()] = None,
+        after_seq: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+        max_events: Annotated[int | None, Query(ge=1, le=100_000)] = None,
+    ) -> StreamingResponse:
+        state = await st(request)
+        store = await state.require_store()
+        start = after_seq or 0
+        if last_event_id is not None:
+            if not last_event_id.strip().isdigit():
+                detail = [
+                    {"loc": ["header", "last-event-id"], "msg": "expected a sequence number",
+                     "type": "value_error"}
+                ]
+                return JSONResponse({"detail": detail}, status_code=422)  # type: ignore[return-value]
+            start = int(last_event_id)
+
+        async def stream() -> AsyncIterator[bytes]:
+            last, sent = start, 0
+            yield b"retry: 2000\n\n"
+            while max_events is None or sent < max_events:
+                ev = state.changed()
+                want = 500 if max_events is None else min(500, max_events - sent)
+                batch = await store.entries(after_seq=last, limit=want)
+                for e in batch:
+                    yield _sse(e)
+                    last, sent = e.seq, sent + 1
+                if batch:
+                    continue
+                if await request.is_disconnected():
+                    return
+                try:
+                    await asyncio.wait_for(ev.wait(), _KEEPALIVE_S)
+                except TimeoutError:
+                    yield b": keepalive\n\n"
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get("/health", summary="The process is up")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="A model is loaded and the store answers")
+    async def ready(request: Request) -> JSONResponse:
+        state = await st(request)
+        problems: list[str] = []
+        engine = state.engine
+        if engine is None:
+            problems.append(f"no model loaded ({state.last_error or 'starting'})")
+        if state.store is None:
+            problems.append("store not connected")
+        else:
+            try:
+                await state.store.head()
+            except StoreError as exc:
+                problems.append(f"store not answering: {exc}")
+        body = {
+            "ready": not problems,
+            "model_hash": engine.model_hash if engine else None,
+            "model_round": engine.round if engine else None,
+            "problems": problems,
+        }
+        return JSONResponse(body, status_code=200 if not problems else 503)
+
+    return app
+
+
+def configure(app: FastAPI, config: OracleConfig) -> None:
+    """Attach state to an app and install the body-size limit (before it starts serving)."""
+    app.state.oracle = OracleState(config)
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+
+
+class _BodyLimit:
+    """Starlette middleware class around :func:`_body_limit`."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self._inner = _body_limit(app, limit)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._inner(scope, receive, send)
+
+
+def _network_from_router(stats: dict[str, Any], topo: dict[str, Any]) -> dict[str, Any]:
+    nodes = [{"peer_id": pid, **info} for pid, info in sorted(stats.get("peers", {}).items())]
+    root = topo.get("our_public_key", "")
+    if root and root not in stats.get("peers", {}):
+        nodes.insert(0, {"peer_id": root, "name": "router", "role": "router", "reachable": True})
+    return {
+        "source": "router",
+        "nodes": nodes,
+        "edges": list(stats.get("edges", [])),
+        "messages_by_type": dict(stats.get("messages_by_type", {})),
+        "bytes_by_type": dict(stats.get("bytes_by_type", {})),
+        "topology": topo,
+    }
+
+
+def _network_from_nodes(records: list[Any]) -> dict[str, Any]:
+    nodes = [
+        {
+            "peer_id": n.peer_id,
+            "name": n.name,
+            "role": n.role,
+            "reachable": None,
+            "msgs_out": 0,
+            "bytes_out": 0,
+            "msgs_in": 0,
+            "bytes_in": 0,
+            "dropped": 0,
+            "last_seen": None,
+        }
+        for n in records
+    ]
+    root = next((n.peer_id for n in records if n.role == "router"), "")
+    peers = sorted(n.peer_id for n in records if n.peer_id != root)
+    tree = [{"public_key": p, "parent": root, "sequence": i} for i, p in enumerate(peers)]
+    return {
+        "source": "store",
+        "nodes": nodes,
+        "edges": [],
+        "messages_by_type": {},
+        "bytes_by_type": {},
+        "topology": {
+            "our_ipv6": "",
+            "our_public_key": root,
+            "peers": peers,
+            "tree": tree if root else [],
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------ Serve
+
+
+@functools.cache
+def oracle_deployment() -> Any:
+    """The Serve deployment class (built on first use, so importing this module is cheap).
+
+    The ingress is late-bound (``@serve.ingress()`` + ``__serve_build_asgi_app__``): Serve
+    freezes a copy of an app passed to ``ingress(app)`` at decoration time, so constructor
+    arguments (database URL, router name) could not reach it. Building the app in the replica
+    from those arguments gives the same FastAPI app :func:`build_app` returns in tests.
+    """
+    from ray import serve
+
+    @serve.deployment(
+        name="oracle",
+        max_ongoing_requests=128,
+        ray_actor_options={"num_cpus": 0},
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        health_check_period_s=5,
+    )
+    @serve.ingress()
+    class Oracle:
+        """One replica: :func:`build_app` with this replica's store and engine."""
+
+        def __init__(
+            self,
+            database_url: str,
+            router_name: str | None = None,
+            router_namespace: str = "medimesh",
+            poll_interval: float = 1.0,
+        ) -> None:
+            self._config = OracleConfig(database_url, router_name, router_namespace, poll_interval)
+
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            return build_app(self._config)
+
+    return Oracle
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve config entry point (``import_path: medimesh.actors.oracle:app_builder``)."""
+    return oracle_deployment().bind(
+        args["database_url"],
+        args.get("router_name"),
+        args.get("router_namespace", "medimesh"),
+        float(args.get("poll_interval", 1.0)),
+    )
+
+
+def deploy(
+    database_url: str,
+    router_name: str | None = None,
+    port: int = 8000,
+    *,
+    router_namespace: str = "medimesh",
+    poll_interval: float = 1.0,
+    num_replicas: int = 1,
+) -> str:
+    """Start Serve on 127.0.0.1:``port`` with the oracle at ``/``; returns the base URL.
+
+    Needs a running Ray (``ray.init``); Serve's controller and proxy start on first call.
+    """
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    dep = oracle_deployment().options(num_replicas=num_replicas)
+    serve.run(
+        dep.bind(database_url, router_name, router_namespace, poll_interval),
+        name="medimesh-oracle",
+        route_prefix="/",
+    )
+    return f"http://127.0.0.1:{port}"

@@ -1,0 +1,637 @@
+"""The MediMesh SDK: typed access to the oracle's HTTP API (sync :class:`Client`, async
+:class:`AsyncClient`, same methods).
+
+Why an SDK: the Gradio UI, notebooks and other services must not care about Ray. They get
+frozen dataclasses instead of JSON, one exception hierarchy instead of status codes, and
+retries with backoff where retrying is safe (idempotent GETs only — a POST /diagnose is never
+sent twice behind the caller's back).
+
+Exceptions: :class:`ApiError` (``status``, ``message``) for any non-2xx answer,
+:class:`ValidationFailed` for 422 (``field`` names the offending input), :class:`NotFound` for
+404, :class:`Unavailable` when the server cannot be reached after the retries (or answers 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from medimesh.errors import MediMeshError
+
+__all__ = [
+    "ApiError",
+    "AsyncClient",
+    "AuditEntry",
+    "AuditPage",
+    "Candidate",
+    "Client",
+    "Diagnosis",
+    "Event",
+    "Finding",
+    "ModelInfo",
+    "Network",
+    "NetworkEdge",
+    "NetworkNode",
+    "NotFound",
+    "ReadyState",
+    "RoundInfo",
+    "Unavailable",
+    "ValidationFailed",
+    "VerifyResult",
+    "parse_sse",
+]
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+class ApiError(MediMeshError):
+    """The oracle answered with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class ValidationFailed(ApiError):
+    """422: the request was refused; ``field`` is the dotted path of the first bad input."""
+
+    def __init__(self, status: int, message: str, field: str, errors: list[dict[str, Any]]):
+        super().__init__(status, message)
+        self.field = field
+        self.errors = errors
+
+
+class NotFound(ApiError):
+    """404: the model (or path) does not exist."""
+
+
+class Unavailable(ApiError):
+    """The oracle could not be reached after retries, or said 503 (not ready)."""
+
+
+# ------------------------------------------------------------------------------ result types
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    feature: str
+    label: str
+    value: float | bool | str
+    unit: str
+    contribution: float
+    flag: str
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    rank: int
+    name: str
+    probability: float
+    findings: tuple[Finding, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    differential: tuple[Candidate, ...]
+    model_hash: str
+    model_round: int
+    unknown_terms: tuple[str, ...]
+    mapped_terms: Mapping[str, tuple[str, ...]]
+    imputed: tuple[str, ...]
+    disclaimer: str
+
+    @property
+    def top(self) -> Candidate:
+        return self.differential[0]
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkNode:
+    peer_id: str
+    name: str
+    role: str
+    reachable: bool | None
+    msgs_out: int
+    bytes_out: int
+    msgs_in: int
+    bytes_in: int
+    dropped: int
+    last_seen: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkEdge:
+    source: str
+    target: str
+    messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    source: str  # "router" (live counters) or "store" (enrolment only, zero counts)
+    nodes: tuple[NetworkNode, ...]
+    edges: tuple[NetworkEdge, ...]
+    messages_by_type: Mapping[str, int]
+    topology: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    seq: int
+    at: float
+    actor: str
+    event: str
+    round: int
+    subject: str
+    body: Mapping[str, Any]
+    signature: str
+    prev_hash: str
+    entry_hash: str
+    writer: str
+    writer_signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    entries: tuple[AuditEntry, ...]
+    next_after_seq: int
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    entries: int
+    head_hash: str
+    broken_seq: int | None
+    problem: str
+    signers_checked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RoundInfo:
+    round: int
+    metrics: Mapping[str, Any]
+    model_hash: str | None
+    closed_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    model_hash: str
+    round: int
+    parent_hash: str | None
+    n_features: int
+    n_classes: int
+    provenance: Mapping[str, Any]
+    created_at: float
+    active: bool
+    round_metrics: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyState:
+    ready: bool
+    model_hash: str | None
+    model_round: int | None
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One Server-Sent Event; ``entry`` is the parsed audit entry for ``event: audit``."""
+
+    id: str | None
+    event: str
+    data: str
+
+    @property
+    def entry(self) -> AuditEntry:
+        return _entry(json.loads(self.data))
+
+
+# ----------------------------------------------------------------------------------- parsing
+
+
+def _finding(d: Mapping[str, Any]) -> Finding:
+    return Finding(
+        d["feature"], d["label"], d["value"], d.get("unit", ""), float(d["contribution"]),
+        d.get("flag", ""),
+    )
+
+
+def _diagnosis(d: Mapping[str, Any]) -> Diagnosis:
+    return Diagnosis(
+        differential=tuple(
+            Candidate(
+                int(c["rank"]), c["name"], float(c["probability"]),
+                tuple(_finding(f) for f in c.get("findings", [])),
+            )
+            for c in d["differential"]
+        ),
+        model_hash=d["model_hash"],
+        model_round=int(d["model_round"]),
+        unknown_terms=tuple(d.get("unknown_terms", [])),
+        mapped_terms={k: tuple(v) for k, v in d.get("mapped_terms", {}).items()},
+        imputed=tuple(d.get("imputed", [])),
+        disclaimer=d.get("disclaimer", ""),
+    )
+
+
+def _network(d: Mapping[str, Any]) -> Network:
+    nodes = tuple(
+        NetworkNode(
+            n["peer_id"], n.get("name", "?"), n.get("role", "?"), n.get("reachable"),
+            int(n.get("msgs_out", 0)), int(n.get("bytes_out", 0)), int(n.get("msgs_in", 0)),
+            int(n.get("bytes_in", 0)), int(n.get("dropped", 0)), n.get("last_seen"),
+        )
+        for n in d.get("nodes", [])
+    )
+    edges = tuple(
+        NetworkEdge(e["from"], e["to"], int(e.get("messages", 0))) for e in d.get("edges", [])
+    )
+    return Network(
+        d.get("source", "?"), nodes, edges, dict(d.get("messages_by_type", {})),
+        dict(d.get("topology", {})),
+    )
+
+
+def _entry(d: Mapping[str, Any]) -> AuditEntry:
+    return AuditEntry(
+        int(d["seq"]), float(d["at"]), d["actor"], d["event"], int(d["round"]), d["subject"],
+        d.get("body", {}), d["signature"], d["prev_hash"], d["entry_hash"], d["writer"],
+        d["writer_signature"],
+    )
+
+
+def _model(d: Mapping[str, Any]) -> ModelInfo:
+    return ModelInfo(
+        d["model_hash"], int(d["round"]), d.get("parent_hash"), int(d["n_features"]),
+        int(d["n_classes"]), d.get("provenance", {}), float(d["created_at"]),
+        bool(d.get("active", False)), d.get("round_metrics"),
+    )
+
+
+def _error(resp: httpx.Response) -> ApiError:
+    try:
+        doc = resp.json()
+    except ValueError:
+        doc = None
+    detail = doc.get("detail") if isinstance(doc, dict) else None
+    status = resp.status_code
+    if status == 422 and isinstance(detail, list) and detail:
+        first = detail[0] if isinstance(detail[0], dict) else {}
+        loc = [str(p) for p in first.get("loc", [])]
+        field = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path", "header")
+                         else loc)
+        return ValidationFailed(status, str(first.get("msg", "invalid request")), field, detail)
+    message = detail if isinstance(detail, str) else (resp.text[:500] or resp.reason_phrase)
+    if status == 404:
+        return NotFound(status, message)
+    if status == 503:
+        return Unavailable(status, message)
+    return ApiError(status, message)
+
+
+def _check(resp: httpx.Response) -> Any:
+    if resp.status_code >= 400:
+        raise _error(resp)
+    return resp.json()
+
+
+class _SseParser:
+    """Incremental Server-Sent Events parser (WHATWG rules: comments, multi-line data, id)."""
+
+    def __init__(self) -> None:
+        self.last_id: str | None = None
+        self._kind = ""
+        self._data: list[str] = []
+
+    def feed(self, raw: str) -> Event | None:
+        line = raw.rstrip("\r\n")
+        if not line:
+            out = None
+            if self._data:
+                out = Event(self.last_id, self._kind or "message", "\n".join(self._data))
+            self._kind, self._data = "", []
+            return out
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._kind = value
+        elif name == "id" and "\0" not in value:
+            self.last_id = value
+        return None
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[Event]:
+    """Server-Sent Events from text lines, yielded as each blank line completes one."""
+    parser = _SseParser()
+    for line in lines:
+        ev = parser.feed(line)
+        if ev is not None:
+            yield ev
+
+
+def _diagnose_body(
+    symptoms: Iterable[str],
+    biomarkers: Mapping[str, Any] | None,
+    genes: Iterable[str],
+    age: float | None,
+    sex: str | None,
+) -> dict[str, Any]:
+    markers: dict[str, Any] = {}
+    for name, m in (biomarkers or {}).items():
+        if isinstance(m, Mapping):
+            markers[name] = {"value": m["value"], "unit": m["unit"]}
+        else:  # (value, unit) pair
+            value, unit = m
+            markers[name] = {"value": value, "unit": unit}
+    body: dict[str, Any] = {"symptoms": list(symptoms), "biomarkers": markers,
+                            "genes": list(genes)}
+    if age is not None:
+        body["age"] = age
+    if sex is not None:
+        body["sex"] = sex
+    return body
+
+
+def _audit_params(
+    after_seq: int, limit: int, event: str | None, round_: int | None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"after_seq": after_seq, "limit": limit}
+    if event is not None:
+        params["event"] = event
+    if round_ is not None:
+        params["round"] = round_
+    return params
+
+
+_RETRY_STATUS = frozenset({502, 503, 504})
+
+
+def _delay(attempt: int, backoff: float) -> float:
+    return float(backoff * (2**attempt))
+
+
+# ------------------------------------------------------------------------------------ Client
+
+
+class Client:
+    """Synchronous SDK. ``transport`` (e.g. ``httpx.MockTransport``) replaces the network."""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 10.0,
+        retries: int = 3,
+        transport: httpx.BaseTransport | None = None,
+        backoff: float = 0.1,
+    ) -> None:
+        self.retries = max(retries, 0)
+        self.backoff = backoff
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        """GET with retries on connection errors and 502/503/504 (GETs are idempotent)."""
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(_delay(attempt - 1, self.backoff))
+            try:
+                resp = self._http.get(path, params=params)
+            except httpx.TransportError as exc:
+                last = exc
+                continue
+            if resp.status_code in _RETRY_STATUS and attempt < self.retries:
+                last = _error(resp)
+                continue
+            return _check(resp)
+        if isinstance(last, ApiError):
+            raise last
+        raise Unavailable(0, f"{path}: {type(last).__name__}: {last}")
+
+    def _post(self, path: str, body: Mapping[str, Any]) -> Any:
+        """POST once: never retried, so a request is never applied twice."""
+        try:
+            resp = self._http.post(path, json=body)
+        except httpx.TransportError as exc:
+            raise Unavailable(0, f"{path}: {type(exc).__name__}: {exc}") from exc
+        return _check(resp)
+
+    def diagnose(
+        self,
+        symptoms: Iterable[str] = (),
+        biomarkers: Mapping[str, Any] | None = None,
+        genes: Iterable[str] = (),
+        age: float | None = None,
+        sex: str | None = None,
+    ) -> Diagnosis:
+        """Ranked differential; biomarkers as ``{name: {"value", "unit"}}`` or ``(value, unit)``."""
+        return _diagnosis(self._post("/diagnose", _diagnose_body(symptoms, biomarkers, genes,
+                                                                 age, sex)))
+
+    def network(self) -> Network:
+        return _network(self._get("/network"))
+
+    def audit(
+        self, after_seq: int = 0, limit: int = 100, event: str | None = None,
+        round: int | None = None,
+    ) -> AuditPage:
+        d = self._get("/audit", _audit_params(after_seq, limit, event, round))
+        return AuditPage(tuple(_entry(e) for e in d["entries"]), int(d["next_after_seq"]),
+                         bool(d["has_more"]))
+
+    def verify_audit(self) -> VerifyResult:
+        d = self._get("/audit/verify")
+        return VerifyResult(d["ok"], d["entries"], d["head_hash"], d.get("broken_seq"),
+                            d.get("problem", ""), bool(d.get("signers_checked", False)))
+
+    def rounds(self) -> list[RoundInfo]:
+        return [RoundInfo(r["round"], r["metrics"], r.get("model_hash"), r.get("closed_at"))
+                for r in self._get("/rounds")]
+
+    def models(self) -> list[ModelInfo]:
+        return [_model(m) for m in self._get("/models")]
+
+    def model(self, model_hash: str) -> ModelInfo:
+        return _model(self._get(f"/models/{model_hash}"))
+
+    def events(
+        self, last_event_id: int | str | None = None, max_events: int | None = None
+    ) -> Iterator[Event]:
+        """The live audit feed; iterate it (it blocks for new events). Not retried."""
+        headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+        params = {} if max_events is None else {"max_events": max_events}
+        try:
+            with self._http.stream("GET", "/events", headers=headers, params=params,
+                                   timeout=httpx.Timeout(10.0, read=None)) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise _error(resp)
+                yield from parse_sse(resp.iter_lines())
+        except httpx.TransportError as exc:
+            raise Unavailable(0, f"/events: {type(exc).__name__}: {exc}") from exc
+
+    def health(self) -> bool:
+        return bool(self._get("/health").get("status") == "ok")
+
+    def ready(self) -> ReadyState:
+        """Readiness without raising on 503 (not ready is an answer here, not an error)."""
+        try:
+            resp = self._http.get("/ready")
+        except httpx.TransportError as exc:
+            raise Unavailable(0, f"/ready: {type(exc).__name__}: {exc}") from exc
+        return _ready(resp)
+
+
+def _ready(resp: httpx.Response) -> ReadyState:
+    if resp.status_code not in (200, 503):
+        raise _error(resp)
+    try:
+        d = resp.json()
+    except ValueError:
+        raise _error(resp) from None
+    return ReadyState(bool(d.get("ready")), d.get("model_hash"), d.get("model_round"),
+                      tuple(d.get("problems", [])))
+
+
+# ------------------------------------------------------------------------------- AsyncClient
+
+
+class AsyncClient:
+    """Asynchronous SDK with the same methods as :class:`Client` (``await`` them)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 10.0,
+        retries: int = 3,
+        transport: httpx.AsyncBaseTransport | None = None,
+        backoff: float = 0.1,
+    ) -> None:
+        self.retries = max(retries, 0)
+        self.backoff = backoff
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def _get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(_delay(attempt - 1, self.backoff))
+            try:
+                resp = await self._http.get(path, params=params)
+            except httpx.TransportError as exc:
+                last = exc
+                continue
+            if resp.status_code in _RETRY_STATUS and attempt < self.retries:
+                last = _error(resp)
+                continue
+            return _check(resp)
+        if isinstance(last, ApiError):
+            raise last
+        raise Unavailable(0, f"{path}: {type(last).__name__}: {last}")
+
+    async def _post(self, path: str, body: Mapping[str, Any]) -> Any:
+        try:
+            resp = await self._http.post(path, json=body)
+        except httpx.TransportError as exc:
+            raise Unavailable(0, f"{path}: {type(exc).__name__}: {exc}") from exc
+        return _check(resp)
+
+    async def diagnose(
+        self,
+        symptoms: Iterable[str] = (),
+        biomarkers: Mapping[str, Any] | None = None,
+        genes: Iterable[str] = (),
+        age: float | None = None,
+        sex: str | None = None,
+    ) -> Diagnosis:
+        body = _diagnose_body(symptoms, biomarkers, genes, age, sex)
+        return _diagnosis(await self._post("/diagnose", body))
+
+    async def network(self) -> Network:
+        return _network(await self._get("/network"))
+
+    async def audit(
+        self, after_seq: int = 0, limit: int = 100, event: str | None = None,
+        round: int | None = None,
+    ) -> AuditPage:
+        d = await self._get("/audit", _audit_params(after_seq, limit, event, round))
+        return AuditPage(tuple(_entry(e) for e in d["entries"]), int(d["next_after_seq"]),
+                         bool(d["has_more"]))
+
+    async def verify_audit(self) -> VerifyResult:
+        d = await self._get("/audit/verify")
+        return VerifyResult(d["ok"], d["entries"], d["head_hash"], d.get("broken_seq"),
+                            d.get("problem", ""), bool(d.get("signers_checked", False)))
+
+    async def rounds(self) -> list[RoundInfo]:
+        return [RoundInfo(r["round"], r["metrics"], r.get("model_hash"), r.get("closed_at"))
+                for r in await self._get("/rounds")]
+
+    async def models(self) -> list[ModelInfo]:
+        return [_model(m) for m in await self._get("/models")]
+
+    async def model(self, model_hash: str) -> ModelInfo:
+        return _model(await self._get(f"/models/{model_hash}"))
+
+    async def events(
+        self, last_event_id: int | str | None = None, max_events: int | None = None
+    ) -> AsyncIterator[Event]:
+        headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+        params = {} if max_events is None else {"max_events": max_events}
+        try:
+            async with self._http.stream("GET", "/events", headers=headers, params=params,
+                                         timeout=httpx.Timeout(10.0, read=None)) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise _error(resp)
+                parser = _SseParser()
+                async for line in resp.aiter_lines():
+                    ev = parser.feed(line)
+                    if ev is not None:
+                        yield ev
+        except httpx.TransportError as exc:
+            raise Unavailable(0, f"/events: {type(exc).__name__}: {exc}") from exc
+
+    async def health(self) -> bool:
+        return bool((await self._get("/health")).get("status") == "ok")
+
+    async def ready(self) -> ReadyState:
+        try:
+            resp = await self._http.get("/ready")
+        except httpx.TransportError as exc:
+            raise Unavailable(0, f"/ready: {type(exc).__name__}: {exc}") from exc
+        return _ready(resp)
+
