@@ -25,16 +25,17 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from medimesh.audit import AuditEntry
 from medimesh.data import cohort
 from medimesh.diagnosis import (
+    UNIT_CONVERSIONS,
     DiagnosisEngine,
     Measurement,
     PatientRequest,
@@ -231,6 +232,19 @@ class OracleState:
 
 # ---------------------------------------------------------------------------- request models
 
+_ERR: dict[str, Any] = {
+    "description": "Error with a human-readable detail",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"detail": {}},
+                "required": ["detail"],
+            }
+        }
+    },
+}
+
 Term = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
 
 
@@ -240,6 +254,36 @@ class BiomarkerIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: float = Field(ge=0.0, le=1e9, allow_inf_nan=False)
     unit: str = Field(min_length=1, max_length=32)
+
+
+def _biomarkers_model() -> type[BaseModel]:
+    """One optional field per panel biomarker, each with the units it may be reported in.
+
+    The OpenAPI schema then says exactly what the engine accepts, so a schema-valid request
+    is never refused for an unknown marker or unit (checked by schemathesis in the tests).
+    """
+    from medimesh.data.cohort import features
+
+    fields: dict[str, Any] = {}
+    for f in features():
+        if f.kind != "lognormal":
+            continue
+        units = (f.unit, *(given for (unit, given) in UNIT_CONVERSIONS if unit == f.unit))
+        marker = create_model(
+            f"Biomarker_{f.name}",
+            __config__=ConfigDict(extra="forbid"),
+            __doc__=f"{f.label}, in {' or '.join(units)}",
+            value=(float, Field(ge=0.0, le=1e9, allow_inf_nan=False)),
+            unit=(Literal[units], Field(description=f"canonical unit: {f.unit}")),  # type: ignore[arg-type]
+        )
+        fields[f.name] = (marker | None, None)
+    model: type[BaseModel] = create_model(
+        "Biomarkers", __config__=ConfigDict(extra="forbid"), **fields
+    )
+    return model
+
+
+Biomarkers = _biomarkers_model()
 
 
 class DiagnoseIn(BaseModel):
@@ -260,7 +304,7 @@ class DiagnoseIn(BaseModel):
         },
     )
     symptoms: list[Term] = Field(default_factory=list, max_length=256)
-    biomarkers: dict[Term, BiomarkerIn] = Field(default_factory=dict, max_length=64)
+    biomarkers: Biomarkers = Field(default_factory=Biomarkers)  # type: ignore[valid-type]
     genes: list[Term] = Field(default_factory=list, max_length=64)
     age: float | None = Field(default=None, ge=0.0, le=130.0, allow_inf_nan=False)
     sex: Literal["F", "M"] | None = None
@@ -268,7 +312,10 @@ class DiagnoseIn(BaseModel):
     def to_request(self) -> PatientRequest:
         return PatientRequest(
             symptoms=tuple(self.symptoms),
-            biomarkers={k: Measurement(v.value, v.unit) for k, v in self.biomarkers.items()},
+            biomarkers={
+                k: Measurement(float(v["value"]), str(v["unit"]))
+                for k, v in cast(BaseModel, self.biomarkers).model_dump(exclude_none=True).items()
+            },
             genes=tuple(self.genes),
             age=self.age,
             sex=self.sex,
@@ -426,7 +473,11 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
     async def _unavailable(_request: Request, exc: StoreUnavailable) -> JSONResponse:
         return JSONResponse({"detail": f"store unavailable: {exc}"}, status_code=503)
 
-    @app.post("/diagnose", summary="Ranked differential for one patient")
+    @app.post(
+        "/diagnose",
+        summary="Ranked differential for one patient",
+        responses={413: _ERR, 503: _ERR},
+    )
     async def diagnose(body: DiagnoseIn, request: Request) -> dict[str, Any]:
         state = await st(request)
         engine = state.engine  # read the reference once: one model answers the whole request
@@ -440,7 +491,9 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             ]
             return JSONResponse({"detail": detail}, status_code=422)  # type: ignore[return-value]
 
-    @app.get("/network", summary="Nodes and message counts, AXL-topology-shaped")
+    @app.get(
+        "/network", summary="Nodes and message counts, AXL-topology-shaped", responses={503: _ERR}
+    )
     async def network(request: Request) -> dict[str, Any]:
         state = await st(request)
         router_error = None
@@ -459,7 +512,7 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             out["router_error"] = router_error
         return out
 
-    @app.get("/audit", summary="Audit entries, keyset-paged by seq")
+    @app.get("/audit", summary="Audit entries, keyset-paged by seq", responses={503: _ERR})
     async def audit(
         request: Request,
         after_seq: Annotated[int, Query(ge=0, le=2**62)] = 0,
@@ -476,7 +529,9 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             "has_more": len(rows) > limit,
         }
 
-    @app.get("/audit/verify", summary="Recompute the hash chain and signatures")
+    @app.get(
+        "/audit/verify", summary="Recompute the hash chain and signatures", responses={503: _ERR}
+    )
     async def audit_verify(request: Request) -> dict[str, Any]:
         store = await (await st(request)).require_store()
         nodes = await store.nodes()
@@ -491,7 +546,7 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             "signers_checked": known is not None,
         }
 
-    @app.get("/rounds", summary="Closed rounds and their metrics")
+    @app.get("/rounds", summary="Closed rounds and their metrics", responses={503: _ERR})
     async def rounds(request: Request) -> list[dict[str, Any]]:
         store = await (await st(request)).require_store()
         return [
@@ -504,13 +559,17 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             for r in await store.rounds()
         ]
 
-    @app.get("/models", summary="Every stored global model (metadata)")
+    @app.get("/models", summary="Every stored global model (metadata)", responses={503: _ERR})
     async def models(request: Request) -> list[dict[str, Any]]:
         state = await st(request)
         active = state.engine.model_hash if state.engine is not None else None
         return [_model_dict(m, active) for m in await (await state.require_store()).models()]
 
-    @app.get("/models/{model_hash}", summary="One model's metadata and provenance")
+    @app.get(
+        "/models/{model_hash}",
+        summary="One model's metadata and provenance",
+        responses={404: _ERR, 503: _ERR},
+    )
     async def model(
         request: Request,
         model_hash: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")],
@@ -544,8 +603,11 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         if last_event_id is not None:
             if not last_event_id.strip().isdigit():
                 detail = [
-                    {"loc": ["header", "last-event-id"], "msg": "expected a sequence number",
-                     "type": "value_error"}
+                    {
+                        "loc": ["header", "last-event-id"],
+                        "msg": "expected a sequence number",
+                        "type": "value_error",
+                    }
                 ]
                 return JSONResponse({"detail": detail}, status_code=422)  # type: ignore[return-value]
             start = int(last_event_id)
@@ -579,7 +641,7 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", summary="A model is loaded and the store answers")
+    @app.get("/ready", summary="A model is loaded and the store answers", responses={503: _ERR})
     async def ready(request: Request) -> JSONResponse:
         state = await st(request)
         problems: list[str] = []
