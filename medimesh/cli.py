@@ -352,7 +352,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         def say(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
-        result = run_byzantine(cfg, args.malicious, None if args.json else say)
+        result = run_byzantine(cfg, args.malicious, say)  # progress on stderr, JSON on stdout
     elif args.bench == "oracle":
         from medimesh.bench.oracle import run_oracle_bench
 

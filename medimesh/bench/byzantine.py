@@ -18,6 +18,7 @@ import numpy as np
 
 from medimesh.adversary import EXPECTED_REASON, PROTOCOL_ATTACKS
 from medimesh.aggregation import DEFAULT
+from medimesh.errors import QuorumNotReached
 
 __all__ = ["RULES", "STATISTICAL", "run_byzantine"]
 
@@ -48,6 +49,9 @@ def _run(cfg: Any, rule: str, attack: str | None, malicious: int) -> dict[str, A
         history = fed.run()
         entries = fed.audit_entries()
         ids = {fed.identities[n].peer_id: n for n in names}
+    except QuorumNotReached as exc:  # the attack stalled training: that is a result too
+        return {"top1": 0.0, "failed": str(exc), "honest_rejected": 0, "honest_updates": 0,
+                "malicious_caught": 0, "malicious_updates": 0, "rounds": 0}
     finally:
         fed.shutdown()
     verdicts = [e.body for e in entries if e.event == "verdict"]
@@ -70,7 +74,7 @@ def _protocol(cfg: Any, attack: str) -> dict[str, Any]:
     names = [d.name for d in site_descriptors(cfg)]
     rounds = 4
     run_cfg = dataclasses.replace(
-        cfg, rounds=rounds, round_timeout_s=1.5, behaviours=((names[-1], attack),)
+        cfg, rounds=rounds, round_timeout_s=5.0, behaviours=((names[-1], attack),)
     )
     fed = Consortium(run_cfg)
     try:
@@ -106,18 +110,22 @@ def _protocol(cfg: Any, attack: str) -> dict[str, Any]:
     }
 
 
-def run_byzantine(cfg: Any, malicious: int, progress: Any = None) -> dict[str, Any]:
+def run_byzantine(cfg: Any, malicious: int, progress: Any) -> dict[str, Any]:
+    """``progress(line)`` is called after every run (the full matrix takes minutes)."""
     t0 = time.perf_counter()
     table: dict[str, dict[str, Any]] = {}
     for rule in RULES:
         row: dict[str, Any] = {"clean": _run(cfg, rule, None, 0)}
         for attack in STATISTICAL:
             row[attack] = _run(cfg, rule, attack, malicious)
-            if progress is not None:
-                progress(f"{rule:>18} {attack:<15} top1 {row[attack]['top1']:.3f} "
-                         f"(clean {row['clean']['top1']:.3f})")
+            progress(f"{rule:>18} {attack:<15} top1 {row[attack]['top1']:.3f} "
+                     f"(clean {row['clean']['top1']:.3f})")
         table[rule] = row
-    protocol = {a: _protocol(cfg, a) for a in PROTOCOL_ATTACKS}
+    protocol = {}
+    for a in PROTOCOL_ATTACKS:
+        protocol[a] = _protocol(cfg, a)
+        progress(f"protocol {a:<20} refused {protocol[a]['refused_with_reason']}/"
+                 f"{protocol[a]['malicious_messages']} ({protocol[a]['reason']})")
     default = table["default"]
     clean = default["clean"]["top1"]
     worst_drop = max(clean - default[a]["top1"] for a in STATISTICAL)
