@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -74,3 +78,48 @@ def live_oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     uv.should_exit = True
     thread.join(timeout=10)
     server.cleanup()
+
+
+# ----------------------------------------------------------------------- PostgreSQL (pgserver)
+
+
+def _start_pg(path: Path) -> Any:
+    """Start pgserver in ``path``; skip only if it truly cannot start, never under CI."""
+    from medimesh.store import embedded_server
+
+    try:
+        return embedded_server(path)
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        if os.environ.get("CI"):
+            pytest.fail(f"embedded PostgreSQL did not start: {exc!r}")
+        pytest.skip(f"embedded PostgreSQL did not start: {exc!r}")
+
+
+@pytest.fixture(scope="session")
+def start_pg() -> Callable[[Path], Any]:
+    """The starter itself, for tests that stop and restart their own server."""
+    return _start_pg
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One embedded PostgreSQL for the session; tests get their own databases on it."""
+    server = _start_pg(tmp_path_factory.mktemp("pg") / "data")
+    yield server
+    server.cleanup()
+
+
+async def _create_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def url(pg: Any) -> str:
+    """A fresh, empty database on the session's server."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_create_database(pg.get_uri(), name))
+    return str(pg.get_uri(name))

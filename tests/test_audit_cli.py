@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -26,7 +26,7 @@ from medimesh.audit import sign_event
 from medimesh.bench.audit import run_audit_bench
 from medimesh.identity import Identity, Member, Roster
 from medimesh.model import Model, model_hash
-from medimesh.store import DATA_DIR_ENV, DATABASE_URL_ENV, embedded_server
+from medimesh.store import DATA_DIR_ENV, DATABASE_URL_ENV
 
 if TYPE_CHECKING:
     from pgserver.postgres_server import PostgresServer
@@ -51,23 +51,6 @@ sys.exit(code)
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-def start_server(path: Path) -> PostgresServer:
-    """Start pgserver; skip only if it truly cannot start, and never skip under CI."""
-    try:
-        return embedded_server(path)
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        if os.environ.get("CI"):
-            pytest.fail(f"embedded PostgreSQL did not start: {exc!r}")
-        pytest.skip(f"embedded PostgreSQL did not start: {exc!r}")
-
-
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = start_server(tmp_path_factory.mktemp("audit-cli") / "pg")
-    yield server
-    server.cleanup()
 
 
 async def _execute(url: str, *statements: str) -> None:

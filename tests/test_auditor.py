@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import asyncpg
 import numpy as np
 import pytest
 
@@ -23,48 +20,16 @@ from medimesh.audit import AuditEvent, sign_event
 from medimesh.errors import ConfigError
 from medimesh.identity import Identity, Member, Roster
 from medimesh.model import Model, model_hash
-from medimesh.store import Store, StoreBackpressure, StoreError, embedded_server
+from medimesh.store import Store, StoreBackpressure, StoreError
 
 if TYPE_CHECKING:
-    from pgserver.postgres_server import PostgresServer
+    pass
 
 T = TypeVar("T")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-def start_server(path: Path) -> PostgresServer:
-    """Start pgserver; skip only if it truly cannot start, and never skip under CI."""
-    try:
-        return embedded_server(path)
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        if os.environ.get("CI"):
-            pytest.fail(f"embedded PostgreSQL did not start: {exc!r}")
-        pytest.skip(f"embedded PostgreSQL did not start: {exc!r}")
-
-
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = start_server(tmp_path_factory.mktemp("auditor") / "pg")
-    yield server
-    server.cleanup()
-
-
-async def _create_database(admin_url: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def url(pg: PostgresServer) -> str:
-    name = f"a_{uuid.uuid4().hex[:12]}"
-    run(_create_database(pg.get_uri(), name))
-    return str(pg.get_uri(name))
 
 
 class Consortium:
@@ -261,10 +226,10 @@ def test_records_round_trip(fed: Consortium, url: str) -> None:
 
 
 def test_database_outage_buffers_then_delivers_exactly_once(
-    fed: Consortium, tmp_path: Path
+    fed: Consortium, tmp_path: Path, start_pg: Any
 ) -> None:
     data_dir = tmp_path / "pg"
-    server = start_server(data_dir)
+    server = start_pg(data_dir)
     uri = str(server.get_uri())
     aud = fed.make(uri)
     try:
@@ -289,7 +254,7 @@ def test_database_outage_buffers_then_delivers_exactly_once(
         assert [r["round"] for r in aud.rounds()] == [2]
         assert not aud.flush(timeout_s=0.3)
 
-        server = start_server(data_dir)
+        server = start_pg(data_dir)
         assert aud.append(fed.events(5, start=40)) == 45
         assert aud.flush(timeout_s=10)
         assert aud.backlog() == 0
@@ -302,7 +267,7 @@ def test_database_outage_buffers_then_delivers_exactly_once(
         aud.close()
         server.cleanup()
 
-    again_server = start_server(data_dir)
+    again_server = start_pg(data_dir)
     try:
 
         async def counts() -> tuple[int, int, int]:
@@ -318,9 +283,11 @@ def test_database_outage_buffers_then_delivers_exactly_once(
         again_server.cleanup()
 
 
-def test_backpressure_rewinds_and_never_drops(fed: Consortium, tmp_path: Path) -> None:
+def test_backpressure_rewinds_and_never_drops(
+    fed: Consortium, tmp_path: Path, start_pg: Any
+) -> None:
     data_dir = tmp_path / "pg"
-    server = start_server(data_dir)
+    server = start_pg(data_dir)
     aud = fed.make(str(server.get_uri()), max_buffer=10)
     try:
         aud.append(fed.events(2))
@@ -331,7 +298,7 @@ def test_backpressure_rewinds_and_never_drops(fed: Consortium, tmp_path: Path) -
         with pytest.raises(StoreBackpressure, match="buffer full"):
             aud.append(refused)
         assert aud.head()[0] == 10 and aud.backlog() == 8  # chain rewound, nothing half-kept
-        server = start_server(data_dir)
+        server = start_pg(data_dir)
         assert aud.append(refused) == 15  # the caller's retry goes through
         assert aud.flush(timeout_s=10)
         report = aud.verify()

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import asyncpg
 import httpx
 import numpy as np
 import pytest
@@ -26,10 +22,10 @@ from medimesh.audit import AuditChain, sign_event
 from medimesh.bench.oracle import publish_model, train_quick_model
 from medimesh.identity import Identity, Member
 from medimesh.model import Model
-from medimesh.store import Store, embedded_server
+from medimesh.store import Store
 
 if TYPE_CHECKING:
-    from pgserver.postgres_server import PostgresServer
+    pass
 
 T = TypeVar("T")
 Models = tuple[Model, Model, np.ndarray, np.ndarray]
@@ -37,38 +33,6 @@ Models = tuple[Model, Model, np.ndarray, np.ndarray]
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-def start_server(path: Path) -> PostgresServer:
-    """Start pgserver; skip only if it truly cannot start, and never skip under CI."""
-    try:
-        return embedded_server(path)
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        if os.environ.get("CI"):
-            pytest.fail(f"embedded PostgreSQL did not start: {exc!r}")
-        pytest.skip(f"embedded PostgreSQL did not start: {exc!r}")
-
-
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = start_server(tmp_path_factory.mktemp("oracle") / "pg")
-    yield server
-    server.cleanup()
-
-
-async def _create_database(admin_url: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def url(pg: PostgresServer) -> str:
-    name = f"o_{uuid.uuid4().hex[:12]}"
-    run(_create_database(pg.get_uri(), name))
-    return str(pg.get_uri(name))
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import uuid
 from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,7 +32,6 @@ from medimesh.store import (
     StoreError,
     StoreUnavailable,
     database_url,
-    embedded_server,
     verify,
 )
 
@@ -46,39 +43,6 @@ T = TypeVar("T")
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-def start_server(path: Path) -> PostgresServer:
-    """Start pgserver; skip only if it truly cannot start, and never skip under CI."""
-    try:
-        return embedded_server(path)
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        if os.environ.get("CI"):
-            pytest.fail(f"embedded PostgreSQL did not start: {exc!r}")
-        pytest.skip(f"embedded PostgreSQL did not start: {exc!r}")
-
-
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = start_server(tmp_path_factory.mktemp("store") / "pg")
-    yield server
-    server.cleanup()
-
-
-async def _create_database(admin_url: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def url(pg: PostgresServer) -> str:
-    """A fresh, empty database on the module's server."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    run(_create_database(pg.get_uri(), name))
-    return str(pg.get_uri(name))
 
 
 @pytest.fixture(scope="module")
@@ -367,10 +331,10 @@ def healthy(sink: BufferedSink) -> bool:
 
 
 def test_buffered_sink_survives_a_database_outage(
-    tmp_path: Path, writer: Identity, actor: Identity, signers: set[str]
+    tmp_path: Path, writer: Identity, actor: Identity, signers: set[str], start_pg: Any
 ) -> None:
     data_dir = tmp_path / "pg"
-    server = start_server(data_dir)
+    server = start_pg(data_dir)
     chain = AuditChain(writer)
     batches = [make_entries(chain, actor, 5, start=5 * i) for i in range(10)]
     try:
@@ -386,7 +350,7 @@ def test_buffered_sink_survives_a_database_outage(
         assert not healthy(sink)
         assert not sink.flush(timeout=0.3, interval=0.1)
 
-        server = start_server(data_dir)
+        server = start_pg(data_dir)
         sink.write(batches[8])  # retries the buffer first, then writes this batch
         sink.write(batches[9])
         assert sink.flush(timeout=10)
