@@ -42,7 +42,13 @@ from medimesh.rounds import (
 )
 from medimesh.wire import open_envelope
 
-__all__ = ["Coordinator", "CoordinatorConfig"]
+__all__ = ["STATISTICAL_REASONS", "Coordinator", "CoordinatorConfig"]
+
+# Verdict reasons from the validator's cross-update scoring (not protocol refusals).
+STATISTICAL_REASONS = frozenset(
+    {"norm_outlier", "direction_outlier", "distance_outlier", "free_rider", "near_duplicate",
+     "quarantined"}
+)
 
 log = structlog.get_logger("medimesh.coordinator")
 
@@ -357,9 +363,15 @@ class Coordinator(Node):
         cfg = self._cfg
         server = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         n = len(state.accepted())
-        f = min(cfg.n_byzantine, max((n - 1) // 2, 0))
+        # Sites the validator already removed this round no longer need to be tolerated.
+        caught = sum(c for r, c in state.rejection_reasons().items() if r in STATISTICAL_REASONS)
+        f = min(max(cfg.n_byzantine - caught, 0), max((n - 1) // 2, 0))
         try:
-            rule = make_aggregator(cfg.aggregator, f)
+            rule = (
+                make_aggregator(cfg.aggregator, trim=0)
+                if cfg.n_byzantine > 0 and f == 0 and cfg.aggregator == "clipped_trimmed_mean"
+                else make_aggregator(cfg.aggregator, f)
+            )
             return close_round(state, rule, server, self._velocity)
         except ConfigError as exc:
             state.closed = False

@@ -31,6 +31,8 @@ DEADLINE_GRACE = 0.1  # fraction of the round timeout kept for the coordinator t
 # runs honest hospitals were never flagged (0 of 200 clean updates), while sign-flippers slip
 # through once late rounds make honest updates near-orthogonal (docs/byzantine.md).
 QUARANTINE_STRIKES = 1
+# Median cosine of the round's updates to the last step below which direction is not judged.
+CONSENSUS_MIN = 0.2
 
 
 class Validator(Node):
@@ -146,14 +148,27 @@ class Validator(Node):
             vecs = {dig: flatten(u.delta_w, u.delta_b) for dig, u in clean}
             weights = {dig: float(max(u.n_examples, 1)) for dig, u in clean}
             scored = score_round(vecs, weights, self._reference)
+        # A direction outlier is evidence only when the round has a direction: late in training
+        # honest non-IID updates are near-orthogonal and one of them may point "against" the
+        # last step by chance (seen on the heart centers).
+        cosines = [sc.cosine for sc in scored.values()]
+        consensus = float(np.median(cosines)) if cosines else 0.0
         out = []
         for d in batch:
             if d.accepted:
                 s = scored.get(d.digest)
                 if s is not None:
-                    extra = {"norm_z": s.norm_z, "cosine": s.cosine, "distance_z": s.distance_z}
+                    reasons = s.reasons
+                    if consensus < CONSENSUS_MIN:
+                        reasons = tuple(r for r in reasons if r != "direction_outlier")
+                    extra = {
+                        "norm_z": s.norm_z,
+                        "cosine": s.cosine,
+                        "distance_z": s.distance_z,
+                        "consensus": consensus,
+                    }
                     d = dataclasses.replace(
-                        d, accepted=s.accepted, reasons=s.reasons, scores={**d.scores, **extra}
+                        d, accepted=not reasons, reasons=reasons, scores={**d.scores, **extra}
                     )
                 d = self._reputation(d)
                 self._audit_verdict(d)

@@ -299,10 +299,13 @@ def clipped_trimmed_mean(
 ) -> Aggregator:
     """Norm clipping at ``tau`` (default the round's median norm), then trimmed mean.
 
-    Same requirements as :func:`trimmed_mean`. This is the :data:`DEFAULT` rule.
+    Same requirements as :func:`trimmed_mean`. This is the :data:`DEFAULT` rule. With
+    ``trim=0`` (nothing left to trim: the coordinator passes it once the validator has removed
+    as many sites as were assumed Byzantine) it is the example-weighted mean of the clipped
+    updates, so a large honest hospital again counts for more than a small one.
     """
     _check_tau(tau)
-    tm = trimmed_mean(beta, trim)
+    tm = fedavg if trim == 0 else trimmed_mean(beta, trim)
 
     def clipped_trimmed_mean_rule(
         updates: Sequence[np.ndarray], weights: Sequence[float]
