@@ -42,11 +42,15 @@ class RouterTransport:
         """
         self._pending.append(self._router.send.remote(envelope))
 
-    def failures(self) -> list[str]:
-        """Errors the router answered to earlier posts (AXL's 502 and refusals), oldest first."""
+    def failures(self, batch: int = 8) -> list[str]:
+        """Errors the router answered to earlier posts (AXL's 502 and refusals), oldest first.
+
+        Checked once ``batch`` answers are outstanding (``batch=1``: every time), since asking
+        Ray costs more than a post; a refusal is reported at most a few rounds late.
+        """
         import ray
 
-        if not self._pending:
+        if len(self._pending) < batch:
             return []
         done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
         errors = []

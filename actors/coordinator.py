@@ -215,13 +215,15 @@ class Coordinator(Node):
     def _checkpoint(self) -> None:
         """Persist what a restarted coordinator needs to continue at the next round."""
         assert self._standardizer is not None
+        # Arrays travel as arrays (cheap for Ray); the auditor makes them JSON for the store,
+        # off the coordinator's critical path.
         state = {
             "round": self._round,
             "committed": self._committed,
-            "mean": self._standardizer.mean.tolist(),
-            "std": self._standardizer.std.tolist(),
-            "prior": np.asarray(self._prior).tolist(),
-            "velocity": None if self._velocity is None else self._velocity.tolist(),
+            "mean": self._standardizer.mean,
+            "std": self._standardizer.std,
+            "prior": np.asarray(self._prior),
+            "velocity": self._velocity,
             "pending": {str(k): v for k, v in self._pending.items()},
         }
         self._auditor.save_checkpoint.remote(self._round, state, self._model_hash)

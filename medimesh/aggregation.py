@@ -159,9 +159,12 @@ def trimmed_mean(beta: float = 0.2, trim: int | None = None) -> Aggregator:
     return trimmed_mean_rule
 
 
-def _sq_distances(x: np.ndarray) -> np.ndarray:
-    diff = x[:, None, :] - x[None, :, :]
-    return np.asarray(np.einsum("ijk,ijk->ij", diff, diff))
+def pairwise_sq_distances(x: np.ndarray) -> np.ndarray:
+    """Squared distances between rows via the Gram matrix: no n x n x d temporary."""
+    sq = np.einsum("ij,ij->i", x, x)
+    out = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    np.fill_diagonal(out, 0.0)
+    return np.asarray(np.maximum(out, 0.0))
 
 
 def multi_krum(f: int | None = None, m: int | None = None) -> Aggregator:
@@ -187,7 +190,7 @@ def multi_krum(f: int | None = None, m: int | None = None) -> Aggregator:
         mm = n - ff if m is None else m
         if mm > n - ff:
             raise ConfigError(f"multi-krum selects m = {mm} > n - f = {n - ff} updates")
-        d = _sq_distances(x)
+        d = pairwise_sq_distances(x)
         # Row i without its own zero distance; sorted, so the score is order-independent.
         near = np.sort(d + np.diag(np.full(n, np.inf)), axis=1)[:, : n - ff - 2]
         scores = near.sum(axis=1)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medimesh.aggregation import pairwise_sq_distances
 from medimesh.errors import ConfigError
 
 __all__ = ["SCORE_REASONS", "RoundScore", "score_round"]
@@ -155,7 +156,7 @@ def score_round(
         small = m < small_n
         zcut = 2 * z_max if small else z_max
         ccut = min(cos_min, -0.5) if small else cos_min
-        pair = np.sqrt(np.maximum(_pairwise_sq(x[active]), 0.0))
+        pair = np.sqrt(np.maximum(pairwise_sq_distances(x[active]), 0.0))
         typical = float(np.median(pair[np.triu_indices(m, 1)]))
         np.fill_diagonal(pair, np.inf)
         cos_z = np.full(n, nan)
@@ -183,8 +184,3 @@ def score_round(
         )
         for i, k in enumerate(names)
     }
-
-
-def _pairwise_sq(x: np.ndarray) -> np.ndarray:
-    diff = x[:, None, :] - x[None, :, :]
-    return np.asarray(np.einsum("ijk,ijk->ij", diff, diff))
