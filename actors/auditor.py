@@ -27,7 +27,6 @@ from medimesh.audit import (
     AuditEntry,
     AuditEvent,
     AuditSink,
-    ChainReport,
     JsonlSink,
     MemorySink,
     verify_chain,
@@ -179,16 +178,6 @@ async def _apply(store: Store, rec: _Record) -> None:
         await store.save_checkpoint(rec.round, rec.state, rec.model_hash)
 
 
-def _report(r: ChainReport) -> dict[str, Any]:
-    return {
-        "ok": r.ok,
-        "entries": r.entries,
-        "head_hash": r.head_hash,
-        "broken_seq": r.broken_seq,
-        "problem": r.problem,
-    }
-
-
 class Auditor:
     """Single writer of the trail, so the chain has one total order; also the record keeper."""
 
@@ -297,9 +286,9 @@ class Auditor:
         with self._lock:
             if self._pg is not None and self._buffered is not None:
                 if self._buffered.flush(timeout=0):
-                    return _report(self._pg.verify(known))  # also checks body vs canonical
-                return _report(verify_chain(self._buffered.entries(), known))
-            return _report(verify_chain(self._sink.entries(), known))
+                    return self._pg.verify(known).to_dict()  # also checks body vs canonical
+                return verify_chain(self._buffered.entries(), known).to_dict()
+            return verify_chain(self._sink.entries(), known).to_dict()
 
     # ------------------------------------------------------------------------------ records
 

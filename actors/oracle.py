@@ -537,14 +537,7 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         nodes = await store.nodes()
         known = {n.peer_id for n in nodes} or None
         r = await verify(store, known)
-        return {
-            "ok": r.ok,
-            "entries": r.entries,
-            "head_hash": r.head_hash,
-            "broken_seq": r.broken_seq,
-            "problem": r.problem,
-            "signers_checked": known is not None,
-        }
+        return {**r.to_dict(), "signers_checked": known is not None}
 
     @app.get("/rounds", summary="Closed rounds and their metrics", responses={503: _ERR})
     async def rounds(request: Request) -> list[dict[str, Any]]:

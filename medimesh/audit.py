@@ -174,6 +174,15 @@ class ChainReport:
     broken_seq: int | None = None
     problem: str = ""
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "entries": self.entries,
+            "head_hash": self.head_hash,
+            "broken_seq": self.broken_seq,
+            "problem": self.problem,
+        }
+
 
 def verify_chain(
     entries: Iterable[AuditEntry], known_signers: set[str] | None = None
