@@ -8,6 +8,7 @@ are all it receives.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,7 @@ class CoordinatorConfig:
     round_timeout_s: float = 30.0
     eval_timeout_s: float = 10.0
     setup_timeout_s: float = 60.0
+    pace_s: float = 0.0  # pause between rounds so people can watch a demo train
 
     def __post_init__(self) -> None:
         make_aggregator(self.aggregator, self.n_byzantine)  # unknown names fail here, early
@@ -207,6 +209,14 @@ class Coordinator(Node):
             "hospitals": len(self._setup),
             "n_train": int(sum(self._committed.values())),
             "initial_model": self._model_hash,
+            "baselines": {
+                self.roster.get(pid).name: {  # None, not NaN: audit bodies are strict JSON
+                    "top1": None if math.isnan(s.isolated_top1) else s.isolated_top1,
+                    "top3": None if math.isnan(s.isolated_top3) else s.isolated_top3,
+                    "n_test": s.n_test,
+                }
+                for pid, s in self._setup.items()
+            },
         }
         self.audit.record("setup_completed", 0, self._model_hash, summary)
         self.flush_audit()
@@ -280,7 +290,9 @@ class Coordinator(Node):
             raise ConfigError("run setup() before the first round")
         if rounds < 1:
             raise ConfigError("rounds must be at least 1")
-        for _ in range(rounds):
+        for i in range(rounds):
+            if i and self._cfg.pace_s > 0:
+                await asyncio.sleep(self._cfg.pace_s)
             await self._one_round()
         await self._final_evaluation()
         return self.metrics()

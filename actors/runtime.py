@@ -62,6 +62,7 @@ class RunConfig:
     csv_sites: tuple[tuple[str, str], ...] = ()
     test_fraction: float = 0.3
     skip_bad_rows: bool = False
+    pace_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -76,6 +77,8 @@ class RunConfig:
             raise ConfigError("the csv dataset needs --spec and at least one --site NAME=PATH")
         if not 0 <= self.test_fraction < 1:
             raise ConfigError("--test-fraction must be in [0, 1)")
+        if self.pace_s < 0:
+            raise ConfigError("--pace must be zero or positive seconds")
 
     @property
     def n_byzantine(self) -> int:
@@ -235,6 +238,7 @@ class Consortium:
             server_momentum=self.cfg.server_momentum,
             min_updates=self.cfg.quorum,
             round_timeout_s=self.cfg.round_timeout_s,
+            pace_s=self.cfg.pace_s,
         )
         self._coord_args = (seed["coordinator"].seed, roster_json, router, auditor, coord_cfg)
         coordinator = _actor(Coordinator, self._name("coordinator")).remote(*self._coord_args)

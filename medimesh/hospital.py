@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 from medimesh.errors import ConfigError
-from medimesh.features import Standardizer, local_stats, log_transform
+from medimesh.features import Standardizer, combine_stats, local_stats, log_transform
 from medimesh.model import (
     Model,
     TrainConfig,
     cross_entropy,
+    init_model,
     model_hash,
     predict_proba,
     smoothness,
@@ -32,7 +33,9 @@ from medimesh.protocol import (
 )
 from medimesh.sites import DatasetInfo, LocalData
 
-__all__ = ["HospitalNode", "clip_delta"]
+__all__ = ["ISOLATED_STEPS", "HospitalNode", "clip_delta"]
+
+ISOLATED_STEPS = 300
 
 
 def clip_delta(dw: np.ndarray, db: np.ndarray, max_norm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +85,35 @@ class HospitalNode:
             )
         self._spec_hash = msg.spec_hash
         s = local_stats(self._x_train_raw, self._y_train, k)
-        return SetupStats(msg.spec_hash, s.n_examples, s.count, s.total, s.total_sq, s.class_counts)
+        top1, top3 = self.isolated_baseline()
+        return SetupStats(
+            msg.spec_hash, s.n_examples, s.count, s.total, s.total_sq, s.class_counts,
+            top1, top3, self.n_test,
+        )
+
+    def isolated_baseline(self, steps: int = ISOLATED_STEPS) -> tuple[float, float]:
+        """Top-1/top-3 on this site's test rows of a model trained on this site alone.
+
+        What the hospital could reach without the consortium; the dashboard draws it as a
+        reference line. NaN when the site has no test rows.
+        """
+        if self.n_test == 0 or self.n_train == 0:
+            return float("nan"), float("nan")
+        k = len(self._info.class_names)
+        own, prior = combine_stats([local_stats(self._x_train_raw, self._y_train, k)])
+        mask = self._info.scale_mask
+        std = Standardizer(np.where(mask, own.mean, 0.0), np.where(mask, own.std, 1.0))
+        x_train = std.apply(self._x_train_raw).astype(np.float32)
+        x_test = std.apply(self._x_test_raw).astype(np.float32)
+        model = train_local(
+            init_model(x_train.shape[1], k, prior), x_train, self._y_train,
+            TrainConfig(epochs=steps),
+        )
+        proba = predict_proba(model, x_test)
+        return (
+            topk_correct(proba, self._y_test, 1) / self.n_test,
+            topk_correct(proba, self._y_test, 3) / self.n_test,
+        )
 
     def on_setup_result(self, msg: SetupResult) -> None:
         mask = self._info.scale_mask

@@ -190,6 +190,11 @@ class SetupStats(Message):
     total: np.ndarray
     total_sq: np.ndarray
     class_counts: np.ndarray
+    # The site's isolated model (own rows, own standardization) scored on its own test split:
+    # the reference line the consortium has to beat. Two scalars, no rows.
+    isolated_top1: float = float("nan")
+    isolated_top3: float = float("nan")
+    n_test: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,6 +67,37 @@ def test_audit_trail_records_every_step_and_verifies(run: dict[str, Any]) -> Non
     }
 
 
+def test_setup_reports_each_hospitals_isolated_baseline(run: dict[str, Any]) -> None:
+    """Each site scores its own-data model on its own test rows; two scalars reach the audit.
+
+    Cross-checked against the benchmark harness, which rebuilds the site outside the actor.
+    """
+    from medimesh.bench.baselines import fit_centralized, prepare, standardizer_for
+    from medimesh.hospital import ISOLATED_STEPS
+    from medimesh.metrics import evaluate
+    from medimesh.model import TrainConfig
+    from medimesh.sites import dataset_info
+
+    fed: Consortium = run["fed"]
+    (setup,) = [e for e in fed.audit_entries() if e.event == "setup_completed"]
+    baselines = setup.body["baselines"]
+    assert sorted(baselines) == sorted(d.name for d in fed.descriptors)
+    info = dataset_info(fed.descriptors[0].kind, fed.descriptors[0].params)
+    for d in fed.descriptors:
+        b = baselines[d.name]
+        assert set(b) == {"top1", "top3", "n_test"}, d.name
+        site = load_site(d)
+        std, prior = standardizer_for([site], info)
+        own = prepare(site, info, std)
+        model = fit_centralized(own.x_train, own.y_train, len(info.class_names), prior,
+                                TrainConfig(), ISOLATED_STEPS)
+        expected = evaluate(model, own.x_test, own.y_test)
+        assert b["n_test"] == expected["n"] > 0
+        one_row = 1.0 / b["n_test"]
+        assert abs(b["top1"] - expected["top1"]) <= one_row + 1e-9, d.name
+        assert abs(b["top3"] - expected["top3"]) <= one_row + 1e-9, d.name
+
+
 def test_no_patient_rows_or_labels_cross_the_router_or_reach_the_audit(
     run: dict[str, Any],
 ) -> None:
