@@ -28,6 +28,18 @@ Scores per update:
   ``duplicate_tol`` times the median pairwise distance. Honest sites train on different rows
   and never coincide; colluders sending one shared crafted vector (ALIE, IPM) do.
 
+- ``loo_cosine`` / ``opposes_others``: the cosine of an update to the mean of the *other*
+  updates (leave-one-out, so a suspect cannot bend its own reference), judged only when those
+  others agree with each other (median pairwise cosine >= ``loo_consensus``, 0.2). An update
+  below ``loo_cos_max`` (-0.2) then opposes a consensus it had no part in. This is the test
+  that works with few sites: with four heart centers a label-flipped or IPM site sits at
+  -0.3 in round 1 while the three honest ones agree (+0.2 to +0.5), but the median/MAD test
+  cannot separate one value in four. Late in training honest updates stop agreeing (they
+  cancel out near the optimum), the gate closes, and nothing is judged. It judges only rounds
+  of 4 to ``loo_max_n`` (5) updates: from 6 on the robust z-test works, while an honest site
+  with an unusual case mix sometimes opposes the others' mean (one of 8 rare-cohort sites did,
+  in round 5 of a lossy run) and would be quarantined for it.
+
 Small rounds: with fewer than ``small_n`` (4) non-free-rider updates the thresholds double and
 ``cos_min`` drops to at most -0.5, so only extreme cases are flagged; with fewer than 3 nothing
 but free riders is flagged (with two updates nobody can tell which one is the odd one out).
@@ -52,6 +64,7 @@ SCORE_REASONS = {
     "distance_outlier": "the update is far from the round's coordinate-wise median",
     "free_rider": "the update is (near) zero or a copy of the previous aggregate",
     "near_duplicate": "the update is (almost) identical to another sender's update",
+    "opposes_others": "the update points against the other senders' mean while they agree",
 }
 
 _MAD_TO_SIGMA = 1.4826
@@ -69,6 +82,8 @@ class RoundScore:
     distance_z: float
     accepted: bool
     reasons: tuple[str, ...]
+    loo_cosine: float = float("nan")
+    loo_consensus: float = float("nan")
 
 
 def _robust_z(values: np.ndarray, min_spread: float) -> np.ndarray:
@@ -93,6 +108,9 @@ def score_round(
     free_rider_ratio: float = 0.05,
     duplicate_tol: float = 1e-3,
     small_n: int = 4,
+    loo_cos_max: float = -0.2,
+    loo_consensus: float = 0.2,
+    loo_max_n: int = 5,
 ) -> dict[str, RoundScore]:
     """Score every update of one round against the others; keys are the senders.
 
@@ -172,6 +190,12 @@ def score_round(
             if typical > _TINY and float(pair[j].min()) <= duplicate_tol * typical:
                 reasons[i].append("near_duplicate")
 
+    loo_cos, loo_cons = _leave_one_out(x, active)
+    if m <= loo_max_n:  # larger rounds have the robust z-test; honest sites with a rare case
+        for i in active:  # mix can oppose the others' mean there (seen with 6 of 8 sites)
+            if loo_cons[i] >= loo_consensus and loo_cos[i] < loo_cos_max:
+                reasons[i].append("opposes_others")
+
     return {
         k: RoundScore(
             norm=float(norms[i]),
@@ -181,6 +205,32 @@ def score_round(
             distance_z=float(dist_z[i]),
             accepted=not reasons[i],
             reasons=tuple(reasons[i]),
+            loo_cosine=float(loo_cos[i]),
+            loo_consensus=float(loo_cons[i]),
         )
         for i, k in enumerate(names)
     }
+
+
+def _leave_one_out(x: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per active row: cosine to the mean of the other active rows, and how much those others
+    agree (median of their pairwise cosines). NaN where fewer than 3 others exist."""
+    n, m = len(x), len(active)
+    cos = np.full(n, float("nan"))
+    cons = np.full(n, float("nan"))
+    if m < 4:
+        return cos, cons
+    xa = x[active]
+    norms = np.maximum(np.linalg.norm(xa, axis=1), _TINY)
+    unit = xa / norms[:, None]
+    pair = unit @ unit.T
+    total = xa.sum(axis=0)
+    upper = np.triu(np.ones((m, m), dtype=bool), 1)
+    for j, i in enumerate(active):
+        rest = (total - xa[j]) / (m - 1)
+        rnorm = float(np.linalg.norm(rest))
+        if rnorm > _TINY:
+            cos[i] = float(xa[j] @ rest) / (norms[j] * rnorm)
+        keep = np.arange(m) != j
+        cons[i] = float(np.median(pair[np.ix_(keep, keep)][upper[: m - 1, : m - 1]]))
+    return cos, cons

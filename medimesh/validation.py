@@ -45,6 +45,7 @@ REASONS = {
     "distance_outlier": "the delta is far from the round's robust centre",
     "free_rider": "the delta is (nearly) zero: the hospital contributes nothing",
     "near_duplicate": "the delta nearly duplicates another hospital's (colluders)",
+    "opposes_others": "the delta points against the other hospitals' mean while they agree",
     "quarantined": "earlier rounds flagged this hospital repeatedly; its updates are refused",
 }
 

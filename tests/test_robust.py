@@ -324,6 +324,44 @@ def test_scoring_detects_ipm_and_copy_of_previous_aggregate() -> None:
     assert _flagged(scores) == {0, 1}
 
 
+def test_leave_one_out_catches_one_opposing_site_among_four() -> None:
+    """Four sites, one pointing against the three that agree: flagged by the leave-one-out
+    test, whose reference the suspect cannot bend (the heart case, docs/byzantine.md)."""
+    e = np.eye(6)
+    honest = [e[0] + 0.3 * e[1], e[0] + 1.0 * e[2], e[0] + 1.7 * e[3]]
+    # Hand-computed: the others' mean is e0 + 0.1 e1 + e2 / 3 + 1.7 e3 / 3 (norm^2 1.4422);
+    # their pairwise cosines are 1 / sqrt((1 + a^2)(1 + b^2)), median 1 / sqrt(1.09 * 3.89).
+    ref_norm = np.sqrt(1 + 0.01 + 1 / 9 + 1.7**2 / 9)
+    flipped = -(e[0] + 0.6 * e[4])
+    scores = _score([*honest, flipped])
+    assert scores[3].loo_consensus == pytest.approx(1 / np.sqrt(1.09 * 3.89))
+    assert scores[3].loo_cosine == pytest.approx(-1 / (np.sqrt(1.36) * ref_norm))
+    assert "opposes_others" in scores[3].reasons
+    assert all(s.accepted for s in scores[:3])
+    # A milder opposer (cosine -0.29 to the others' mean) slips past the median/MAD cosine
+    # test, whose spread one value in four inflates, but not past the leave-one-out test.
+    mild = -0.3 * e[0] + 0.8 * e[4]
+    mild_scores = _score([*honest, mild])
+    assert mild_scores[3].loo_cosine == pytest.approx(-0.3 / (np.sqrt(0.73) * ref_norm))
+    assert mild_scores[3].reasons == ("opposes_others",), mild_scores[3]
+    assert all(s.accepted for s in mild_scores[:3])
+    # The same site without the flip is just a fourth agreeing site.
+    assert all(s.accepted for s in _score([*honest, e[0] + 0.6 * e[4]]))
+
+
+def test_leave_one_out_is_silent_without_a_consensus() -> None:
+    """Near the optimum honest non-IID updates cancel out: no consensus, no verdict, even for
+    an update that points against the others' mean."""
+    e = np.eye(6)
+    ups = [e[0], e[1], -e[0] - e[1] + 0.1 * e[2], e[3]]
+    scores = _score(ups)
+    assert scores[2].loo_cosine < -0.5 and scores[2].loo_consensus < 0.2
+    assert all(s.accepted for s in scores), scores
+    # And with fewer than three others, the test does not run at all.
+    three = _score(ups[:3])
+    assert all(np.isnan(s.loo_cosine) for s in three)
+
+
 def test_scoring_is_cautious_with_few_updates() -> None:
     """n = 1, 2: only free riders; n = 3: a x10 update is extreme enough, a x2 one is not."""
     g = np.ones(8)

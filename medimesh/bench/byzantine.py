@@ -5,7 +5,8 @@ number of rounds, once per rule; "default" is the default defence (validator out
 the default robust rule), the named rules run without validator scoring so each rule's own
 robustness shows (plain FedAvg's collapse included). Protocol attacks run once each against the
 default, and the audit trail must hold a refusal with the attack's specific reason for every
-malicious message.
+malicious message. Every run, the clean one included, declares the same tolerance f =
+``malicious``: a consortium configures its defence without knowing whether anyone cheats.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _run(cfg: Any, rule: str, attack: str | None, malicious: int) -> dict[str, A
         aggregator=DEFAULT if rule == "default" else rule,
         validator_scoring=rule == "default",
         behaviours=tuple((n, attack) for n in bad if attack),
+        tolerate=malicious,  # the declared tolerance, the same in the clean run
     )
     fed = Consortium(run_cfg)
     try:
@@ -115,7 +117,7 @@ def run_byzantine(cfg: Any, malicious: int, progress: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     table: dict[str, dict[str, Any]] = {}
     for rule in RULES:
-        row: dict[str, Any] = {"clean": _run(cfg, rule, None, 0)}
+        row: dict[str, Any] = {"clean": _run(cfg, rule, None, malicious)}
         for attack in STATISTICAL:
             row[attack] = _run(cfg, rule, attack, malicious)
             progress(f"{rule:>18} {attack:<15} top1 {row[attack]['top1']:.3f} "
