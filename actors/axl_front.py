@@ -1,0 +1,187 @@
+"""HTTP shell of the AXL front: Starlette routes over :class:`medimesh.axl_front.AxlFront`.
+
+Run it next to a running consortium so agents outside Ray can join through the router::
+
+    python -m medimesh.actors.axl_front --address auto --pub cleveland.pub --port 9002
+
+Every served peer gets a mailbox at the router (``register(peer, None)``) while the front runs
+and is detached (unreachable, AXL's 502) when it stops. Its API is AXL's, at
+``/{peer_id}/send|recv|topology`` and, when the front serves exactly one peer, also at
+``/send|recv|topology``, so an unmodified AXL client can point at it. The front has no login:
+``/send`` only takes envelopes the node's own key signed and ``/recv`` hands out ciphertext,
+but anyone who can reach the port can drain a mailbox, so bind it to loopback (the default)
+or put it behind an authenticating proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from medimesh.axl import TO_HEADER
+from medimesh.axl_front import AxlFront, Reply
+from medimesh.errors import ConfigError, MediMeshError
+from medimesh.wire import MAX_ENVELOPE_BYTES
+
+__all__ = ["RayRouterPort", "build_front_app", "find_router", "main"]
+
+NAMESPACE = "medimesh"
+
+
+class RayRouterPort:
+    """The router actor behind :class:`~medimesh.axl_front.RouterPort` (awaits its refs)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def send(self, envelope: bytes) -> int:
+        return int(await _unwrap(self.handle.send.remote(envelope)))
+
+    async def recv(self, peer_id: str) -> tuple[str, bytes] | None:
+        item = await _unwrap(self.handle.recv.remote(peer_id))
+        return None if item is None else (str(item[0]), bytes(item[1]))
+
+    async def topology(self) -> dict[str, Any]:
+        return dict(await _unwrap(self.handle.topology.remote()))
+
+    async def attach(self, peers: Sequence[str]) -> None:
+        await asyncio.gather(*(_unwrap(self.handle.register.remote(p, None)) for p in peers))
+
+    async def detach(self, peers: Sequence[str]) -> None:
+        await asyncio.gather(*(self.handle.unregister.remote(p) for p in peers))
+
+
+async def _unwrap(ref: Any) -> Any:
+    """Await a router call; re-raise the router's own refusal without Ray's remote traceback."""
+    import ray
+
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, MediMeshError):
+            raise exc.cause from None
+        raise
+
+
+async def _answer(call: Awaitable[Reply]) -> Response:
+    """The front's reply as HTTP; a dead router is 503, not a stack trace."""
+    import ray
+
+    try:
+        reply = await call
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+        reply = Reply.text(503, f"the MediMesh router is unavailable ({type(exc).__name__})")
+    return Response(reply.body, reply.status, dict(reply.headers), reply.media_type)
+
+
+def build_front_app(router: Any, peers: Sequence[str]) -> Starlette:
+    """The AXL API for ``peers`` over the router actor ``router`` (a Ray actor handle)."""
+    port = RayRouterPort(router)
+    front = AxlFront(port, peers)
+    single = front.peers[0] if len(front.peers) == 1 else None
+
+    def peer_of(request: Request) -> str:
+        return str(request.path_params.get("peer", single or "")).lower()
+
+    async def send(request: Request) -> Response:
+        if int(request.headers.get("content-length") or 0) > MAX_ENVELOPE_BYTES:
+            return PlainTextResponse("message exceeds the 16 MiB cap\n", 413)  # before reading
+        body = await request.body()
+        return await _answer(front.send(peer_of(request), request.headers.get(TO_HEADER), body))
+
+    async def recv(request: Request) -> Response:
+        return await _answer(front.recv(peer_of(request)))
+
+    async def topology(request: Request) -> Response:
+        return await _answer(front.topology(peer_of(request)))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await port.attach(front.peers)  # NotEnrolled here: the roster does not know a peer
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # the router may already be gone
+                await port.detach(front.peers)
+
+    routes = [
+        Route("/{peer}/send", send, methods=["POST"]),
+        Route("/{peer}/recv", recv, methods=["GET"]),
+        Route("/{peer}/topology", topology, methods=["GET"]),
+    ]
+    if single is not None:
+        routes += [
+            Route("/send", send, methods=["POST"]),
+            Route("/recv", recv, methods=["GET"]),
+            Route("/topology", topology, methods=["GET"]),
+        ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.front = front
+    return app
+
+
+def find_router(name: str | None = None, namespace: str = NAMESPACE) -> Any:
+    """The router actor by name, or the only ``router@…`` actor in the namespace."""
+    import ray
+
+    if name is None:
+        names = sorted(
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == namespace and a["name"].startswith("router@")
+        )
+        if len(names) != 1:
+            found = ", ".join(names) or "none"
+            raise ConfigError(f"pass --router: {found} router actors in namespace {namespace}")
+        name = names[0]
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        raise ConfigError(f"no actor {name!r} in namespace {namespace}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Attach to a running Ray cluster and serve the AXL API for the given peers."""
+    from medimesh.keys import parse_peer_id, read_pub
+
+    p = argparse.ArgumentParser(prog="python -m medimesh.actors.axl_front", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    p.add_argument("--router", default=None, help="router actor name (default: the only one)")
+    p.add_argument("--peer-id", action="append", default=[], help="a peer to serve (repeat)")
+    p.add_argument("--pub", action="append", default=[], type=Path,
+                   help="a peer's NAME.pub file (repeat)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9002, help="AXL's default API port")
+    args = p.parse_args(argv)
+    try:
+        peers = [parse_peer_id(x) for x in args.peer_id] + [read_pub(f) for f in args.pub]
+        if not peers:
+            raise ConfigError("name at least one peer with --peer-id or --pub")
+        import ray
+        import uvicorn
+
+        ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False,
+                 configure_logging=False)
+        router = find_router(args.router)
+        asyncio.run(RayRouterPort(router).attach(peers))  # an unenrolled peer fails here, clearly
+        app = build_front_app(router, peers)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    except MediMeshError as exc:
+        print(f"axl_front: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
