@@ -1,0 +1,502 @@
+"""Pure view functions: SDK results in, HTML (or form values) out.
+
+Why pure: every view can be tested with real oracle answers or plain data, without a browser
+or a Gradio server, and none of them can reach past the API (they only see what the SDK
+returned). Every string that came from the API is escaped before it is put in markup.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from html import escape
+from typing import Any
+
+from medimesh.client import (
+    ApiError,
+    AuditEntry,
+    Diagnosis,
+    ModelInfo,
+    Network,
+    ReadyState,
+    RoundInfo,
+    Unavailable,
+    ValidationFailed,
+    VerifyResult,
+    Vocabulary,
+)
+from medimesh.ui.charts import (
+    Bar,
+    Baseline,
+    RoundPoint,
+    accuracy_chart,
+    duration_chart,
+    probability_chart,
+    updates_chart,
+)
+from medimesh.ui.live import FeedRow
+
+__all__ = [
+    "FormError",
+    "audit_table_html",
+    "baselines_from",
+    "diagnosis_html",
+    "error_html",
+    "error_message",
+    "feed_html",
+    "form_request",
+    "head_html",
+    "marker_rows",
+    "model_choices",
+    "network_summary_html",
+    "provenance_html",
+    "round_points",
+    "rounds_table_html",
+    "status_html",
+    "symptom_choices",
+    "training_html",
+    "verify_html",
+]
+
+MARKER_HEADERS = ["test", "value", "unit", "reference range", "key"]
+
+
+class FormError(ValueError):
+    """The form cannot be turned into a request (said before anything is sent)."""
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def error_message(exc: BaseException, api_url: str) -> str:
+    """One readable sentence for any failure at the API boundary (never a traceback)."""
+    if isinstance(exc, FormError):
+        return str(exc)
+    if isinstance(exc, ValidationFailed):
+        where = f" ({exc.field})" if exc.field else ""
+        return f"The oracle refused the request{where}: {exc.message}"
+    if isinstance(exc, Unavailable):
+        if exc.status == 0:
+            return f"Oracle unreachable at {api_url}: {exc.message}"
+        return f"The oracle is not ready yet: {exc.message}"
+    if isinstance(exc, ApiError):
+        return f"The oracle answered HTTP {exc.status}: {exc.message}"
+    return f"Unexpected error ({type(exc).__name__}): {exc}"
+
+
+def error_html(exc: BaseException, api_url: str) -> str:
+    unreachable = isinstance(exc, Unavailable) and exc.status == 0
+    return (
+        f'<div class="mm-error" data-error="{"unreachable" if unreachable else "api"}">'
+        f"{escape(error_message(exc, api_url))}</div>"
+    )
+
+
+def status_html(api_url: str, ready: ReadyState | None, exc: BaseException | None) -> str:
+    """The banner on top of every view: connected, not ready, or unreachable."""
+    url = escape(api_url)
+    if exc is not None and isinstance(exc, Unavailable) and exc.status == 0:
+        return (
+            '<div class="mm-banner mm-down" data-status="unreachable"><b>Oracle unreachable</b> '
+            f"at {url}. The dashboard retries every few seconds; start the API with "
+            "<code>medimesh demo</code> or <code>medimesh serve</code>.</div>"
+        )
+    if exc is not None:
+        return (
+            '<div class="mm-banner mm-down" data-status="error"><b>Oracle error</b>: '
+            f"{escape(error_message(exc, api_url))}</div>"
+        )
+    if ready is None or not ready.ready:
+        problems = "; ".join(ready.problems) if ready is not None else "starting"
+        return (
+            '<div class="mm-banner mm-wait" data-status="not-ready"><b>Oracle not ready</b> '
+            f"at {url}: {escape(problems)}</div>"
+        )
+    model = escape((ready.model_hash or "")[:12])
+    return (
+        '<div class="mm-banner mm-ok" data-status="connected"><b>Connected</b> to the oracle '
+        f"at {url} · serving model <code>{model}</code> from round {ready.model_round}</div>"
+    )
+
+
+# --------------------------------------------------------------------------------- diagnose
+
+
+def symptom_choices(vocab: Vocabulary) -> list[tuple[str, str]]:
+    """(label, value) pairs: the search box matches names and ids alike."""
+    return [(f"{t.name} ({t.id})", t.id) for t in sorted(vocab.symptoms, key=lambda t: t.name)]
+
+
+def _range(r: tuple[float, float] | None, unit: str) -> str:
+    return "" if r is None else f"{r[0]:g}–{r[1]:g} {unit}"
+
+
+def marker_rows(
+    vocab: Vocabulary, values: Mapping[str, tuple[float, str]] | None = None
+) -> list[list[Any]]:
+    """One table row per biomarker: test, value (blank = not measured), unit, range, key."""
+    values = values or {}
+    rows: list[list[Any]] = []
+    for b in vocab.biomarkers:
+        value, unit = values.get(b.name, (None, b.unit))
+        rows.append([b.label, value, unit, _range(b.reference_range, b.unit), b.name])
+    return rows
+
+
+def _table_rows(table: Any) -> list[list[Any]]:
+    """Gradio hands a Dataframe back as a pandas frame, a dict or a list of rows."""
+    if table is None:
+        return []
+    if hasattr(table, "values") and hasattr(table, "columns"):
+        return [list(r) for r in table.values.tolist()]
+    if isinstance(table, Mapping):
+        return [list(r) for r in table.get("data", [])]
+    return [list(r) for r in table]
+
+
+def _blank(v: Any) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float) and math.isnan(v):
+        return True
+    return isinstance(v, str) and not v.strip()
+
+
+def form_request(
+    symptoms: Sequence[str] | None,
+    markers: Any,
+    genes: Sequence[str] | None,
+    age: str | float | None,
+    sex: str | None,
+    vocab: Vocabulary,
+) -> dict[str, Any]:
+    """The form's values as ``Client.diagnose`` keyword arguments; FormError if unreadable."""
+    known = {b.name: b for b in vocab.biomarkers}
+    biomarkers: dict[str, tuple[float, str]] = {}
+    for row in _table_rows(markers):
+        if len(row) < 5 or _blank(row[1]) or _blank(row[4]):
+            continue
+        name = str(row[4])
+        spec = known.get(name)
+        label = spec.label if spec else name
+        try:
+            value = float(str(row[1]).replace(",", "."))
+        except ValueError:
+            raise FormError(f"{label}: {row[1]!r} is not a number") from None
+        if not math.isfinite(value) or value < 0:
+            raise FormError(f"{label}: the value must be a number ≥ 0")
+        unit = str(row[2]).strip() if not _blank(row[2]) else (spec.unit if spec else "")
+        biomarkers[name] = (value, unit)
+    years: float | None = None
+    if not _blank(age):
+        try:
+            years = float(str(age).replace(",", "."))
+        except ValueError:
+            raise FormError(f"Age: {age!r} is not a number of years") from None
+        if not (math.isfinite(years) and 0 <= years <= 130):
+            raise FormError("Age must be between 0 and 130 years")
+    return {
+        "symptoms": list(symptoms or []),
+        "biomarkers": biomarkers,
+        "genes": [g.strip() for g in (genes or []) if g and g.strip()],
+        "age": years,
+        "sex": sex if sex in ("F", "M") else None,
+    }
+
+
+def _value(v: float | bool | str, unit: str) -> str:
+    if isinstance(v, bool):
+        return "present" if v else "absent"
+    if isinstance(v, float):
+        return f"{v:.3g} {unit}".strip()
+    return f"{v} {unit}".strip()
+
+
+def diagnosis_html(dx: Diagnosis) -> str:
+    """Ranked bar chart, the findings behind each explained candidate, and which model."""
+    chart = probability_chart([Bar(c.name, c.probability) for c in dx.differential])
+    parts = [
+        f'<div class="mm-dx" data-model-hash="{escape(dx.model_hash)}" '
+        f'data-model-round="{dx.model_round}" data-top="{escape(dx.top.name)}">',
+        '<div class="mm-model">Answered by model '
+        f"<code>{escape(dx.model_hash[:16])}…</code> from round <b>{dx.model_round}</b></div>",
+        chart,
+    ]
+    for c in dx.differential:
+        if not c.findings:
+            continue
+        rows = "".join(
+            f"<tr><td>{escape(f.label)}</td><td>{escape(_value(f.value, f.unit))}</td>"
+            f"<td>{escape(f.flag)}</td><td class='mm-num'>{f.contribution:+.2f}</td></tr>"
+            for f in c.findings
+        )
+        parts.append(
+            f'<details open class="mm-findings" data-rank="{c.rank}"><summary>{c.rank}. '
+            f"{escape(c.name)} — {c.probability:.1%}: findings that support it</summary>"
+            "<table><tr><th>finding</th><th>value</th><th>flag</th><th>logit push</th></tr>"
+            f"{rows}</table></details>"
+        )
+    explained = sum(1 for c in dx.differential if c.findings)
+    notes = []
+    if explained < len(dx.differential):
+        notes.append(f"The oracle explains its top {explained} candidates; the others are "
+                     "ranked by probability only.")
+    if dx.unknown_terms:
+        notes.append("Not in the model's vocabulary (ignored): " + ", ".join(dx.unknown_terms))
+    for term, hits in dx.mapped_terms.items():
+        notes.append(f"{term} counted as {', '.join(hits)}")
+    if dx.imputed:
+        notes.append(f"{len(dx.imputed)} biomarkers not given (no evidence either way)")
+    parts += [f'<p class="mm-note">{escape(n)}</p>' for n in notes]
+    parts.append(f'<p class="mm-disclaimer">{escape(dx.disclaimer)}</p></div>')
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------------- training
+
+
+def _float(x: Any) -> float | None:
+    if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x):
+        return float(x)
+    return None
+
+
+def round_points(rounds: Iterable[RoundInfo]) -> list[RoundPoint]:
+    """Closed rounds (round ≥ 1) in order; missing metrics stay None."""
+    out = []
+    for r in sorted(rounds, key=lambda r: r.round):
+        if r.round < 1:
+            continue
+        m = r.metrics
+        out.append(
+            RoundPoint(
+                r.round, _float(m.get("top1")), _float(m.get("top3")),
+                int(m.get("accepted", 0) or 0), int(m.get("rejected", 0) or 0),
+                _float(m.get("duration_s")),
+            )
+        )
+    return out
+
+
+def baselines_from(setup_entries: Sequence[AuditEntry]) -> list[Baseline]:
+    """Each hospital's isolated-model top-1 from the newest ``setup_completed`` entry.
+
+    The key is optional: an older coordinator does not report it, and then no line is drawn.
+    """
+    if not setup_entries:
+        return []
+    raw = setup_entries[-1].body.get("baselines")
+    if not isinstance(raw, Mapping):
+        return []
+    out = []
+    for name, b in raw.items():
+        top1 = _float(b.get("top1")) if isinstance(b, Mapping) else None
+        if top1 is not None:
+            out.append(Baseline(str(name), top1))
+    return sorted(out, key=lambda b: b.name)
+
+
+def training_html(
+    points: Sequence[RoundPoint], baselines: Sequence[Baseline]
+) -> tuple[str, str, str]:
+    """Accuracy chart, updates chart and duration chart."""
+    return accuracy_chart(points, baselines), updates_chart(points), duration_chart(points)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def rounds_table_html(rounds: Sequence[RoundInfo], limit: int = 25) -> str:
+    """Newest rounds first: accuracy, verdict counts, rejection reasons, time, model."""
+    if not rounds:
+        return '<p class="mm-note">No closed rounds yet.</p>'
+    rows = []
+    for r in sorted(rounds, key=lambda r: -r.round)[:limit]:
+        m = r.metrics
+        reasons = m.get("reasons") or {}
+        why = ", ".join(f"{k}×{v}" for k, v in reasons.items()) if isinstance(reasons, Mapping) \
+            else ""
+        dur = _float(m.get("duration_s"))
+        rows.append(
+            f"<tr data-round='{r.round}'><td>{r.round}</td><td>{_pct(_float(m.get('top1')))}</td>"
+            f"<td>{_pct(_float(m.get('top3')))}</td><td>{int(m.get('accepted', 0) or 0)}</td>"
+            f"<td>{int(m.get('rejected', 0) or 0)}</td><td>{escape(why)}</td>"
+            f"<td class='mm-num'>{'—' if dur is None else f'{dur * 1000:.0f}'}</td>"
+            f"<td><code>{escape((r.model_hash or '')[:12])}</code></td></tr>"
+        )
+    return (
+        '<table class="mm-table" data-table="rounds"><tr><th>round</th><th>top-1</th>'
+        "<th>top-3</th><th>accepted</th><th>rejected</th><th>reasons</th><th>ms</th>"
+        "<th>model</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+# ---------------------------------------------------------------------------------- network
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1000 else f"{n / 1000:.1f} kB" if n < 1e6 else f"{n / 1e6:.2f} MB"
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def _to(names: Sequence[str]) -> str:
+    return ", ".join(names) if len(names) <= 2 else f"{names[0]}, … ({len(names)} peers)"
+
+
+def feed_html(rows: Sequence[FeedRow]) -> str:
+    """Time, from, to, type, size, verdict: what the router saw, never what it carried."""
+    if not rows:
+        return '<p class="mm-note" data-feed-rows="0">No messages routed yet.</p>'
+    body = "".join(
+        f"<tr data-seq='{r.seq}' data-type='{escape(r.type)}'><td>{_clock(r.at)}</td>"
+        f"<td>{escape(r.sender)}</td><td title='{escape(', '.join(r.recipients))}'>"
+        f"{escape(_to(r.recipients))}</td><td>{escape(r.type)}</td>"
+        f"<td class='mm-num'>{_size(r.size)}</td><td class='mm-verdict'>{escape(r.verdict)}</td>"
+        "</tr>"
+        for r in rows
+    )
+    return (
+        f'<table class="mm-table" data-table="feed" data-feed-rows="{len(rows)}"><tr>'
+        "<th>time</th><th>from</th><th>to</th><th>type</th><th>size</th><th>verdict</th></tr>"
+        f"{body}</table>"
+    )
+
+
+def network_summary_html(network: Network) -> str:
+    """Messages per type and the data source (live router counters or enrolment only)."""
+    rows = "".join(
+        f"<tr><td>{escape(k)}</td><td class='mm-num'>{v}</td></tr>"
+        for k, v in sorted(network.messages_by_type.items())
+    )
+    source = (
+        "live router counters" if network.source == "router"
+        else "enrolment records only (router not reachable)"
+    )
+    return (
+        f'<p class="mm-note">Source: {escape(source)} · {len(network.nodes)} nodes</p>'
+        '<table class="mm-table"><tr><th>message type</th><th>routed</th></tr>'
+        f"{rows}</table>"
+    )
+
+
+# ------------------------------------------------------------------------------------ audit
+
+
+def head_html(count: int, head: str) -> str:
+    return (
+        f'<div class="mm-head" data-entries="{count}" data-head="{escape(head)}">'
+        f"<b>{count}</b> audit entries · chain head <code>{escape(head[:24]) or '—'}…</code>"
+        "</div>"
+    )
+
+
+def _matches(e: AuditEntry, names: Mapping[str, str], needle: str) -> bool:
+    if not needle:
+        return True
+    hay = " ".join(
+        (names.get(e.actor, e.actor), e.event, e.subject, str(e.round),
+         json.dumps(e.body, sort_keys=True, default=str))
+    ).lower()
+    return all(word in hay for word in needle.lower().split())
+
+
+def audit_table_html(
+    entries: Sequence[AuditEntry],
+    names: Mapping[str, str],
+    query: str = "",
+    event: str | None = None,
+    round_: int | None = None,
+    limit: int = 100,
+) -> str:
+    """Entries matching every word of ``query`` (and the event/round filters), newest first."""
+    hits = [
+        e for e in entries
+        if (not event or e.event == event) and (round_ is None or e.round == round_)
+        and _matches(e, names, query)
+    ]
+    rows = "".join(
+        f"<tr data-seq='{e.seq}'><td>{e.seq}</td><td>{_clock(e.at)}</td>"
+        f"<td>{escape(names.get(e.actor, e.actor[:10] + '…'))}</td><td>{escape(e.event)}</td>"
+        f"<td>{e.round}</td><td><code>{escape(e.subject[:16])}</code></td>"
+        f"<td class='mm-body'>{escape(_short(e.body))}</td>"
+        f"<td><code>{escape(e.entry_hash[:12])}</code></td></tr>"
+        for e in reversed(hits[-limit:])
+    )
+    return (
+        f'<p class="mm-note" data-matches="{len(hits)}">{len(hits)} of {len(entries)} entries '
+        f"match{'' if len(hits) <= limit else f'; newest {limit} shown'}.</p>"
+        '<table class="mm-table" data-table="audit"><tr><th>seq</th><th>time</th><th>actor</th>'
+        "<th>event</th><th>round</th><th>subject</th><th>details</th><th>entry hash</th></tr>"
+        f"{rows}</table>"
+    )
+
+
+def _short(body: Mapping[str, Any], n: int = 140) -> str:
+    text = json.dumps(body, sort_keys=True, default=str, separators=(",", ":"))
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def verify_html(res: VerifyResult) -> str:
+    """The Verify button's answer, in words."""
+    if res.ok:
+        signers = "signatures checked against the roster" if res.signers_checked \
+            else "signatures checked"
+        return (
+            f'<div class="mm-ok-box" data-verify="ok">✔ Chain verifies: {res.entries} entries, '
+            f"{signers}; head <code>{escape(res.head_hash[:24])}…</code></div>"
+        )
+    return (
+        f'<div class="mm-error" data-verify="broken">✘ Chain broken at entry '
+        f"{res.broken_seq}: {escape(res.problem)} ({res.entries} entries checked)</div>"
+    )
+
+
+def model_choices(models: Sequence[ModelInfo]) -> list[tuple[str, str]]:
+    return [
+        (f"round {m.round} · {m.model_hash[:12]}{' (serving)' if m.active else ''}", m.model_hash)
+        for m in sorted(models, key=lambda m: (-m.round, -m.created_at))
+    ]
+
+
+def provenance_html(
+    model: ModelInfo,
+    models: Sequence[ModelInfo],
+    verdicts: Mapping[str, AuditEntry],
+    names: Mapping[str, str],
+) -> str:
+    """Hash, parent chain back to the initial model, and the updates that made it."""
+    by_hash = {m.model_hash: m for m in models}
+    chain: list[str] = []
+    seen: set[str] = set()
+    cur: ModelInfo | None = model
+    while cur is not None and cur.model_hash not in seen and len(chain) < 50:
+        seen.add(cur.model_hash)
+        chain.append(f"r{cur.round} <code>{escape(cur.model_hash[:10])}</code>")
+        cur = by_hash.get(cur.parent_hash or "")
+    updates = [str(d) for d in model.provenance.get("updates", []) or []]
+    rows = []
+    for d in updates:
+        v = verdicts.get(d)
+        who = names.get(str(v.body.get("hospital", "")), "?") if v is not None else "?"
+        rows.append(f"<tr><td><code>{escape(d[:16])}</code></td><td>{escape(who)}</td></tr>")
+    vdigests = [str(d) for d in model.provenance.get("verdicts", []) or []]
+    m = model.round_metrics or {}
+    acc = _float(m.get("top1"))
+    return (
+        f'<div class="mm-prov" data-model="{escape(model.model_hash)}" '
+        f'data-updates="{len(updates)}"><p>Model <code>{escape(model.model_hash)}</code>, '
+        f"round {model.round}{' — serving now' if model.active else ''}; "
+        f"{model.n_features} features × {model.n_classes} classes"
+        f"{'' if acc is None else f'; top-1 {acc:.3f}'}.</p>"
+        f"<p>Lineage: {' ← '.join(chain)}</p>"
+        f"<p>{len(updates)} accepted update(s), approved in {len(set(vdigests))} signed "
+        "verdict batch(es):</p>"
+        '<table class="mm-table"><tr><th>update digest</th><th>hospital</th></tr>'
+        + "".join(rows) + "</table></div>"
+    )
