@@ -7,6 +7,8 @@ in this object, which lives only inside the hospital's own actor. What leaves is
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from medimesh.errors import ConfigError
@@ -135,9 +137,22 @@ class HospitalNode:
         x_train, _ = self._prepared()
         report = self.on_model(self.base_as_published(msg))
         base = Model(msg.weights, msg.bias)
-        cfg = TrainConfig(msg.epochs, msg.lr, msg.l2, msg.prox_mu, msg.clip_norm)
-        local = train_local(base, x_train, self._y_train, cfg, self._curvature)
-        dw, db = clip_delta(local.weights - base.weights, local.bias - base.bias, msg.clip_norm)
+        if msg.dp_mode:
+            # DP round: one clipped full-batch gradient; per-example gradients stay here.
+            from medimesh.privacy import dp_client_delta
+
+            if msg.dp_mode not in ("central", "local"):
+                raise ConfigError(f"{self.name}: unknown DP mode {msg.dp_mode!r}")
+            mode: Literal["central", "local"] = "local" if msg.dp_mode == "local" else "central"
+            dw, db = dp_client_delta(
+                base, x_train, self._y_train, msg.clip_norm, mode, msg.dp_noise_multiplier
+            )
+        else:
+            cfg = TrainConfig(msg.epochs, msg.lr, msg.l2, msg.prox_mu, msg.clip_norm)
+            local = train_local(base, x_train, self._y_train, cfg, self._curvature)
+            dw, db = clip_delta(
+                local.weights - base.weights, local.bias - base.bias, msg.clip_norm
+            )
         return Update(
             round=msg.round,
             base_hash=msg.base_hash,

@@ -201,9 +201,18 @@ class RoundMetrics:
     duration_s: float
     bytes_routed: int
     phases_ms: dict[str, float]
+    # Differential privacy: (ε, δ) spent after this round (cumulative); None without DP,
+    # and then left out of the dict so non-DP metrics keep their shape.
+    epsilon: float | None = None
+    delta: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
+        optional = ("epsilon", "delta")
+        return {
+            k: getattr(self, k)
+            for k in self.__slots__
+            if k not in optional or getattr(self, k) is not None
+        }
 
 
 def initial_model(n_features: int, n_classes: int, prior: np.ndarray) -> tuple[Model, str]:
