@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(BIN)/medimesh bench accuracy --dataset rare --hospitals 8 --rounds 20 --seed 0 --json
 	$(BIN)/medimesh bench rounds --hospitals 10 --rounds 30 --json
 	$(BIN)/medimesh bench rounds --hospitals 50 --rounds 30 --json
+	$(BIN)/medimesh bench chaos --json
 
 clean:
 	rm -rf $(VENV) .medimesh .mypy_cache .pytest_cache .ruff_cache build *.egg-info

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from medimesh.actors import telemetry
 from medimesh.audit import (
     GENESIS,
     AuditChain,
@@ -241,6 +242,8 @@ class Auditor:
             except BaseException:
                 self._chain = AuditChain(self._identity, *before)
                 raise
+            finally:  # the backlog only changes when the auditor is called: report it here
+                telemetry.record_backlog(self.backlog())
             return self._chain.head[0]
 
     def flush(self, timeout_s: float = 10.0) -> bool:
@@ -254,6 +257,7 @@ class Auditor:
                 if time.monotonic() + 0.2 > deadline:
                     return False
                 time.sleep(0.2)
+            telemetry.record_backlog(self.backlog())
             return drained
 
     def backlog(self) -> int:
@@ -324,6 +328,7 @@ class Auditor:
                     )
             self._pending.append(rec)
             self._drain_records()
+            telemetry.record_backlog(self.backlog())
 
     def record_model(
         self,

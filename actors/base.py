@@ -123,7 +123,3 @@ class Node(Audited):
         self.transport.post(envelope)
         return envelope
 
-    async def send_async(self, msg: Message, recipients: list[str], round_: int) -> bytes:
-        envelope = self.seal(msg, recipients, round_)
-        await self.transport.send_async(envelope)
-        return envelope

@@ -14,14 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 import structlog
 
+from medimesh.actors import telemetry
 from medimesh.actors.base import Node
 from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
-from medimesh.aggregation import coordinate_median, make_aggregator
+from medimesh.aggregation import coordinate_median, flatten, make_aggregator
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError, QuorumNotReached
 from medimesh.features import LocalStats, Standardizer, combine_stats
 from medimesh.model import Model, TrainConfig, model_hash
+from medimesh.privacy import PrivacyAccountant, PrivacyConfig, dp_aggregate
 from medimesh.protocol import (
     EvalReport,
     ModelPublished,
@@ -31,6 +34,7 @@ from medimesh.protocol import (
     SetupStats,
     Update,
     Verdicts,
+    VerdictsRequest,
     decode,
 )
 from medimesh.rounds import (
@@ -48,10 +52,11 @@ __all__ = ["STATISTICAL_REASONS", "Coordinator", "CoordinatorConfig"]
 # Verdict reasons from the validator's cross-update scoring (not protocol refusals).
 STATISTICAL_REASONS = frozenset(
     {"norm_outlier", "direction_outlier", "distance_outlier", "free_rider", "near_duplicate",
-     "quarantined"}
+     "opposes_others", "quarantined"}
 )
 
 log = structlog.get_logger("medimesh.coordinator")
+VERDICT_GRACE_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,8 @@ class CoordinatorConfig:
     eval_timeout_s: float = 10.0
     setup_timeout_s: float = 60.0
     pace_s: float = 0.0  # pause between rounds so people can watch a demo train
+    privacy: PrivacyConfig | None = None  # DP-FedAvg (docs/privacy.md); None = no DP
+    round_retries: int = 3  # runs of a round that missed quorum (lost messages, restarts)
 
     def __post_init__(self) -> None:
         make_aggregator(self.aggregator, self.n_byzantine)  # unknown names fail here, early
@@ -99,11 +106,23 @@ class Coordinator(Node):
         self._round = 0
         self._state: RoundState | None = None
         self._tallies: dict[str, EvalTally] = {}
+        self._answered_last: set[str] = set(self._hospitals)  # sent an update last round
         self._pending: dict[int, dict[str, Any]] = {}
         self._eval_bytes: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self.history: list[RoundMetrics] = []
+        self._accountant = (
+            PrivacyAccountant(config.privacy) if config.privacy is not None else None
+        )
+
+    async def send_async(self, msg: Any, recipients: list[str], round_: int) -> bytes:
+        """Seal and send without blocking the event loop. Only here: a coroutine method on the
+        shared Node base would make Ray run every hospital and the validator as async actors
+        (about twice the CPU per call)."""
+        envelope = self.seal(msg, recipients, round_)
+        await self.transport.send_async(envelope)
+        return envelope
 
     # -- inbound -------------------------------------------------------------------------
     async def deliver(self, envelope: bytes) -> None:
@@ -236,6 +255,8 @@ class Coordinator(Node):
             "velocity": self._velocity,
             "pending": {str(k): v for k, v in self._pending.items()},
         }
+        if self._accountant is not None:
+            state["dp_rounds"] = self._accountant.rounds
         self._auditor.save_checkpoint.remote(self._round, state, self._model_hash)
 
     async def resume(self) -> dict[str, Any]:
@@ -257,6 +278,8 @@ class Coordinator(Node):
         self._prior = np.array(st["prior"])
         self._velocity = None if st["velocity"] is None else np.array(st["velocity"])
         self._pending = {int(k): v for k, v in st["pending"].items()}
+        if self._accountant is not None:  # the budget already spent survives a restart
+            self._accountant.rounds = int(st.get("dp_rounds", 0))
         model = Model(np.asarray(stored["weights"]), np.asarray(stored["bias"]))
         if model_hash(model) != cp["model_hash"]:
             raise ConfigError("stored model does not match its checkpointed hash")
@@ -290,19 +313,73 @@ class Coordinator(Node):
             raise ConfigError("run setup() before the first round")
         if rounds < 1:
             raise ConfigError("rounds must be at least 1")
+        ran = 0
         for i in range(rounds):
+            if self._budget_exhausted():
+                break
             if i and self._cfg.pace_s > 0:
                 await asyncio.sleep(self._cfg.pace_s)
-            await self._one_round()
-        await self._final_evaluation()
+            await self._round_with_retries()
+            ran += 1
+        if ran:
+            await self._final_evaluation()
         return self.metrics()
 
-    async def _one_round(self) -> None:
+    def _budget_exhausted(self) -> bool:
+        """True (and audited) if one more DP round would push ε past the budget."""
+        acc = self._accountant
+        if acc is None or acc.can_spend():
+            return False
+        p = acc.config
+        self.audit.record(
+            "privacy_budget_exhausted",
+            self._round,
+            self._model_hash,
+            {"epsilon_spent": acc.epsilon, "epsilon_next": acc.next_epsilon(),
+             "epsilon_budget": p.epsilon, "delta": p.delta, "dp_rounds": acc.rounds},
+        )
+        self.flush_audit()
+        return True
+
+    async def _round_with_retries(self) -> None:
+        """One round; if it misses quorum (messages lost, a validator or router restarting),
+        run it again from the same base model, up to ``round_retries`` more times."""
+        for attempt in range(self._cfg.round_retries + 1):
+            try:
+                await self._one_round(attempt)
+                return
+            except QuorumNotReached:
+                if attempt == self._cfg.round_retries or self._budget_exhausted():
+                    raise
+                self._round -= 1  # the same round number, from the same base model
+
+    async def _send_lossy(self, msg: Any, recipients: list[str], r: int) -> bytes:
+        """Send within a round: a router that is restarting loses the message (AXL's 502), and
+        the round's deadline and retry cope with it, as with any lost message."""
+        try:
+            return await self.send_async(msg, recipients, r)
+        except ray.exceptions.RayActorError as exc:
+            self.audit.record("send_failed", r, msg.TYPE, {"error": type(exc).__name__})
+            return b""
+
+    async def _resync(self, hospitals: list[str], r: int) -> None:
+        """Send the setup result again to hospitals that missed the last round: a restarted
+        hospital actor lost it with its process (idempotent for the others)."""
+        if not hospitals or self._standardizer is None or self._prior is None:
+            return
+        result = SetupResult(
+            self._cfg.spec_hash, self._standardizer.mean, self._standardizer.std, self._prior
+        )
+        await self._send_lossy(result, hospitals, r)
+        self.audit.record("setup_resent", r, self._model_hash or "", {"hospitals": hospitals})
+
+    async def _one_round(self, attempt: int = 0) -> None:
         assert self._model is not None
         cfg, t0 = self._cfg, time.perf_counter()
         self._round += 1
         r = self._round
         live = [h for h in self._hospitals if h in self._committed]
+        await self._resync([h for h in live if h not in self._answered_last], r)
         deadline = time.time() + cfg.round_timeout_s
         state = RoundState(
             r, self._model, self._model_hash, frozenset(live), deadline, cfg.min_updates,
@@ -313,6 +390,7 @@ class Coordinator(Node):
             self._model_hash, EvalTally(self._model_hash, frozenset(live))
         )
         t = cfg.train
+        dp = self._accountant.config if self._accountant is not None else None
         start = RoundStart(
             r,
             self._model_hash,
@@ -323,22 +401,43 @@ class Coordinator(Node):
             t.lr,
             t.l2,
             t.prox_mu,
-            t.clip_norm,
+            t.clip_norm if dp is None else dp.clip_norm,
             self._committed,
+            "" if dp is None else dp.mode,
+            0.0 if dp is None else dp.z,
         )
-        self.audit.record("round_started", r, self._model_hash, {"hospitals": len(live)})
+        self.audit.record(
+            "round_started", r, self._model_hash, {"hospitals": len(live), "attempt": attempt}
+        )
+        if dp is not None and dp.mode == "local":
+            # Local DP: every broadcast makes each hospital release a noisy update, so each
+            # attempt (a retried round included) is spent now, published or not.
+            self._spend_privacy(r, self._model_hash)
         marks = {"prepare": time.perf_counter()}
-        env = await self.send_async(start, [self._validator, *live], r)
+        env = await self._send_lossy(start, [self._validator, *live], r)
         bytes_routed = len(env)
         marks["broadcast"] = time.perf_counter()
         await self._wait(lambda: state.complete() and tally.complete(), deadline)
+        if state.updates and not state.verdicts:
+            # The one message that decides the round is missing: lost on the way (AXL is best
+            # effort) or still being flushed on a loaded machine. Ask again, wait a grace.
+            await self._send_lossy(VerdictsRequest(r), [self._validator], r)
+            self.audit.record("verdicts_requested", r, self._model_hash, {})
+            grace = min(VERDICT_GRACE_S, cfg.round_timeout_s / 2)
+            await self._wait(lambda: bool(state.verdicts), time.time() + grace)
         marks["updates_verdicts_evals"] = time.perf_counter()
+        self._answered_last = {sender for sender, _ in state.updates.values()}
         self._finish_evaluation(r - 1)
         parent = self._model_hash
         try:
             model, self._velocity, upd_digests, verdict_digests = self._close(state)
         except QuorumNotReached as exc:
-            self.audit.record("round_failed", r, parent, {"error": str(exc)})
+            retry = attempt < cfg.round_retries
+            self.audit.record(
+                "round_failed", r, parent,
+                {"error": str(exc), "attempt": attempt, "retry": retry,
+                 "updates": len(state.updates), "verdicts": len(state.verdicts)},
+            )
             self.flush_audit()
             raise
         new_hash = model_hash(model)
@@ -354,6 +453,11 @@ class Coordinator(Node):
         )
         marks["aggregate"] = time.perf_counter()
         reasons = state.rejection_reasons()
+        privacy: dict[str, float] = {}
+        if self._accountant is not None:
+            if self._accountant.config.mode == "central":
+                self._spend_privacy(r, new_hash)
+            privacy = {"epsilon": self._accountant.epsilon, "delta": self._accountant.config.delta}
         self._pending[r] = {
             "round": r,
             "model_hash": new_hash,
@@ -365,6 +469,7 @@ class Coordinator(Node):
             "duration_s": time.perf_counter() - t0,
             "bytes_routed": bytes_routed + state.bytes_in + self._eval_bytes.pop(parent, 0),
             "phases_ms": _phases(t0, marks),
+            **privacy,
         }
         self._checkpoint()
         self.flush_audit()
@@ -375,6 +480,8 @@ class Coordinator(Node):
         """Aggregate with the configured rule; if too few updates survived for it (e.g. Krum
         needs n > 2f + 2), fall back to the coordinate median and say so in the audit trail."""
         cfg = self._cfg
+        if self._accountant is not None:
+            return self._close_dp(state, self._accountant.config)
         server = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         n = len(state.accepted())
         # Sites the validator already removed this round no longer need to be tolerated.
@@ -394,6 +501,42 @@ class Coordinator(Node):
             )
             return close_round(state, coordinate_median, server, self._velocity)
 
+    def _spend_privacy(self, r: int, subject: str) -> None:
+        """Count one DP release and audit ε so far."""
+        assert self._accountant is not None
+        eps = self._accountant.spend()
+        p = self._accountant.config
+        self.audit.record(
+            "privacy_spent",
+            r,
+            subject,
+            {"epsilon": eps, "delta": p.delta, "epsilon_budget": p.epsilon, "mode": p.mode,
+             "noise_multiplier": p.z, "clip_norm": p.clip_norm,
+             "dp_rounds": self._accountant.rounds, "accountant": p.accountant},
+        )
+
+    def _close_dp(
+        self, state: RoundState, dp: PrivacyConfig
+    ) -> tuple[Model, np.ndarray, list[str], list[str]]:
+        """DP-FedAvg: the example-weighted sum of clipped gradients, noised once (central).
+
+        No robust rule and no statistical scoring here: a data-dependent choice of which
+        updates count would break the sensitivity bound (docs/privacy.md).
+        """
+        acc = state.accepted()
+        state.closed = True
+        if len(acc) < state.min_updates:
+            raise QuorumNotReached(
+                f"round {state.round}: {len(acc)} accepted update(s), {state.min_updates} required"
+            )
+        # Counts are the ones committed at setup (public), never what an update claims.
+        vecs = [flatten(u.delta_w, u.delta_b) for _, _, u, _ in acc]
+        counts = [self._committed.get(sender, u.n_examples) for _, sender, u, _ in acc]
+        agg = dp_aggregate(vecs, counts, dp, state.base, self._cfg.train.l2)
+        server = ServerOptimizer(dp.server_lr, dp.server_momentum)
+        model, v = server.step(state.base, agg, self._velocity)
+        return model, v, [d for d, _, _, _ in acc], [v_ for _, _, _, v_ in acc]
+
     def _finish_evaluation(self, r: int) -> None:
         """Merge the evaluation of round r's model into its metrics and publish them."""
         pending = self._pending.pop(r, None)
@@ -412,6 +555,7 @@ class Coordinator(Node):
         self.history.append(metrics)
         self._auditor.record_round.remote(r, metrics.to_dict(), metrics.model_hash)
         self.audit.record("round_closed", r, metrics.model_hash, metrics.to_dict())
+        telemetry.record_round(metrics.to_dict())
         self._progress.set()
 
     async def _final_evaluation(self) -> None:
@@ -425,7 +569,7 @@ class Coordinator(Node):
             self._round, self._model_hash, self._pending[self._round]["parent_hash"],
             self._model.weights, self._model.bias, (), (),
         )
-        env = await self.send_async(pub, live, self._round)
+        env = await self._send_lossy(pub, live, self._round)
         self._pending[self._round]["bytes_routed"] += len(env)
         await self._wait(tally.complete, time.time() + self._cfg.eval_timeout_s)
         self._pending[self._round]["bytes_routed"] += self._eval_bytes.pop(self._model_hash, 0)

@@ -53,6 +53,7 @@ __all__ = [
     "deploy",
     "entry_dict",
     "oracle_deployment",
+    "vocabulary_doc",
 ]
 
 _log = logging.getLogger("medimesh.oracle")
@@ -320,6 +321,160 @@ class DiagnoseIn(BaseModel):
             age=self.age,
             sex=self.sex,
         )
+
+
+# ------------------------------------------------------------------------------- vocabulary
+
+
+class TermOut(BaseModel):
+    """One HPO symptom term the model knows."""
+
+    id: str
+    name: str
+
+
+class BiomarkerOut(BaseModel):
+    """One biomarker: canonical unit, the units /diagnose converts, and a reference range."""
+
+    name: str
+    label: str
+    unit: str
+    units: list[str]
+    reference_range: tuple[float, float] | None
+
+
+class ExampleOut(BaseModel):
+    """A worked example patient (illustrative values, not a real patient row)."""
+
+    name: str
+    description: str
+    resembles: str | None
+    symptoms: list[str]
+    biomarkers: dict[str, BiomarkerIn]
+    genes: list[str]
+    age: float | None
+    sex: Literal["F", "M"] | None
+
+
+class VocabularyOut(BaseModel):
+    """Everything a diagnosis form needs; feature vocabulary only, never patient data."""
+
+    symptoms: list[TermOut]
+    biomarkers: list[BiomarkerOut]
+    genes: list[str]
+    classes: list[str]
+    examples: list[ExampleOut]
+    hpo_release: str
+    attribution: str
+
+
+# Worked examples in the model's own vocabulary. Symptoms are either hand-picked (the README's
+# Gaucher patient) or the disease's most frequent Orphanet-annotated terms in the panel
+# ("typical": how many): in this cohort an unreported symptom counts as absent, so a sparse
+# list reads as "not this disease". Lab values are typical literature values, never rows.
+_EXAMPLES: tuple[dict[str, Any], ...] = (
+    {
+        "name": "Gaucher-like: splenomegaly, hepatomegaly, very high chitotriosidase, GBA1",
+        "resembles": "Gaucher disease type 1",
+        "symptoms": ["HP:0001744", "HP:0002240", "HP:0001873", "HP:0002653"],
+        "biomarkers": {"chitotriosidase": (5200.0, "nmol/h/mL"), "lyso_gb1": (150.0, "ng/mL")},
+        "genes": ["GBA1"],
+        "age": 12.0,
+        "sex": "F",
+    },
+    {
+        "name": "Fabry-like: high lyso-Gb3, low α-Gal A, GLA variant",
+        "resembles": "Fabry disease",
+        "typical": 12,
+        "biomarkers": {"lyso_gb3": (28.0, "ng/mL"), "gla_activity": (2.5, "nmol/h/mg protein")},
+        "genes": ["GLA"],
+        "age": 9.0,
+        "sex": "M",
+    },
+    {
+        "name": "Pompe-like: low acid α-glucosidase, raised CK, GAA variant",
+        "resembles": "Pompe disease",
+        "typical": 12,
+        "biomarkers": {"gaa_activity": (1.1, "µmol/L/h"), "ck": (700.0, "U/L")},
+        "genes": ["GAA"],
+        "age": 0.3,
+        "sex": "M",
+    },
+    {
+        "name": "NPC-like: raised oxysterol and lyso-SM-509, NPC1 variant",
+        "resembles": "Niemann-Pick disease type C",
+        "typical": 12,
+        "biomarkers": {"chol_triol": (60.0, "ng/mL"), "lyso_sm509": (4.5, "ng/mL")},
+        "genes": ["NPC1"],
+        "age": 9.0,
+        "sex": "M",
+    },
+    {
+        "name": "Non-specific referral: hepatosplenomegaly and seizures, unremarkable labs",
+        "resembles": None,
+        "symptoms": ["HP:0001433", "HP:0001250"],
+        "biomarkers": {"chitotriosidase": (60.0, "nmol/h/mL"), "chol_triol": (14.0, "ng/mL")},
+        "genes": [],
+        "age": 4.0,
+        "sex": "F",
+    },
+)
+
+
+def _example(ex: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """One example as /vocabulary returns it; refuses features the model does not have."""
+    classes = cohort.class_names()
+    symptoms = list(ex.get("symptoms", []))
+    if "typical" in ex:
+        freq = cohort.symptom_probabilities(classes.index(ex["resembles"]))
+        symptoms = sorted(freq, key=lambda t: (-freq[t], t))[: ex["typical"]]
+        how = f"the {ex['typical']} most frequent annotated features of {ex['resembles']}"
+    else:
+        how = f"{len(symptoms)} hand-picked symptoms"
+    unknown = [t for t in (*symptoms, *ex["biomarkers"]) if t not in names]
+    unknown += [g for g in ex["genes"] if f"gene:{g}" not in names]
+    if ex["resembles"] not in (None, *classes):
+        unknown.append(ex["resembles"])
+    if unknown:  # a panel change must not ship an example the model cannot read
+        raise ValueError(f"example {ex['name']!r} uses unknown features {unknown}")
+    return {
+        "name": ex["name"],
+        "description": f"Illustrative presentation ({how}); not a patient record.",
+        "resembles": ex["resembles"],
+        "symptoms": symptoms,
+        "biomarkers": {k: {"value": v, "unit": u} for k, (v, u) in ex["biomarkers"].items()},
+        "genes": list(ex["genes"]),
+        "age": ex["age"],
+        "sex": ex["sex"],
+    }
+
+
+@functools.cache
+def vocabulary_doc() -> dict[str, Any]:
+    """The /vocabulary answer, built once from the cohort's feature list and the HPO panel."""
+    feats = cohort.features()
+    names = {f.name for f in feats}
+    markers = [f for f in feats if f.kind == "lognormal"]
+    examples = [_example(ex, names) for ex in _EXAMPLES]
+    panel = cohort.load_panel()
+    return {
+        "symptoms": [{"id": f.name, "name": f.label} for f in feats if f.name.startswith("HP:")],
+        "biomarkers": [
+            {
+                "name": f.name,
+                "label": f.label.removesuffix(f" ({f.unit})"),
+                "unit": f.unit,
+                "units": [f.unit, *(g for (u, g) in UNIT_CONVERSIONS if u == f.unit)],
+                "reference_range": f.reference_range,
+            }
+            for f in markers
+        ],
+        "genes": [f.name[5:] for f in feats if f.name.startswith("gene:")],
+        "classes": list(cohort.class_names()),
+        "examples": examples,
+        "hpo_release": str(panel.get("hpo_release", "")),
+        "attribution": str(panel.get("attribution", "")),
+    }
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -629,6 +784,10 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    @app.get("/vocabulary", summary="Symptoms, biomarkers, genes, classes and worked examples")
+    async def vocabulary() -> VocabularyOut:
+        return VocabularyOut.model_validate(vocabulary_doc())
 
     @app.get("/health", summary="The process is up")
     async def health() -> dict[str, str]:

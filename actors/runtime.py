@@ -8,11 +8,12 @@ role and name in their actor names, so the Ray dashboard's actor view reads like
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,17 @@ from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
 from medimesh.errors import ConfigError
 from medimesh.identity import Identity, Member, Roster
 from medimesh.model import TrainConfig
+from medimesh.privacy import PrivacyConfig
+from medimesh.routing import Faults
 from medimesh.sites import DatasetInfo, SiteDescriptor, dataset_info
 
-__all__ = ["NAMESPACE", "Consortium", "RunConfig", "ensure_ray", "site_descriptors"]
+__all__ = [
+    "NAMESPACE", "Consortium", "RunConfig", "check_placement", "ensure_ray", "hospital_resource",
+    "site_descriptors",
+]
 
 NAMESPACE = "medimesh"
+_SERVICES = ("router", "auditor", "validator", "coordinator")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,19 @@ class RunConfig:
     test_fraction: float = 0.3
     skip_bad_rows: bool = False
     pace_s: float = 0.0
+    # Differential privacy (docs/privacy.md): calibrated once at start, then every DP round
+    # sends clipped gradients; the validator's bound becomes the clip norm (central mode) and
+    # its statistical scoring is off (a data-dependent selection would break the DP bound).
+    privacy: PrivacyConfig | None = None
+    keys_dir: str | None = None  # NAME.key files + roster.json (`medimesh keys`, `roster`)
+    # How many dishonest hospitals the defence is built to tolerate (f). A deployment declares
+    # it; None falls back to the number of sites ``behaviours`` makes dishonest (drills only).
+    tolerate: int | None = None
+    # "pinned": each hospital actor needs its node's custom resource "hospital:<name>" (a
+    # cluster from deploy/cluster.yaml); "any": anywhere (one machine).
+    placement: str = "any"
+    restarts: int = 3  # Ray restarts a crashed hospital, router or validator this many times
+    round_retries: int = 3  # a round without quorum is run again (same base model)
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -77,12 +97,25 @@ class RunConfig:
             raise ConfigError("the csv dataset needs --spec and at least one --site NAME=PATH")
         if not 0 <= self.test_fraction < 1:
             raise ConfigError("--test-fraction must be in [0, 1)")
+        if self.tolerate is not None and self.tolerate < 0:
+            raise ConfigError("--tolerate must be zero or a positive number of hospitals")
+        if self.round_timeout_s <= 0:
+            raise ConfigError("--round-timeout must be a positive number of seconds")
+        if self.placement not in ("any", "pinned"):
+            raise ConfigError(f"--placement must be 'any' or 'pinned', not {self.placement!r}")
+        if self.restarts < 0 or self.round_retries < 0:
+            raise ConfigError("restarts and round retries must be zero or positive")
         if self.pace_s < 0:
             raise ConfigError("--pace must be zero or positive seconds")
 
     @property
     def n_byzantine(self) -> int:
         return sum(1 for _, b in self.behaviours if b != "honest")
+
+    @property
+    def assumed_byzantine(self) -> int:
+        """f for the aggregation rule: the declared tolerance, not who actually cheats."""
+        return self.n_byzantine if self.tolerate is None else self.tolerate
 
     @property
     def quorum(self) -> int:
@@ -157,8 +190,40 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     )
 
 
-def _actor(cls: type, name: str) -> Any:
-    return ray.remote(cls).options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0)
+def _actor(
+    cls: type, name: str, restarts: int = 0, resources: dict[str, float] | None = None,
+    here: bool = False,
+) -> Any:
+    """Actor options; ``here`` pins it to this driver's node (the head, on a cluster), so
+    losing a hospital's node never takes the router, validator or coordinator with it."""
+    extra: dict[str, Any] = {}
+    if here:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = ray.get_runtime_context().get_node_id()
+        extra["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+    return ray.remote(cls).options(
+        name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=restarts,
+        resources=resources or {}, **extra,
+    )
+
+
+def hospital_resource(site: str) -> str:
+    """The custom resource a hospital's node advertises (deploy/cluster.yaml)."""
+    return f"hospital:{site}"
+
+
+def check_placement(sites: list[str]) -> None:
+    """Refuse to start a pinned hospital whose node is missing, instead of placing it elsewhere
+    (its data lives only on its own node)."""
+    have: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    missing = [s for s in sites if have.get(hospital_resource(s), 0) < 1]
+    if missing:
+        raise ConfigError(
+            "no node advertises " + ", ".join(repr(hospital_resource(s)) for s in missing)
+            + "; refusing to place those hospitals elsewhere (start their nodes, or use "
+            "--placement any on one machine)"
+        )
 
 
 def _cause(exc: BaseException) -> str:
@@ -189,10 +254,32 @@ class Consortium:
         self.run_id = secrets.token_hex(3)
         self.restarts = 0
 
+    @functools.cached_property
+    def privacy(self) -> PrivacyConfig | None:
+        """The run's DP config with its noise multiplier calibrated (once, in the driver)."""
+        return None if self.cfg.privacy is None else self.cfg.privacy.calibrated()
+
+    def _validator_bounds(self) -> tuple[float, bool]:
+        """(max update norm, statistical scoring on?) for the validator."""
+        dp = self.privacy
+        if dp is None:
+            return self.cfg.max_update_norm, self.cfg.validator_scoring
+        # Central DP updates are mean clipped gradients: norm <= C is checkable exactly.
+        bound = dp.clip_norm * (1 + 1e-4) if dp.mode == "central" else self.cfg.max_update_norm
+        return bound, False
+
     def _name(self, name: str) -> str:
         return f"{name}@{self.run_id}"
 
     def _enrol(self, name: str, role: Any) -> Identity:
+        if self.cfg.keys_dir is not None:  # persistent identities: the operator's key files
+            from medimesh.keys import consortium_roster, enrolled_identity
+
+            keys_dir = Path(self.cfg.keys_dir)
+            if not len(self.roster):
+                self.roster = consortium_roster(keys_dir, [d.name for d in self.descriptors])
+            self.identities[name] = enrolled_identity(keys_dir, self.roster, name, role)
+            return self.identities[name]
         ident = Identity.generate()
         self.identities[name] = ident
         self.roster.add(Member(name, role, ident.peer_id))
@@ -214,19 +301,31 @@ class Consortium:
             self._enrol(d.name, "hospital")
         roster_json = self.roster.to_json()
         seed = self.identities
-        auditor = _actor(Auditor, self._name("auditor")).remote(
+        if self.cfg.placement == "pinned":
+            check_placement([d.name for d in self.descriptors])
+        directory = {
+            self.identities[n].peer_id: self._name(
+                n if n in ("validator", "coordinator") else f"hospital:{n}"
+            )
+            for n in self.identities
+            if n not in ("router", "auditor")
+        }
+        pin = self.cfg.placement == "pinned"
+        auditor = _actor(Auditor, self._name("auditor"), here=pin).remote(
             seed["auditor"].seed, roster_json, self.cfg.audit_path, self.cfg.database_url
         )
-        router = _actor(Router, self._name("router")).remote(
-            seed["router"].seed, roster_json, auditor, self.cfg.seed, self.cfg.capture_envelopes
+        router = _actor(Router, self._name("router"), self.cfg.restarts, here=pin).remote(
+            seed["router"].seed, roster_json, auditor, self.cfg.seed, self.cfg.capture_envelopes,
+            directory, NAMESPACE,
         )
-        validator = _actor(Validator, self._name("validator")).remote(
+        validator = _actor(
+            Validator, self._name("validator"), self.cfg.restarts, here=pin
+        ).remote(
             seed["validator"].seed,
             roster_json,
             router,
             auditor,
-            self.cfg.max_update_norm,
-            self.cfg.validator_scoring,
+            *self._validator_bounds(),
         )
         coord_cfg = CoordinatorConfig(
             n_features=len(self.info.feature_names),
@@ -234,14 +333,18 @@ class Consortium:
             spec_hash=spec_hash(self.info),
             train=self.cfg.train,
             aggregator=self.cfg.aggregator,
-            n_byzantine=self.cfg.n_byzantine,
+            n_byzantine=self.cfg.assumed_byzantine,
             server_momentum=self.cfg.server_momentum,
             min_updates=self.cfg.quorum,
             round_timeout_s=self.cfg.round_timeout_s,
             pace_s=self.cfg.pace_s,
+            round_retries=self.cfg.round_retries,
+            privacy=self.privacy,
         )
         self._coord_args = (seed["coordinator"].seed, roster_json, router, auditor, coord_cfg)
-        coordinator = _actor(Coordinator, self._name("coordinator")).remote(*self._coord_args)
+        coordinator = _actor(Coordinator, self._name("coordinator"), here=pin).remote(
+            *self._coord_args
+        )
         behaviour = dict(self.cfg.behaviours)
         unknown = set(behaviour) - {d.name for d in self.descriptors}
         if unknown:
@@ -253,7 +356,10 @@ class Consortium:
             else None
         )
         hospitals = {
-            d.name: _actor(Hospital, self._name(f"hospital:{d.name}")).remote(
+            d.name: _actor(
+                Hospital, self._name(f"hospital:{d.name}"), self.cfg.restarts,
+                {hospital_resource(d.name): 1} if self.cfg.placement == "pinned" else None,
+            ).remote(
                 seed[d.name].seed,
                 roster_json,
                 router,
@@ -327,7 +433,9 @@ class Consortium:
         ray.kill(self.handles["coordinator"], no_restart=True)
         self.restarts += 1
         name = self._name(f"coordinator-r{self.restarts}")
-        coordinator = _actor(Coordinator, name).remote(*self._coord_args)
+        coordinator = _actor(
+            Coordinator, name, here=self.cfg.placement == "pinned"
+        ).remote(*self._coord_args)
         ray.get(self.handles["router"].register.remote(
             self.identities["coordinator"].peer_id, coordinator
         ))
@@ -351,9 +459,45 @@ class Consortium:
         return dict(ray.get(self.handles["router"].stats.remote()))
 
     def flush_audit(self) -> None:
-        """Push every actor's buffered audit events to the auditor, then wait for it."""
+        """Push every actor's buffered audit events to the auditor, then wait for it.
+
+        A hospital that is down (or restarting) cannot flush; what it had not yet handed to
+        the auditor died with it, but the chain itself has no gap (the auditor numbers it).
+        """
         names = [n for n in self.handles if n != "auditor"]
-        ray.get([self.handles[n].sync_audit.remote() for n in names])
+        refs = {n: self.handles[n].sync_audit.remote() for n in names}
+        for n, ref in refs.items():
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                if n in _SERVICES:
+                    raise
+
+    def set_faults(
+        self, drop: float = 0.0, delay_s: float = 0.0, partitions: Sequence[Sequence[str]] = ()
+    ) -> None:
+        """Fault drills on the router: drop probability, fixed delay, partitions by node name
+        (e.g. [["hospital-01", "coordinator"], ["hospital-02"]])."""
+        groups = []
+        for group in partitions:
+            unknown = [n for n in group if n not in self.identities]
+            if unknown:
+                raise ConfigError(f"partition names unknown nodes: {unknown}")
+            groups.append([self.identities[n].peer_id for n in group])
+        Faults(drop, delay_s)  # validates before anything is sent to the router
+        ray.get(self.handles["router"].set_faults.remote(drop, delay_s, groups))
+
+    def kill_hospital(self, name: str, restart: bool = True) -> None:
+        """Crash a hospital's actor (a drill): Ray restarts it unless ``restart`` is False."""
+        if name not in self.handles or name in _SERVICES:
+            raise ConfigError(f"no hospital named {name!r}")
+        ray.kill(self.handles[name], no_restart=not restart)
+
+    def node_status(self) -> dict[str, str]:
+        """Node name -> live / slow / restarting / down, as the router sees deliveries."""
+        peers = self.router_stats()["peers"]
+        by_id = {i.peer_id: n for n, i in self.identities.items()}
+        return {by_id.get(pid, pid): str(p.get("status", "?")) for pid, p in peers.items()}
 
     def audit_entries(self) -> list[Any]:
         self.flush_audit()

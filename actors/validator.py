@@ -9,6 +9,7 @@ missing hospital never holds the others' verdicts back. Anything judged after th
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections import Counter
@@ -16,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from medimesh.actors import telemetry
 from medimesh.actors.base import Node
 from medimesh.aggregation import flatten
 from medimesh.errors import EnvelopeError, MalformedPayload
-from medimesh.protocol import RoundStart, Update, Verdict, Verdicts, decode
+from medimesh.protocol import RoundStart, Update, Verdict, Verdicts, VerdictsRequest, decode
 from medimesh.scoring import RoundScore, score_round
 from medimesh.validation import Decision, RoundContext, UpdateValidator
 from medimesh.wire import digest, inspect, open_envelope
@@ -61,6 +63,7 @@ class Validator(Node):
         self._timer: threading.Timer | None = None
         self._lock = threading.RLock()  # the deadline timer thread flushes too
         self.verdicts = {"accepted": 0, "rejected": 0}
+        self._last_batch: tuple[int, bytes] | None = None
 
     def deliver(self, envelope: bytes) -> None:
         try:
@@ -71,6 +74,8 @@ class Validator(Node):
         with self._lock:
             if header.type == RoundStart.TYPE and header.sender == self._coordinator:
                 self._begin(envelope)
+            elif header.type == VerdictsRequest.TYPE and header.sender == self._coordinator:
+                self._resend(envelope)
             elif header.type == Update.TYPE or header.sender != self._coordinator:
                 self._judge(envelope)
             self.maybe_flush()
@@ -142,7 +147,12 @@ class Validator(Node):
 
     def _score(self, batch: list[Decision]) -> list[Decision]:
         """Judge the round's protocol-clean updates against each other (outliers rejected)."""
-        clean = [(d.digest, d.update) for d in batch if d.accepted and d.update is not None]
+        # Quarantined senders are refused anyway; kept out of the statistics, they cannot bend
+        # the round's reference (or its consensus) against the honest sites.
+        clean = [
+            (d.digest, d.update) for d in batch
+            if d.accepted and d.update is not None and d.hospital not in self._quarantined
+        ]
         scored: dict[str, RoundScore] = {}
         if self._scoring and len(clean) >= 2:
             vecs = {dig: flatten(u.delta_w, u.delta_b) for dig, u in clean}
@@ -161,11 +171,17 @@ class Validator(Node):
                     reasons = s.reasons
                     if consensus < CONSENSUS_MIN:
                         reasons = tuple(r for r in reasons if r != "direction_outlier")
-                    extra = {
-                        "norm_z": s.norm_z,
-                        "cosine": s.cosine,
-                        "distance_z": s.distance_z,
-                        "consensus": consensus,
+                    extra = {  # undefined scores are left out: audit bodies are strict JSON
+                        k: v
+                        for k, v in (
+                            ("norm_z", s.norm_z),
+                            ("cosine", s.cosine),
+                            ("distance_z", s.distance_z),
+                            ("consensus", consensus),
+                            ("loo_cosine", s.loo_cosine),
+                            ("loo_consensus", s.loo_consensus),
+                        )
+                        if math.isfinite(v)
                     }
                     d = dataclasses.replace(
                         d, accepted=not reasons, reasons=reasons, scores={**d.scores, **extra}
@@ -198,6 +214,20 @@ class Validator(Node):
                 )
         return d
 
+    def _resend(self, envelope: bytes) -> None:
+        """Send the round's signed batch again, byte for byte (the coordinator lost it)."""
+        try:
+            opened = open_envelope(envelope, self.identity)
+            msg = decode(opened.header.type, opened.payload, VerdictsRequest)
+        except (EnvelopeError, MalformedPayload):
+            return
+        if self._last_batch is not None and self._last_batch[0] == msg.round:
+            self.transport.send(self._last_batch[1])
+            self.audit.record("verdicts_resent", msg.round, digest(self._last_batch[1]), {})
+        elif not self._flushed and self._batch:
+            self._flushed = True  # not flushed yet: the coordinator's deadline came first
+            self._send_batch()
+
     def _send_batch(self) -> None:
         ctx = self._checker.context
         round_ = ctx.round if ctx is not None else -1
@@ -206,7 +236,10 @@ class Validator(Node):
             Verdict(round_, d.digest, d.hospital, d.accepted, d.reasons, d.scores) for d in batch
         ]
         env = self.send(Verdicts(round_, items), [self._coordinator], round_)
+        self._last_batch = (round_, env)
         self.audit.record("verdicts_sent", round_, digest(env), {"count": len(items)})
+        # Counted here, where each verdict is final and sent once (not at the coordinator too).
+        telemetry.record_verdicts((d.accepted, d.reasons) for d in batch)
 
     def stats(self) -> dict[str, Any]:
         return {**self.verdicts, "quarantined": sorted(self._quarantined)}

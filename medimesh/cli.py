@@ -52,6 +52,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _site(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
@@ -81,6 +95,16 @@ def _run_args(p: argparse.ArgumentParser, hospitals: int = 8, rounds: int = 20) 
     p.add_argument("--local-steps", type=_positive_int, default=None)
     p.add_argument("--l2", type=float, default=None)
     p.add_argument("--prox-mu", type=float, default=None)
+    p.add_argument("--tolerate", type=int, default=None, metavar="F",
+                   help="dishonest hospitals the robust aggregation is built to tolerate")
+    p.add_argument("--round-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long a round waits for lost or slow hospitals (default 30; "
+                        "bench chaos: 3)")
+    p.add_argument("--placement", choices=["any", "pinned"], default="any",
+                   help="pinned: each hospital only on the node advertising hospital:<name>")
+    p.add_argument("--keys-dir", default=None,
+                   help="identities and roster.json from `medimesh keys`/`roster` (default: "
+                        "fresh keys for this run)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     _csv_args(p)
@@ -118,6 +142,11 @@ def _config(args: argparse.Namespace) -> Any:
         data_dir=args.data_dir,
         audit_path=getattr(args, "audit_file", None),
         database_url=_database_url(getattr(args, "database_url", "none")),
+        pace_s=getattr(args, "pace", 0.0),
+        tolerate=args.tolerate,
+        placement=args.placement,
+        keys_dir=args.keys_dir,
+        **({} if args.round_timeout is None else {"round_timeout_s": args.round_timeout}),
     )
 
 
@@ -148,9 +177,14 @@ def _progress(total: int) -> Callable[[dict[str, Any]], None]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the federation, then (unless --no-serve/--json) the oracle and the UI, then train.
+
+    The oracle and UI come up before training so people watch the rounds arrive.
+    """
     from medimesh.actors.runtime import Consortium
 
     cfg = _config(args)
+    serving = not (args.no_serve or args.json) and cfg.database_url is not None
     print(
         f"MediMesh demo: {cfg.n_sites} hospitals, {cfg.rounds} rounds, dataset {cfg.dataset} "
         "(starting Ray…)",
@@ -158,6 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     fed = Consortium(cfg)
+    stops: list[Callable[[], None]] = []
     try:
         timings = fed.start()
         print(
@@ -167,6 +202,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        if args.drop or args.delay or args.partition:
+            fed.set_faults(args.drop, args.delay, [g.split(",") for g in args.partition])
+            print(f"fault drill: drop {args.drop:.0%}, delay {args.delay} s, partitions "
+                  f"{args.partition or 'none'}", file=sys.stderr, flush=True)
+        if serving:
+            assert cfg.database_url is not None
+            _start_services(cfg.database_url, args, fed.router_name(), stops)
         history = fed.run(None if args.json else _progress(cfg.rounds))
         final = fed.final_model()
         stats = fed.router_stats()
@@ -199,14 +241,77 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"{'verifies' if audit['ok'] else 'BROKEN: ' + audit['problem']}",
                 file=sys.stderr,
             )
-        if args.no_serve or args.json:
+        if not serving:
+            if not (args.no_serve or args.json):
+                print("(no database: nothing to serve; use --database-url)", file=sys.stderr)
             return 0
-        if cfg.database_url is None:
-            print("(no database: nothing to serve; use --database-url)", file=sys.stderr)
-            return 0
-        _serve_forever(cfg.database_url, args.port, fed.router_name())
+        print("training done; still serving. Press Ctrl-C to stop", file=sys.stderr, flush=True)
+        _wait_for_ctrl_c()
     finally:
+        for stop in reversed(stops):
+            try:
+                stop()
+            except Exception as exc:  # keep shutting the rest down
+                print(f"medimesh: shutdown: {type(exc).__name__}: {exc}", file=sys.stderr)
         fed.shutdown()
+    return 0
+
+
+def _start_services(
+    database_url: str, args: argparse.Namespace, router_name: str,
+    stops: list[Callable[[], None]],
+) -> None:
+    """Deploy the oracle on Ray Serve and start the UI (a thread here); print both URLs."""
+    from medimesh.actors.oracle import deploy
+
+    stops.append(_stop_serve)
+    url = deploy(database_url, router_name=router_name, port=args.port)
+    from medimesh.ui.app import UiServer
+
+    ui = UiServer(url, host=args.ui_host, port=args.ui_port)
+    stops.append(ui.stop)
+    ui.start()
+    print(
+        f"\noracle: {url}  (API docs {url}/docs)\n"
+        f"ui: {ui.url}\n"
+        "training starts now: watch the rounds arrive in the UI. Ctrl-C to stop\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _stop_serve() -> None:
+    from ray import serve
+
+    serve.shutdown()  # type: ignore[no-untyped-call]
+
+
+def _wait_for_ctrl_c() -> None:
+    """Block until Ctrl-C or SIGTERM (a service manager's stop), then return to clean up."""
+    import signal
+
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Serve the dashboard for an oracle somewhere else; it never talks to Ray."""
+    from medimesh.ui.app import UiServer
+
+    ui = UiServer(args.api, host=args.host, port=args.port)
+    ui.start()
+    print(f"ui: {ui.url}  (oracle {args.api})\npress Ctrl-C to stop", file=sys.stderr, flush=True)
+    try:
+        _wait_for_ctrl_c()
+    finally:
+        ui.stop()
     return 0
 
 
@@ -339,7 +444,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _config(args) if args.bench not in ("audit", "oracle") else None
     progress = (
-        None if args.json or cfg is None or args.bench == "byzantine" else _progress(cfg.rounds)
+        None if args.json or cfg is None or args.bench in ("byzantine", "chaos", "privacy")
+        else _progress(cfg.rounds)
     )
     t0 = time.perf_counter()
     if args.bench == "accuracy":
@@ -361,6 +467,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from medimesh.bench.audit import run_audit_bench
 
         result = run_audit_bench(n_append=args.append, n_verify=args.verify)
+    elif args.bench == "chaos":
+        import dataclasses
+
+        from medimesh.bench.chaos import run_chaos
+
+        def tell(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        assert cfg is not None
+        cfg = dataclasses.replace(cfg, round_timeout_s=args.round_timeout or 3.0)
+        result = run_chaos(cfg, args.drop, args.kill_every, tell)
+    elif args.bench == "privacy":
+        from medimesh.bench.privacy import run_privacy
+
+        def note(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        modes: Any = ("central", "local") if args.mode == "both" else (args.mode,)
+        # Step sizes that worked per dataset (docs/privacy.md): heart's 30-parameter model
+        # wants small clipped steps, the 11-class rare model larger ones.
+        heart = args.dataset == "heart"
+        clip = args.clip_norm if args.clip_norm is not None else (0.5 if heart else 1.0)
+        lr = args.server_lr if args.server_lr is not None else (0.5 if heart else 8.0)
+        result = run_privacy(
+            cfg, args.epsilon, args.delta, args.dp_rounds, clip, modes,
+            args.repeats, args.secagg_hospitals, note, server_lr=lr,
+        )
     elif args.bench == "codes":
         from medimesh.bench.codes import run_codes
 
@@ -379,6 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a federated model on a local Ray instance")
     _run_args(demo)
+    demo.add_argument("--drop", type=_probability, default=0.0,
+                      help="fault drill: fraction of envelopes the router drops")
+    demo.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
+                      help="fault drill: delay every delivery by this long")
+    demo.add_argument("--partition", action="append", default=[], metavar="A,B,…",
+                      help="fault drill: node names that can only talk among themselves "
+                           "(repeat for several groups)")
     demo.add_argument("--no-serve", action="store_true",
                       help="exit after training instead of serving the oracle")
     demo.add_argument("--audit-file", default=None,
@@ -387,7 +527,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="PostgreSQL for the audit trail: a URL, 'embedded' (default: an "
                            "embedded server in .medimesh/pg) or 'none' (in memory)")
     demo.add_argument("--port", type=int, default=8000, help="oracle HTTP port")
+    demo.add_argument("--ui-host", default="127.0.0.1", help="dashboard host")
+    demo.add_argument("--ui-port", type=int, default=7860, help="dashboard HTTP port")
+    demo.add_argument("--pace", type=float, default=0.0, metavar="SECONDS",
+                      help="pause between rounds, so people can watch them arrive")
     demo.set_defaults(func=cmd_demo)
+    ui_p = sub.add_parser("ui", help="serve the Gradio dashboard for a running oracle")
+    ui_p.add_argument("--api", required=True, metavar="URL", help="the oracle's base URL")
+    ui_p.add_argument("--host", default="127.0.0.1")
+    ui_p.add_argument("--port", type=int, default=7860)
+    ui_p.add_argument("-v", "--verbose", action="store_true")
+    ui_p.set_defaults(func=cmd_ui)
     serve_p = sub.add_parser("serve", help="serve the oracle (Ray Serve) on an existing store")
     serve_p.add_argument("--database-url", default="embedded")
     serve_p.add_argument("--port", type=int, default=8000)
@@ -407,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     from medimesh.audit_cli import add_audit_commands
 
     add_audit_commands(sub)
+    from medimesh.keys_cli import add_keys_commands
+
+    add_keys_commands(sub)
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bsub = bench.add_subparsers(dest="bench", required=True)
     acc = bsub.add_parser("accuracy", help="federated vs pooled vs isolated")
@@ -430,9 +583,33 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true")
     audit.add_argument("-v", "--verbose", action="store_true")
     audit.set_defaults(func=cmd_bench)
+    chaos = bsub.add_parser("chaos", help="message drops + hospital crashes vs a clean run")
+    _run_args(chaos, hospitals=8, rounds=30)
+    chaos.add_argument("--drop", type=_probability, default=0.05,
+                       help="fraction of envelopes the router drops (after setup)")
+    chaos.add_argument("--kill-every", type=_positive_int, default=5, metavar="ROUNDS",
+                       help="kill one hospital actor every this many rounds (Ray restarts it)")
+    chaos.set_defaults(func=cmd_bench)
     codes = bsub.add_parser("codes", help="train + evaluate on CSV sites with ~400 HPO codes")
     _run_args(codes, rounds=20)
     codes.set_defaults(func=cmd_bench)
+    priv = bsub.add_parser("privacy", help="accuracy against epsilon; secure-aggregation cost")
+    _run_args(priv, rounds=20)
+    priv.set_defaults(dataset="heart")
+    priv.add_argument("--epsilon", type=_positive_float, nargs="+",
+                      default=[0.1, 0.3, 1.0, 3.0, 10.0], help="privacy budgets to sweep")
+    priv.add_argument("--delta", type=_positive_float, default=1e-3)
+    priv.add_argument("--dp-rounds", type=_positive_int, default=10,
+                      help="DP rounds the noise is calibrated for (--rounds: the no-DP reference)")
+    priv.add_argument("--clip-norm", type=_positive_float, default=None,
+                      help="per-patient gradient clip norm C (default: heart 0.5, else 1.0)")
+    priv.add_argument("--server-lr", type=_positive_float, default=None,
+                      help="server step on the noisy mean gradient (default: heart 0.5, else 8)")
+    priv.add_argument("--mode", choices=["central", "local", "both"], default="both")
+    priv.add_argument("--repeats", type=_positive_int, default=3,
+                      help="runs per budget (the DP noise differs each run)")
+    priv.add_argument("--secagg-hospitals", type=_positive_int, default=10)
+    priv.set_defaults(func=cmd_bench)
     rounds = bsub.add_parser("rounds", help="startup and per-round wall time")
     _run_args(rounds, hospitals=10, rounds=30)
     rounds.set_defaults(func=cmd_bench)
@@ -454,4 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the imported module's main, not this __main__ copy: subcommand modules import
+    # medimesh.cli and must share its stdout guard (else `python -m` sends their output astray).
+    from medimesh.cli import main as _main
+
+    raise SystemExit(_main())

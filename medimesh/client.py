@@ -29,10 +29,12 @@ __all__ = [
     "AsyncClient",
     "AuditEntry",
     "AuditPage",
+    "BiomarkerSpec",
     "Candidate",
     "Client",
     "Diagnosis",
     "Event",
+    "ExamplePatient",
     "Finding",
     "ModelInfo",
     "Network",
@@ -41,9 +43,11 @@ __all__ = [
     "NotFound",
     "ReadyState",
     "RoundInfo",
+    "SymptomTerm",
     "Unavailable",
     "ValidationFailed",
     "VerifyResult",
+    "Vocabulary",
     "parse_sse",
 ]
 
@@ -125,6 +129,7 @@ class NetworkNode:
     bytes_in: int
     dropped: int
     last_seen: float | None
+    status: str = "unknown"  # live / slow / restarting / down, as the router sees deliveries
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +211,50 @@ class ReadyState:
 
 
 @dataclass(frozen=True, slots=True)
+class SymptomTerm:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class BiomarkerSpec:
+    """A biomarker the model reads: canonical ``unit``, accepted ``units``, reference range."""
+
+    name: str
+    label: str
+    unit: str
+    units: tuple[str, ...]
+    reference_range: tuple[float, float] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExamplePatient:
+    """A worked example; ``biomarkers`` maps name to (value, unit), ready for ``diagnose``."""
+
+    name: str
+    description: str
+    resembles: str | None
+    symptoms: tuple[str, ...]
+    biomarkers: Mapping[str, tuple[float, str]]
+    genes: tuple[str, ...]
+    age: float | None
+    sex: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Vocabulary:
+    """What the oracle's model understands: the inputs of a diagnosis form."""
+
+    symptoms: tuple[SymptomTerm, ...]
+    biomarkers: tuple[BiomarkerSpec, ...]
+    genes: tuple[str, ...]
+    classes: tuple[str, ...]
+    examples: tuple[ExamplePatient, ...]
+    hpo_release: str
+    attribution: str
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """One Server-Sent Event; ``entry`` is the parsed audit entry for ``event: audit``."""
 
@@ -252,6 +301,7 @@ def _network(d: Mapping[str, Any]) -> Network:
             n["peer_id"], n.get("name", "?"), n.get("role", "?"), n.get("reachable"),
             int(n.get("msgs_out", 0)), int(n.get("bytes_out", 0)), int(n.get("msgs_in", 0)),
             int(n.get("bytes_in", 0)), int(n.get("dropped", 0)), n.get("last_seen"),
+            str(n.get("status", "unknown")),
         )
         for n in d.get("nodes", [])
     )
@@ -277,6 +327,32 @@ def _model(d: Mapping[str, Any]) -> ModelInfo:
         d["model_hash"], int(d["round"]), d.get("parent_hash"), int(d["n_features"]),
         int(d["n_classes"]), d.get("provenance", {}), float(d["created_at"]),
         bool(d.get("active", False)), d.get("round_metrics"),
+    )
+
+
+def _vocabulary(d: Mapping[str, Any]) -> Vocabulary:
+    def rng(r: Any) -> tuple[float, float] | None:
+        return None if r is None else (float(r[0]), float(r[1]))
+
+    return Vocabulary(
+        symptoms=tuple(SymptomTerm(t["id"], t["name"]) for t in d["symptoms"]),
+        biomarkers=tuple(
+            BiomarkerSpec(b["name"], b["label"], b["unit"], tuple(b.get("units", [b["unit"]])),
+                          rng(b.get("reference_range")))
+            for b in d["biomarkers"]
+        ),
+        genes=tuple(d["genes"]),
+        classes=tuple(d["classes"]),
+        examples=tuple(
+            ExamplePatient(
+                e["name"], e.get("description", ""), e.get("resembles"), tuple(e["symptoms"]),
+                {k: (float(m["value"]), str(m["unit"])) for k, m in e["biomarkers"].items()},
+                tuple(e["genes"]), e.get("age"), e.get("sex"),
+            )
+            for e in d.get("examples", [])
+        ),
+        hpo_release=d.get("hpo_release", ""),
+        attribution=d.get("attribution", ""),
     )
 
 
@@ -494,6 +570,10 @@ class Client:
         except httpx.TransportError as exc:
             raise Unavailable(0, f"/events: {type(exc).__name__}: {exc}") from exc
 
+    def vocabulary(self) -> Vocabulary:
+        """Symptom terms, biomarkers (units, reference ranges), genes, classes, examples."""
+        return _vocabulary(self._get("/vocabulary"))
+
     def health(self) -> bool:
         return bool(self._get("/health").get("status") == "ok")
 
@@ -624,6 +704,9 @@ class AsyncClient:
                         yield ev
         except httpx.TransportError as exc:
             raise Unavailable(0, f"/events: {type(exc).__name__}: {exc}") from exc
+
+    async def vocabulary(self) -> Vocabulary:
+        return _vocabulary(await self._get("/vocabulary"))
 
     async def health(self) -> bool:
         return bool((await self._get("/health")).get("status") == "ok")

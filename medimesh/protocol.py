@@ -30,6 +30,7 @@ __all__ = [
     "Update",
     "Verdict",
     "Verdicts",
+    "VerdictsRequest",
     "decode",
     "decode_arrays",
     "encode_arrays",
@@ -109,6 +110,8 @@ class Message:
         arrays: dict[str, np.ndarray] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue  # optional fields at their default stay off the wire (older peers)
             if isinstance(value, np.ndarray):
                 arrays[f.name] = value
             elif isinstance(value, tuple):
@@ -146,6 +149,8 @@ class Message:
                 kwargs[f.name] = arrays[f.name]
                 continue
             if f.name not in meta:
+                if f.default is not dataclasses.MISSING:
+                    continue  # optional field from a newer minor version: keep the default
                 raise MalformedPayload(f"{cls.TYPE}: missing field {f.name!r}")
             value: Any = meta[f.name]
             if kind in _SCALARS:
@@ -224,6 +229,10 @@ class RoundStart(Message):
     prox_mu: float
     clip_norm: float
     committed: dict[str, int]
+    # Differential privacy (docs/privacy.md): "" = off, "central" or "local". Optional
+    # fields: omitted from the payload at their defaults, so non-DP rounds are unchanged.
+    dp_mode: str = ""
+    dp_noise_multiplier: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +308,18 @@ class Verdicts(Message):
         object.__setattr__(self, "items", converted)
 
 
+@dataclass(frozen=True, slots=True)
+class VerdictsRequest(Message):
+    """The coordinator asks the validator to send round ``round``'s verdict batch again.
+
+    AXL is best effort: when the one batch that decides a round is lost, asking for it again
+    costs one small message instead of re-running the round at every hospital.
+    """
+
+    TYPE: ClassVar[str] = "verdicts_request"
+    round: int
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -308,6 +329,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         RoundStart,
         Update,
         Verdicts,
+        VerdictsRequest,
         ModelPublished,
         EvalReport,
     )

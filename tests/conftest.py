@@ -24,6 +24,7 @@ def ray_session() -> Iterator[None]:
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always a fresh instance, never a cluster someone else started
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

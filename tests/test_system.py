@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,7 +43,7 @@ def test_rounds_train_and_chain_their_models(run: dict[str, Any]) -> None:
     """Every round accepts all four updates, learns, and names its parent model."""
     history = run["history"]
     assert [m["round"] for m in history] == list(range(1, ROUNDS + 1))
-    assert all(m["accepted"] == 4 and m["rejected"] == 0 for m in history)
+    assert all(m["accepted"] == 4 and m["rejected"] == 0 for m in history), history
     for prev, cur in itertools.pairwise(history):
         assert cur["parent_hash"] == prev["model_hash"]
     assert history[-1]["top1"] > 0.6
@@ -158,7 +159,8 @@ def test_replayed_update_is_rejected_through_the_real_actors(run: dict[str, Any]
     replayed = next(e for e in run["captured"] if inspect(e).type == Update.TYPE)
     ray.get(fed.handles["router"].send.remote(replayed))
     fed.flush_audit()
-    for _ in range(50):
+    deadline = time.monotonic() + 30  # the validator answers asynchronously; CI may be slow
+    while time.monotonic() < deadline:
         verdicts = [
             e for e in fed.audit_entries()
             if e.event == "verdict" and "replay" in e.body.get("reasons", [])

@@ -9,6 +9,7 @@ network, feed, audit and provenance views see what a real run writes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import re
 import threading
@@ -31,6 +32,7 @@ from medimesh.client import (
     Network,
     NetworkEdge,
     NetworkNode,
+    RoundInfo,
     Unavailable,
     ValidationFailed,
 )
@@ -304,6 +306,12 @@ def test_node_status_rules() -> None:
     svg = topology_svg(views_)
     assert 'data-nodes="5"' in svg and 'data-peer="hospital-a" data-messages="9"' in svg
     assert 'data-name="hospital-c" data-role="hospital" data-status="down"' in svg
+    # The router's own view of deliveries: a dead actor is down, a restarting one slow.
+    dead = dataclasses.replace(net.nodes[4], reachable=True, status="down")
+    restarting = dataclasses.replace(net.nodes[2], status="restarting")
+    net2 = dataclasses.replace(net, nodes=(*net.nodes[:2], restarting, net.nodes[3], dead))
+    status2 = {n.name: n.status for n in node_views(net2)}
+    assert status2["hospital-c"] == "down" and status2["hospital-a"] == "slow"
 
 
 def test_feed_joins_verdicts_by_digest_and_shows_metadata_only() -> None:
@@ -377,3 +385,16 @@ def test_audit_log_pages_incrementally(run_oracle: tuple[str, dict[str, Any]]) -
         assert log.refresh(c) == 0
     assert [e.seq for e in log.entries] == list(range(1, 10))
     assert len(log.of("verdict")) == 2
+
+
+def test_rounds_table_shows_privacy_spent_only_for_dp_runs() -> None:
+    """ε (and δ) per round appear as a column when the run is differentially private."""
+    plain = [RoundInfo(1, {"top1": 0.8, "accepted": 4}, "ab" * 32, None)]
+    assert "ε spent" not in views.rounds_table_html(plain)
+    dp = [
+        RoundInfo(r, {"top1": 0.8, "accepted": 4, "epsilon": eps, "delta": 1e-3}, "cd" * 32, None)
+        for r, eps in ((1, 0.253), (2, 0.384))
+    ]
+    html = views.rounds_table_html(dp)
+    assert "ε spent (δ)" in html
+    assert re.findall(r"data-epsilon>([^<]+)<", html) == ["0.384 (0.001)", "0.253 (0.001)"]

@@ -198,7 +198,7 @@ def accuracy_chart(
             )
     legend = [("top-1 (global model)", BLUE, ""), ("top-3", ORANGE, "")]
     if baselines:
-        legend.append(("one hospital alone (top-1)", GREY, "4 3"))
+        legend.append(("one hospital alone, on its own test patients (top-1)", GREY, "4 3"))
     lx = left + 8
     for text, colour, dash in legend:
         body.append(

@@ -6,7 +6,8 @@ from the messages delivered to or from that peer. Node status is derived from wh
 exposes, with rules simple enough to state in the legend:
 
 * ``quarantined``: the validator quarantined the hospital (a ``hospital_quarantined`` entry);
-* ``down``: the router has no live route to it (``reachable`` is false);
+* ``down``: the router has no live route to it (``reachable`` is false), or its deliveries
+  fail because the actor is dead or cannot be restarted (the router's ``status``);
 * ``slow``: it sent a late update recently, or it has been silent for ``SLOW_AFTER_S`` while
   others kept talking;
 * ``live``: otherwise (``unknown`` when only enrolment data is available).
@@ -48,12 +49,14 @@ class NodeView:
 
 def _status(
     node_reachable: bool | None, last_seen: float | None, newest: float, quarantined: bool,
-    late: bool,
+    late: bool, router_says: str = "unknown",
 ) -> str:
     if quarantined:
         return "quarantined"
-    if node_reachable is False:
+    if node_reachable is False or router_says == "down":
         return "down"
+    if router_says in ("slow", "restarting"):
+        return "slow"
     if node_reachable is None:
         return "unknown"
     if late or (last_seen and newest - last_seen > SLOW_AFTER_S):
@@ -77,7 +80,7 @@ def node_views(
             n.name,
             n.role,
             _status(n.reachable, n.last_seen, newest, n.peer_id in quarantined,
-                    n.peer_id in late),
+                    n.peer_id in late, n.status),
             traffic.get(n.peer_id, 0) if n.role != "router" else sum(
                 e.messages for e in network.edges
             ),

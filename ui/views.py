@@ -313,6 +313,8 @@ def rounds_table_html(rounds: Sequence[RoundInfo], limit: int = 25) -> str:
     """Newest rounds first: accuracy, verdict counts, rejection reasons, time, model."""
     if not rounds:
         return '<p class="mm-note">No closed rounds yet.</p>'
+    # Differentially private runs carry ε spent so far (and δ) in every round's metrics.
+    dp = any(_float(r.metrics.get("epsilon")) is not None for r in rounds)
     rows = []
     for r in sorted(rounds, key=lambda r: -r.round)[:limit]:
         m = r.metrics
@@ -325,13 +327,21 @@ def rounds_table_html(rounds: Sequence[RoundInfo], limit: int = 25) -> str:
             f"<td>{_pct(_float(m.get('top3')))}</td><td>{int(m.get('accepted', 0) or 0)}</td>"
             f"<td>{int(m.get('rejected', 0) or 0)}</td><td>{escape(why)}</td>"
             f"<td class='mm-num'>{'—' if dur is None else f'{dur * 1000:.0f}'}</td>"
-            f"<td><code>{escape((r.model_hash or '')[:12])}</code></td></tr>"
+            + (_eps_cell(m) if dp else "")
+            + f"<td><code>{escape((r.model_hash or '')[:12])}</code></td></tr>"
         )
     return (
         '<table class="mm-table" data-table="rounds"><tr><th>round</th><th>top-1</th>'
         "<th>top-3</th><th>accepted</th><th>rejected</th><th>reasons</th><th>ms</th>"
-        "<th>model</th></tr>" + "".join(rows) + "</table>"
+        + ("<th>ε spent (δ)</th>" if dp else "")
+        + "<th>model</th></tr>" + "".join(rows) + "</table>"
     )
+
+
+def _eps_cell(m: Mapping[str, Any]) -> str:
+    eps, delta = _float(m.get("epsilon")), _float(m.get("delta"))
+    text = "—" if eps is None else f"{eps:.3f}" + ("" if delta is None else f" ({delta:g})")
+    return f"<td class='mm-num' data-epsilon>{text}</td>"
 
 
 # ---------------------------------------------------------------------------------- network
