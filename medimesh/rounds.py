@@ -84,7 +84,16 @@ class RoundState:
                 sender, upd = self.updates[dig]
                 if sender == v.hospital:
                     out.append((dig, sender, upd, vdig))
-        return sorted(out, key=lambda t: (rank.get(t[1], len(rank)), t[0]))
+        out.sort(key=lambda t: (rank.get(t[1], len(rank)), t[0]))
+        # One update per hospital: a retried round can hold a late update (and its verdict)
+        # from the failed attempt next to the same hospital's new one; count only one.
+        seen: set[str] = set()
+        unique = []
+        for t in out:
+            if t[1] not in seen:
+                seen.add(t[1])
+                unique.append(t)
+        return unique
 
     def rejection_reasons(self) -> Counter[str]:
         return Counter(v.reasons[0] for v, _ in self.verdicts.values() if not v.accepted)

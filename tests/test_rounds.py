@@ -59,6 +59,18 @@ def test_update_from_someone_else_is_not_aggregated() -> None:
     assert s.accepted() == []
 
 
+def test_a_hospital_counts_once_even_with_two_accepted_updates() -> None:
+    """A retried round may hold h1's late update from the failed attempt beside its new one:
+    the aggregate takes one (the lowest digest), never both."""
+    s = _state()
+    for dig, h, v in (("d2-new", "h1", 3.0), ("d1-old", "h1", 1.0), ("d3", "h2", -1.0)):
+        s.add_update(dig, h, _upd(v, 10))
+        s.add_verdict(Verdict(1, dig, h, True, (), {}), "v" + dig)
+    assert [(d, h) for d, h, *_ in s.accepted()] == [("d1-old", "h1"), ("d3", "h2")]
+    model, _, ups, _ = close_round(s)
+    assert ups == ["d1-old", "d3"] and np.allclose(model.weights, 0.0)
+
+
 def test_server_momentum_accumulates_direction() -> None:
     """With momentum, a repeated aggregate moves the model further each round."""
     opt = ServerOptimizer(lr=1.0, momentum=0.5)
