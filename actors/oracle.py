@@ -246,7 +246,11 @@ _ERR: dict[str, Any] = {
     },
 }
 
-Term = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+# The pattern puts in the schema what stripping enforces: at least one non-blank character
+# (schemathesis found " " and "\n" schema-valid but refused).
+Term = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True, pattern=r"\S")
+]
 
 
 class BiomarkerIn(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -44,8 +45,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def live_oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real oracle (uvicorn, real PostgreSQL with a published model) on a free port."""
-    import uvicorn
-
     from medimesh.actors.oracle import OracleConfig, build_app
     from medimesh.bench.oracle import publish_model, train_quick_model
     from medimesh.store import Store, embedded_server
@@ -62,8 +61,17 @@ def live_oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             await store.close()
 
     asyncio.run(seed())
+    with _serve(build_app(OracleConfig(url, poll_interval=0.5, load_ontology=False))) as base:
+        yield base
+    server.cleanup()
+
+
+@contextlib.contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    """Run an ASGI app (the oracle) on uvicorn in a thread until it answers /ready."""
+    import uvicorn
+
     port = _free_port()
-    app = build_app(OracleConfig(url, poll_interval=0.5, load_ontology=False))
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -75,10 +83,17 @@ def live_oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    yield base
-    uv.should_exit = True
-    thread.join(timeout=10)
-    server.cleanup()
+    try:
+        yield base
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def serve_app() -> Callable[[Any], contextlib.AbstractContextManager[str]]:
+    """``with serve_app(app) as base_url:`` — an oracle app served for the block."""
+    return _serve
 
 
 # ----------------------------------------------------------------------- PostgreSQL (pgserver)

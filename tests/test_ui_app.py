@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import itertools
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -105,10 +104,8 @@ async def _seed(url: str, ids: dict[str, Identity]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def run_oracle(pg: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+def run_oracle(pg: Any, serve_app: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     """A real oracle (uvicorn) over a fresh database holding one small signed run."""
-    import uvicorn
-
     name = f"ui_{uuid.uuid4().hex[:10]}"
 
     async def create() -> None:
@@ -122,22 +119,8 @@ def run_oracle(pg: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     url = str(pg.get_uri(name))
     ids = {n: Identity.generate() for n in NAMES}
     seeded = asyncio.run(_seed(url, ids))
-    port = _free_port()
-    app = build_app(OracleConfig(url, poll_interval=0.5, load_ontology=False))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    yield base, seeded
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_app(build_app(OracleConfig(url, poll_interval=0.5, load_ontology=False))) as base:
+        yield base, seeded
 
 
 # ------------------------------------------------------------------------------- diagnose
