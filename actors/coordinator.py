@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +27,14 @@ from medimesh.features import LocalStats, Standardizer, combine_stats
 from medimesh.model import Model, TrainConfig, model_hash
 from medimesh.privacy import PrivacyAccountant, PrivacyConfig, dp_aggregate
 from medimesh.protocol import (
+    MESSAGE_TYPES,
     EvalReport,
     ModelPublished,
     RoundStart,
+    SecAggAdverts,
+    SecAggInbox,
+    SecAggMasked,
+    SecAggUnmaskRequest,
     SetupRequest,
     SetupResult,
     SetupStats,
@@ -45,6 +51,9 @@ from medimesh.rounds import (
     close_round,
     initial_model,
 )
+from medimesh.secagg import SecAggConfig, SecAggError
+from medimesh.secagg_round import INBOUND as SECAGG_INBOUND
+from medimesh.secagg_round import SecAggRound, b64e
 from medimesh.wire import open_envelope
 
 __all__ = ["STATISTICAL_REASONS", "Coordinator", "CoordinatorConfig"]
@@ -76,6 +85,9 @@ class CoordinatorConfig:
     pace_s: float = 0.0  # pause between rounds so people can watch a demo train
     privacy: PrivacyConfig | None = None  # DP-FedAvg (docs/privacy.md); None = no DP
     round_retries: int = 3  # runs of a round that missed quorum (lost messages, restarts)
+    # Secure aggregation (docs/privacy.md §4): the coordinator is the SecAgg server and learns
+    # only the weighted sum of the deltas; None = plaintext updates.
+    secure_aggregation: SecAggConfig | None = None
 
     def __post_init__(self) -> None:
         make_aggregator(self.aggregator, self.n_byzantine)  # unknown names fail here, early
@@ -111,6 +123,7 @@ class Coordinator(Node):
         self._eval_bytes: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
+        self._sa: SecAggRound | None = None  # the secure round in flight, if any
         self.history: list[RoundMetrics] = []
         self._accountant = (
             PrivacyAccountant(config.privacy) if config.privacy is not None else None
@@ -141,6 +154,8 @@ class Coordinator(Node):
                 self._on_verdicts(opened.digest, opened.payload, len(envelope))
             elif h.type == EvalReport.TYPE:
                 self._on_eval(h.sender, decode(h.type, opened.payload, EvalReport), len(envelope))
+            elif h.type in SECAGG_INBOUND and h.sender in self._hospitals:
+                self._on_secagg(h.type, h.sender, opened.digest, opened.payload, len(envelope))
             else:
                 self.audit.record("unexpected_message", h.round, h.message_id, {"type": h.type})
         except MediMeshError as exc:
@@ -163,6 +178,20 @@ class Coordinator(Node):
         tally = self._tallies.get(update.base_hash)
         if tally is not None and update.round == state.round:
             tally.add_from_update(sender, update)
+
+    def _on_secagg(self, type_: str, sender: str, dig: str, payload: bytes, size: int) -> None:
+        """A hospital's secure-aggregation message: kept only in its phase of the open round."""
+        msg = decode(type_, payload, MESSAGE_TYPES[type_])
+        sa, state = self._sa, self._state
+        if state is not None:
+            state.bytes_in += size
+        if sa is None or not sa.add(sender, msg, dig):
+            self.audit.record("late_secagg", getattr(msg, "round", -1), dig, {"type": type_})
+            return
+        if isinstance(msg, SecAggMasked):  # the base model's evaluation rides along, in clear
+            tally = self._tallies.get(msg.base_hash)
+            if tally is not None:
+                tally.add_counts(sender, msg.round, msg.base_hash, msg.eval)
 
     def _on_eval(self, sender: str, report: EvalReport, size: int) -> None:
         tally = self._tallies.get(report.model_hash)
@@ -391,6 +420,12 @@ class Coordinator(Node):
         )
         t = cfg.train
         dp = self._accountant.config if self._accountant is not None else None
+        sa = cfg.secure_aggregation
+        clip = t.clip_norm if dp is None else dp.clip_norm
+        secure: dict[str, Any] = {}
+        if sa is not None:
+            clip = sa.clip_norm
+            secure = {"secagg_threshold": sa.threshold(len(live)), "secagg_clip": clip}
         start = RoundStart(
             r,
             self._model_hash,
@@ -401,10 +436,11 @@ class Coordinator(Node):
             t.lr,
             t.l2,
             t.prox_mu,
-            t.clip_norm if dp is None else dp.clip_norm,
+            clip,
             self._committed,
             "" if dp is None else dp.mode,
             0.0 if dp is None else dp.z,
+            **secure,
         )
         self.audit.record(
             "round_started", r, self._model_hash, {"hospitals": len(live), "attempt": attempt}
@@ -413,10 +449,46 @@ class Coordinator(Node):
             # Local DP: every broadcast makes each hospital release a noisy update, so each
             # attempt (a retried round included) is spent now, published or not.
             self._spend_privacy(r, self._model_hash)
+        if sa is not None:
+            try:  # open before the broadcast: the first advertisements may come back at once
+                self._sa = SecAggRound.begin(start)
+            except SecAggError as exc:
+                raise ConfigError(f"secure aggregation cannot run: {exc}") from None
         marks = {"prepare": time.perf_counter()}
         env = await self._send_lossy(start, [self._validator, *live], r)
         bytes_routed = len(env)
         marks["broadcast"] = time.perf_counter()
+        if self._sa is not None:
+            parent = self._model_hash
+            (model, self._velocity, upd_digests, verdict_digests), sent = await self._secure_close(
+                state, attempt, marks
+            )
+            bytes_routed += sent
+        else:
+            parent, (model, self._velocity, upd_digests, verdict_digests) = (
+                await self._plain_close(state, tally, attempt, deadline, marks)
+            )
+        new_hash = model_hash(model)
+        self._model, self._model_hash = model, new_hash
+        published: dict[str, Any] = {
+            "parent": parent, "updates": upd_digests, "verdicts": verdict_digests
+        }
+        if self._sa is not None:
+            published["secure_aggregation"] = self._sa_summary(self._sa)
+            self._sa = None
+        self.audit.record("model_published", r, new_hash, published)
+        self._auditor.record_model.remote(
+            new_hash, r, parent, model.weights, model.bias, upd_digests, verdict_digests
+        )
+        marks["aggregate"] = time.perf_counter()
+        self._after_publish(state, r, t0, parent, new_hash, upd_digests, bytes_routed, marks)
+
+    async def _plain_close(
+        self, state: RoundState, tally: EvalTally, attempt: int, deadline: float,
+        marks: dict[str, float],
+    ) -> tuple[str, tuple[Model, np.ndarray, list[str], list[str]]]:
+        """Plaintext round: wait for updates, verdicts and evaluations, then aggregate."""
+        cfg, r = self._cfg, state.round
         await self._wait(lambda: state.complete() and tally.complete(), deadline)
         if state.updates and not state.verdicts:
             # The one message that decides the round is missing: lost on the way (AXL is best
@@ -430,28 +502,131 @@ class Coordinator(Node):
         self._finish_evaluation(r - 1)
         parent = self._model_hash
         try:
-            model, self._velocity, upd_digests, verdict_digests = self._close(state)
+            return parent, self._close(state)
         except QuorumNotReached as exc:
-            retry = attempt < cfg.round_retries
-            self.audit.record(
-                "round_failed", r, parent,
-                {"error": str(exc), "attempt": attempt, "retry": retry,
-                 "updates": len(state.updates), "verdicts": len(state.verdicts)},
-            )
-            self.flush_audit()
+            self._round_failed(state, parent, attempt, exc)
             raise
-        new_hash = model_hash(model)
-        self._model, self._model_hash = model, new_hash
+
+    async def _phase(
+        self, count: Callable[[], int], want: int, need: int, deadline: float, grace: bool = True
+    ) -> None:
+        """Wait for all ``want`` answers until ``deadline``; once ``need`` (the threshold) are
+        in, only ``grace_s`` more: one slow or vanished hospital must not stall the round."""
+        sa = self._cfg.secure_aggregation
+        assert sa is not None
+        await self._wait(lambda: count() >= (min(want, need) if grace else want), deadline)
+        if count() < want and grace:
+            await self._wait(lambda: count() >= want, min(deadline, time.time() + sa.grace_s))
+
+    async def _secure_close(
+        self, state: RoundState, attempt: int, marks: dict[str, float]
+    ) -> tuple[tuple[Model, np.ndarray, list[str], list[str]], int]:
+        """Secure round: the four SecAgg phases through the router, then one server step.
+
+        Returns the close result and the bytes this side sent. Only masked vectors and public
+        counts are ever held here; too few hospitals in any phase is a QuorumNotReached (the
+        round is retried with fresh keys), never a wrong sum.
+        """
+        sa, cfg = self._sa, self._cfg
+        sac = cfg.secure_aggregation
+        assert sa is not None and sac is not None
+        r, parent, t = state.round, self._model_hash, sa.params.threshold
+        sent = 0
+
+        async def send(msg: Any, to: list[str]) -> None:
+            nonlocal sent
+            sent += len(await self._send_lossy(msg, to, r))
+
+        try:
+            # Phase 0 (train, then advertise): everyone, until the round's deadline.
+            await self._phase(lambda: len(sa.adverts), len(sa.params.peers), t,
+                              state.deadline, grace=False)
+            blob = sa.close_adverts()
+            await send(SecAggAdverts(r, b64e(blob)), list(sa.advertisers))
+            marks["advertise"] = time.perf_counter()
+            phase_end = time.time() + sac.phase_timeout_s
+            await self._phase(lambda: len(sa.shares), len(sa.advertisers), t, phase_end)
+            inboxes = sa.close_shares()
+            await asyncio.gather(*(send(SecAggInbox(r, box), [v]) for v, box in inboxes.items()))
+            marks["share_keys"] = time.perf_counter()
+            phase_end = time.time() + sac.phase_timeout_s
+            await self._phase(lambda: len(sa.masked), len(sa.u2), t, phase_end)
+            self._answered_last = set(sa.masked)
+            self._finish_evaluation(r - 1)
+            await self._await_verdicts(state, {d for d, _ in sa.masked.values()})
+            accepted = set()
+            for peer, (dig, _) in sa.masked.items():
+                verdict = state.verdicts.get(dig)
+                if verdict is not None and verdict[0].accepted and verdict[0].hospital == peer:
+                    accepted.add(peer)
+            survivors = sa.close_masked(accepted)
+            await send(SecAggUnmaskRequest(r, survivors), list(survivors))
+            marks["masked_input"] = time.perf_counter()
+            phase_end = time.time() + sac.phase_timeout_s
+            await self._phase(lambda: len(sa.answers), len(survivors), t, phase_end)
+            state.closed = True
+            if len(survivors) < state.min_updates:
+                raise QuorumNotReached(
+                    f"round {r}: {len(survivors)} masked update(s), {state.min_updates} required"
+                )
+            agg = sa.aggregate()
+            marks["unmask"] = time.perf_counter()
+        except (SecAggError, QuorumNotReached) as exc:
+            self._sa = None
+            state.closed = True
+            failure = exc if isinstance(exc, QuorumNotReached) else QuorumNotReached(
+                f"round {r}: secure aggregation failed: {exc}"
+            )
+            self._round_failed(state, parent, attempt, failure)
+            raise failure from None
+        server = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
+        model, velocity = server.step(state.base, agg, self._velocity)
+        upd = [sa.masked[p][0] for p in survivors]
+        verdicts = [state.verdicts[d][1] for d in upd]
+        return (model, velocity, upd, verdicts), sent
+
+    async def _await_verdicts(self, state: RoundState, digests: set[str]) -> None:
+        """The validator's verdicts on the masked updates; asked for again once if missing."""
+        sac = self._cfg.secure_aggregation
+        assert sac is not None
+        r = state.round
+        if not await self._wait(lambda: digests <= set(state.verdicts), time.time() + sac.grace_s):
+            await self._send_lossy(VerdictsRequest(r), [self._validator], r)
+            self.audit.record("verdicts_requested", r, self._model_hash, {})
+            await self._wait(lambda: digests <= set(state.verdicts), time.time() + VERDICT_GRACE_S)
+
+    @staticmethod
+    def _sa_summary(sa: SecAggRound) -> dict[str, Any]:
+        """What the audit trail records of a secure round: who, how many, never values."""
+        return {
+            "threshold": sa.params.threshold,
+            "peers": len(sa.params.peers),
+            "advertised": len(sa.advertisers),
+            "shared_keys": len(sa.u2),
+            "masked": len(sa.masked),
+            "summed": len(sa.survivors),
+            "answered_unmask": len(sa.answers),
+            "dropped_after_masking": len(sa.survivors) - len(sa.answers),
+            "quantizer_bits": sa.params.quantizer.bits,
+            "clip": sa.params.quantizer.clip,
+        }
+
+    def _round_failed(
+        self, state: RoundState, parent: str, attempt: int, exc: QuorumNotReached
+    ) -> None:
+        retry = attempt < self._cfg.round_retries
         self.audit.record(
-            "model_published",
-            r,
-            new_hash,
-            {"parent": parent, "updates": upd_digests, "verdicts": verdict_digests},
+            "round_failed", state.round, parent,
+            {"error": str(exc), "attempt": attempt, "retry": retry,
+             "updates": len(state.updates), "verdicts": len(state.verdicts)},
         )
-        self._auditor.record_model.remote(
-            new_hash, r, parent, model.weights, model.bias, upd_digests, verdict_digests
-        )
-        marks["aggregate"] = time.perf_counter()
+        self.flush_audit()
+
+    def _after_publish(
+        self, state: RoundState, r: int, t0: float, parent: str, new_hash: str,
+        upd_digests: list[str], bytes_routed: int, marks: dict[str, float],
+    ) -> None:
+        """Privacy accounting, the round's pending metrics and the checkpoint."""
         reasons = state.rejection_reasons()
         privacy: dict[str, float] = {}
         if self._accountant is not None:

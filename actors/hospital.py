@@ -23,15 +23,23 @@ from medimesh.hospital import HospitalNode
 from medimesh.protocol import (
     ModelPublished,
     RoundStart,
+    SecAggAdverts,
+    SecAggInbox,
+    SecAggUnmaskRequest,
     SetupRequest,
     SetupResult,
     Update,
     decode,
 )
+from medimesh.secagg_round import SecAggHospital
 from medimesh.sites import SiteDescriptor, dataset_info, load_site
 from medimesh.wire import open_envelope
 
-__all__ = ["Hospital"]
+__all__ = ["DRILLS", "Hospital"]
+
+# Behaviours that are not attacks but failure drills. "secagg_dropout": in a secure round,
+# send the masked update, then vanish (never answer the unmasking request).
+DRILLS = frozenset({"secagg_dropout"})
 
 log = structlog.get_logger("medimesh.hospital")
 
@@ -51,7 +59,8 @@ class Hospital(Node):
         n_byzantine: int = 0,
     ) -> None:
         super().__init__(seed, roster_json, router, auditor)
-        if behaviour not in ATTACKS and behaviour not in PROTOCOL_ATTACKS:
+        known = behaviour in ATTACKS or behaviour in PROTOCOL_ATTACKS or behaviour in DRILLS
+        if not known:
             raise ConfigError(f"unknown behaviour {behaviour!r}")
         data = load_site(descriptor)  # built here, inside the hospital's own process
         self._data_notes = {"skipped_rows": data.skipped_rows, "unknown_codes": data.unknown_codes}
@@ -68,12 +77,13 @@ class Hospital(Node):
         self._n_byzantine = n_byzantine
         self._n_hospitals = len(self.roster.with_role("hospital"))
         self._last_envelope: bytes | None = None
+        self._secagg = SecAggHospital(self.identity)
         self.rounds_trained = 0
 
     def _misbehave(self, update: Update, round_: int) -> Update:
         """Apply a statistical attack to the honest delta (identity for honest sites)."""
         name = self._behaviour
-        if name in ("honest", "label_flip") or name in PROTOCOL_ATTACKS:
+        if name in ("honest", "label_flip") or name in PROTOCOL_ATTACKS or name in DRILLS:
             return update
         honest = flatten(update.delta_w, update.delta_b)
         group: list[np.ndarray] = []
@@ -134,6 +144,11 @@ class Hospital(Node):
         elif type_ == RoundStart.TYPE:
             start = decode(type_, payload, RoundStart)
             update = self._misbehave(node.on_round_start(start), round_)
+            if start.secagg_threshold:
+                # Secure round: the delta stays here until it leaves masked (phase 2).
+                self.post(self._secagg.start(start, update), [self._coordinator], round_)
+                self.rounds_trained += 1
+                return
             recipients = [self._validator, self._coordinator]
             env = self.seal(update, recipients, round_)
             if self._behaviour in PROTOCOL_ATTACKS and round_ >= 2:
@@ -155,3 +170,15 @@ class Hospital(Node):
         elif type_ == ModelPublished.TYPE:
             report = node.on_model(decode(type_, payload, ModelPublished))
             self.send(report, [self._coordinator], round_)
+        elif type_ == SecAggAdverts.TYPE:
+            shares = self._secagg.on_adverts(decode(type_, payload, SecAggAdverts))
+            self.post(shares, [self._coordinator], round_)
+        elif type_ == SecAggInbox.TYPE:
+            masked = self._secagg.on_inbox(decode(type_, payload, SecAggInbox))
+            self.post(masked, [self._validator, self._coordinator], round_)
+        elif type_ == SecAggUnmaskRequest.TYPE:
+            request = decode(type_, payload, SecAggUnmaskRequest)
+            if self._behaviour == "secagg_dropout":
+                self.audit.record("secagg_dropout_drill", round_, self.peer_id, {})
+                return
+            self.post(self._secagg.on_unmask_request(request), [self._coordinator], round_)

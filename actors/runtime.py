@@ -32,6 +32,7 @@ from medimesh.identity import Identity, Member, Roster
 from medimesh.model import TrainConfig
 from medimesh.privacy import PrivacyConfig
 from medimesh.routing import Faults
+from medimesh.secagg import SecAggConfig
 from medimesh.sites import DatasetInfo, SiteDescriptor, dataset_info
 
 __all__ = [
@@ -83,6 +84,10 @@ class RunConfig:
     placement: str = "any"
     restarts: int = 3  # Ray restarts a crashed hospital, router or validator this many times
     round_retries: int = 3  # a round without quorum is run again (same base model)
+    # Secure aggregation (docs/privacy.md §4): hospitals send masked, clipped, example-weighted
+    # deltas; the coordinator unmasks only their sum (FedAvg: no robust rule, no scoring) and
+    # the validator keeps its protocol checks. None = plaintext updates.
+    secure_aggregation: SecAggConfig | None = None
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -107,6 +112,11 @@ class RunConfig:
             raise ConfigError("restarts and round retries must be zero or positive")
         if self.pace_s < 0:
             raise ConfigError("--pace must be zero or positive seconds")
+        if self.secure_aggregation is not None:
+            if self.privacy is not None:
+                raise ConfigError("secure aggregation with differential privacy is not wired yet")
+            if self.n_sites < 2:
+                raise ConfigError("secure aggregation needs at least two hospitals")
 
     @property
     def n_byzantine(self) -> int:
@@ -340,6 +350,7 @@ class Consortium:
             pace_s=self.cfg.pace_s,
             round_retries=self.cfg.round_retries,
             privacy=self.privacy,
+            secure_aggregation=self.cfg.secure_aggregation,
         )
         self._coord_args = (seed["coordinator"].seed, roster_json, router, auditor, coord_cfg)
         coordinator = _actor(Coordinator, self._name("coordinator"), here=pin).remote(

@@ -23,6 +23,8 @@ from medimesh.aggregation import flatten
 from medimesh.errors import EnvelopeError, MalformedPayload
 from medimesh.protocol import RoundStart, Update, Verdict, Verdicts, VerdictsRequest, decode
 from medimesh.scoring import RoundScore, score_round
+from medimesh.secagg import SecAggError
+from medimesh.secagg_round import round_params
 from medimesh.validation import Decision, RoundContext, UpdateValidator
 from medimesh.wire import digest, inspect, open_envelope
 
@@ -84,7 +86,8 @@ class Validator(Node):
         try:
             opened = open_envelope(envelope, self.identity)
             msg = decode(opened.header.type, opened.payload, RoundStart)
-        except (EnvelopeError, MalformedPayload) as exc:
+            secagg = round_params(msg) if msg.secagg_threshold else None
+        except (EnvelopeError, MalformedPayload, SecAggError) as exc:
             self.audit.record("round_start_refused", -1, "", {"reason": str(exc)})
             return
         if self._batch:
@@ -102,6 +105,7 @@ class Validator(Node):
                 n_classes=int(n_classes),
                 max_norm=self._max_norm,
                 committed=dict(msg.committed),
+                secagg=secagg,
             )
         )
         self._expected = set(msg.committed)

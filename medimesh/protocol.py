@@ -24,6 +24,13 @@ __all__ = [
     "Message",
     "ModelPublished",
     "RoundStart",
+    "SecAggAdvert",
+    "SecAggAdverts",
+    "SecAggInbox",
+    "SecAggMasked",
+    "SecAggShares",
+    "SecAggUnmask",
+    "SecAggUnmaskRequest",
     "SetupRequest",
     "SetupResult",
     "SetupStats",
@@ -233,6 +240,10 @@ class RoundStart(Message):
     # fields: omitted from the payload at their defaults, so non-DP rounds are unchanged.
     dp_mode: str = ""
     dp_noise_multiplier: float = 0.0
+    # Secure aggregation (docs/privacy.md §4): 0 = off; else the Shamir threshold t and the
+    # quantizer range R. Optional too: plaintext rounds are byte for byte what they were.
+    secagg_threshold: int = 0
+    secagg_clip: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +331,79 @@ class VerdictsRequest(Message):
     round: int
 
 
+# -- secure aggregation (medimesh.secagg_round): opaque protocol bytes travel as base64 text
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggAdvert(Message):
+    """Hospital -> coordinator: its signed key advertisement for this round."""
+
+    TYPE: ClassVar[str] = "secagg_advert"
+    round: int
+    advert: str
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggAdverts(Message):
+    """Coordinator -> advertisers: every advertisement (U1), each still signed by its owner."""
+
+    TYPE: ClassVar[str] = "secagg_adverts"
+    round: int
+    adverts: str
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggShares(Message):
+    """Hospital -> coordinator: Shamir shares sealed to each recipient (peer id -> box)."""
+
+    TYPE: ClassVar[str] = "secagg_shares"
+    round: int
+    shares: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggInbox(Message):
+    """Coordinator -> one hospital: the sealed shares addressed to it (sender peer id -> box)."""
+
+    TYPE: ClassVar[str] = "secagg_inbox"
+    round: int
+    shares: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggMasked(Message):
+    """Hospital -> validator and coordinator: the masked, quantized, example-weighted delta.
+
+    ``n_examples`` is the count committed at setup (public); ``eval`` the site's counts on the
+    base model, as in :class:`Update`. Nothing here reveals the delta itself.
+    """
+
+    TYPE: ClassVar[str] = "secagg_masked"
+    round: int
+    base_hash: str
+    n_examples: int
+    masked: str
+    eval: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggUnmaskRequest(Message):
+    """Coordinator -> survivors: who sent an accepted masked vector (U3), by peer id."""
+
+    TYPE: ClassVar[str] = "secagg_unmask_request"
+    round: int
+    survivors: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggUnmask(Message):
+    """Hospital -> coordinator: its signed unmasking answer (shares, never both per peer)."""
+
+    TYPE: ClassVar[str] = "secagg_unmask"
+    round: int
+    answer: str
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -332,6 +416,13 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         VerdictsRequest,
         ModelPublished,
         EvalReport,
+        SecAggAdvert,
+        SecAggAdverts,
+        SecAggShares,
+        SecAggInbox,
+        SecAggMasked,
+        SecAggUnmaskRequest,
+        SecAggUnmask,
     )
 }
 

@@ -161,11 +161,14 @@ class EvalTally:
 
     def add_from_update(self, sender: str, update: Update) -> None:
         """Updates carry their site's evaluation of the base model they were trained from."""
-        ev = update.eval
+        self.add_counts(sender, update.round, update.base_hash, update.eval)
+
+    def add_counts(self, sender: str, round_: int, base_hash: str, ev: dict[str, float]) -> None:
+        """Evaluation counts of round ``round_``'s base model (plain or masked updates)."""
         try:
             report = EvalReport(
-                update.round - 1,
-                update.base_hash,
+                round_ - 1,
+                base_hash,
                 int(ev["n_examples"]),
                 int(ev["correct_top1"]),
                 int(ev["correct_top3"]),

@@ -55,12 +55,16 @@ __all__ = [
     "MODULUS_BITS",
     "Quantizer",
     "SecAggClient",
+    "SecAggConfig",
     "SecAggError",
     "SecAggParams",
     "SecAggResult",
     "SecAggServer",
+    "check_advert",
+    "masked_size",
     "prg",
     "run_protocol",
+    "verify_masked",
 ]
 
 MODULUS_BITS = 32
@@ -199,6 +203,34 @@ class SecAggParams:
         ).digest()
 
 
+@dataclass(frozen=True, slots=True)
+class SecAggConfig:
+    """Secure aggregation in the actors' round path (``RunConfig.secure_aggregation``).
+
+    ``max_dropout``: fraction of a round's hospitals that may vanish (t = n - floor(f*n)).
+    ``clip_norm``: every hospital clips its delta to this L2 norm, which is also the
+    quantizer's per-coordinate range R, so encoding never saturates an honest update.
+    ``grace_s``: once t hospitals answered a phase, how long to wait for the rest.
+    ``phase_timeout_s``: the most any phase after the first (training) may take.
+    """
+
+    max_dropout: float = 0.3
+    clip_norm: float = 5.0
+    grace_s: float = 2.0
+    phase_timeout_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_dropout < 0.5:
+            raise ConfigError("secure aggregation: max dropout must be in [0, 0.5) (t > n/2)")
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ConfigError("secure aggregation: clip norm must be positive and finite")
+        if self.grace_s < 0 or self.phase_timeout_s <= 0:
+            raise ConfigError("secure aggregation: grace >= 0 and phase timeout > 0 seconds")
+
+    def threshold(self, n: int) -> int:
+        return n - math.floor(self.max_dropout * n + 1e-9)
+
+
 # ---------------------------------------------------------------------------- wire formats
 
 _ADV = struct.Struct(">IH32s32s32s")  # round, index, share key, mask key, commit(b)
@@ -256,6 +288,35 @@ def _open_signed(
     except BadSignatureError:
         raise SecAggError(f"message of hospital {sender} has a bad signature") from None
     return count, body
+
+
+def check_advert(advert: bytes, params: SecAggParams, sender: int) -> None:
+    """One advertisement, as it arrives: signed by hospital ``sender`` for this context.
+
+    Checked on arrival so that a stale one (a retried round's earlier attempt) is refused
+    alone instead of failing the whole list later.
+    """
+    parsed = _parse_adverts(advert, params)
+    if list(parsed) != [sender]:
+        raise SecAggError(f"advertisement of hospital {sender} names another index")
+
+
+def masked_size(dim: int) -> int:
+    """Bytes of one signed masked vector of ``dim`` values (head, body, signature)."""
+    return _HEAD.size + 4 * dim + 64
+
+
+def verify_masked(msg: bytes, params: SecAggParams, sender: int) -> None:
+    """Check a masked vector's size and its sender's signature without unmasking anything.
+
+    What a validator can still check in a secure round: the vector is the hospital's own,
+    for this round's context, and has exactly the model's length.
+    """
+    if len(msg) != masked_size(params.dim):
+        raise SecAggError(f"masked vector of hospital {sender} has the wrong size")
+    count, _ = _open_signed(msg, _MASKED, params, sender)
+    if count != params.dim:
+        raise SecAggError(f"masked vector of hospital {sender} names the wrong length")
 
 
 # ---------------------------------------------------------------------------- the hospital

@@ -15,7 +15,9 @@ import numpy as np
 
 from medimesh.errors import EnvelopeError, MalformedPayload, NotEnrolled
 from medimesh.identity import Identity, Roster
-from medimesh.protocol import Update, decode
+from medimesh.protocol import SecAggMasked, Update, decode
+from medimesh.secagg import SecAggError, SecAggParams, verify_masked
+from medimesh.secagg_round import b64d
 from medimesh.wire import Header, inspect, open_envelope
 from medimesh.wire import digest as envelope_digest
 
@@ -25,7 +27,7 @@ REASONS = {
     "bad_envelope": "the envelope failed parsing, signature or decryption",
     "not_enrolled": "the sender is not on the roster",
     "not_hospital": "the sender is enrolled, but not as a hospital",
-    "wrong_type": "the message is not an update",
+    "wrong_type": "the message is not an update (a masked update in a secure round)",
     "no_round": "no round is open",
     "stale_round": "the update is for a round that is closed",
     "future_round": "the update is for a round that has not started",
@@ -40,6 +42,7 @@ REASONS = {
     "too_large": "the envelope exceeds the size bound",
     "norm_exceeded": "the delta's L2 norm exceeds the bound",
     "bad_example_count": "the example count is not positive or exceeds what was committed",
+    "bad_masked_input": "the masked vector's length or its secure-aggregation signature is wrong",
     "norm_outlier": "the delta's norm is far from the round's (robust z-score)",
     "direction_outlier": "the delta points against the consensus direction",
     "distance_outlier": "the delta is far from the round's robust centre",
@@ -62,6 +65,8 @@ class RoundContext:
     max_bytes: int = 4 * 1024 * 1024
     max_skew_s: float = 300.0
     committed: dict[str, int] = field(default_factory=dict)
+    # A secure round (docs/privacy.md §4): updates arrive masked; only protocol checks apply.
+    secagg: SecAggParams | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +122,8 @@ class UpdateValidator:
         except NotEnrolled:
             reason = "not_hospital" if sender in self._roster else "not_enrolled"
             return Decision(False, sender, dig, (reason,), {})
-        if header.type != Update.TYPE:
+        secure = self._ctx is not None and self._ctx.secagg is not None
+        if header.type != (SecAggMasked.TYPE if secure else Update.TYPE):
             return Decision(False, sender, dig, ("wrong_type",), {})
         ctx = self._ctx
         if ctx is None:
@@ -133,6 +139,8 @@ class UpdateValidator:
             return Decision(False, sender, dig, ("clock_skew",), {})
         if len(envelope) > ctx.max_bytes:
             return Decision(False, sender, dig, ("too_large",), {"bytes": float(len(envelope))})
+        if ctx.secagg is not None:
+            return self._check_masked(envelope, header, dig, ctx, ctx.secagg)
         try:
             opened = open_envelope(envelope, self._identity)
             update = decode(header.type, opened.payload, Update)
@@ -148,6 +156,37 @@ class UpdateValidator:
             return Decision(False, sender, dig, ("duplicate",), {})
         self._senders.add(sender)
         return self._numeric(update, sender, dig, ctx)
+
+    def _check_masked(
+        self, envelope: bytes, header: Header, dig: str, ctx: RoundContext, params: SecAggParams
+    ) -> Decision:
+        """A masked update: everything but its values (which look uniformly random here)."""
+        sender = header.sender
+        try:
+            opened = open_envelope(envelope, self._identity)
+            msg = decode(header.type, opened.payload, SecAggMasked)
+        except EnvelopeError as exc:
+            return Decision(False, sender, dig, ("bad_envelope", type(exc).__name__), {})
+        except MalformedPayload:
+            return Decision(False, sender, dig, ("malformed_payload",), {})
+        if msg.round != header.round:
+            return Decision(False, sender, dig, ("malformed_payload",), {})
+        if msg.base_hash != ctx.base_hash:
+            return Decision(False, sender, dig, ("wrong_base",), {})
+        if sender in self._senders:
+            return Decision(False, sender, dig, ("duplicate",), {})
+        self._senders.add(sender)
+        scores = {"n_examples": float(msg.n_examples)}
+        try:
+            if sender not in params.peers:
+                raise SecAggError("sender is not in this round's aggregation")
+            verify_masked(b64d(msg.masked), params, params.peers.index(sender) + 1)
+        except (SecAggError, MalformedPayload):
+            return Decision(False, sender, dig, ("bad_masked_input",), scores)
+        limit = ctx.committed.get(sender)
+        if msg.n_examples < 1 or (limit is not None and msg.n_examples > limit):
+            return Decision(False, sender, dig, ("bad_example_count",), scores)
+        return Decision(True, sender, dig, (), scores)
 
     @staticmethod
     def _numeric(update: Update, sender: str, dig: str, ctx: RoundContext) -> Decision:
