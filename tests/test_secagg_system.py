@@ -28,6 +28,9 @@ CLIP = 1.0
 HOSPITALS = 4
 ROUNDS = 3
 CHI2_999_255 = 330.52  # chi2.ppf(0.999, 255), as in tests/test_secagg.py
+# The masks here come from fresh keys, so the test is random: judged at chi2.ppf(1 - 1e-9, 255)
+# a truly uniform view fails once in a billion runs, not once in a thousand.
+CHI2_1E9_255 = 414.55
 
 
 def _run(secure: bool) -> dict[str, Any]:
@@ -110,7 +113,7 @@ def test_the_coordinator_only_ever_reads_masked_vectors(runs: dict[str, Any]) ->
         blob = b64d(decode(SecAggMasked.TYPE, payload, SecAggMasked).masked)
         words.append(np.frombuffer(blob[10:-64], dtype="<u4"))
     view = np.concatenate(words)
-    assert _byte_chi2(view) < CHI2_999_255
+    assert _byte_chi2(view) < CHI2_1E9_255
     # The contrast: hospital-01's round-2 update of the plaintext run, quantized.
     upd = next(
         decode(Update.TYPE, p, Update) for n, p, r in _opened(plain, Update.TYPE)
