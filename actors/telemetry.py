@@ -56,6 +56,7 @@ class _Metrics:
     messages: Any
     bytes: Any
     backlog: Any
+    epsilon: Any
 
 
 _lock = threading.Lock()
@@ -134,6 +135,11 @@ def _create(run: str) -> _Metrics:
             "Audit entries and records waiting for the database (0 without one).",
             tag_keys=("run",),
         ).set_default_tags(tags),
+        epsilon=Gauge(
+            "medimesh_privacy_epsilon",
+            "Differential privacy spent so far (cumulative epsilon at the run's delta).",
+            tag_keys=("run",),
+        ).set_default_tags(tags),
     )
 
 
@@ -195,6 +201,9 @@ def record_round(metrics: Mapping[str, Any]) -> None:
     duration = _finite(metrics.get("duration_s"))
     if duration is not None:
         m.duration.observe(duration)
+    epsilon = _finite(metrics.get("epsilon"))  # only DP runs carry it
+    if epsilon is not None:
+        _set(m.epsilon, epsilon)
 
 
 def record_verdicts(verdicts: Iterable[tuple[bool, Sequence[str]]]) -> None:

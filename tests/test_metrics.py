@@ -127,3 +127,26 @@ def test_endpoint_exports_round_accuracy_verdicts_routing_and_backlog(
     assert verdicts == HOSPITALS * ROUNDS  # one verdict per update, counted once
     assert 0 < history[-1]["top1"] <= history[-1]["top3"] <= 1
     assert got[key("ray_medimesh_round_duration_seconds_sum")] > 0
+
+
+def test_privacy_spent_is_exported_for_dp_runs(ray_session: None) -> None:
+    """A differentially private run exports ε spent so far; it equals the last round's ε."""
+    from medimesh.privacy import PrivacyConfig
+
+    privacy = PrivacyConfig(epsilon=2.0, delta=1e-3, rounds=2, clip_norm=0.5)
+    fed = Consortium(RunConfig(hospitals=3, rounds=2, seed=2, privacy=privacy))
+    try:
+        fed.start()
+        history = fed.run()
+        deadline = time.monotonic() + SCRAPE_TIMEOUT_S
+        name = key("ray_medimesh_privacy_epsilon")
+        got = scrape(metrics_endpoint(), fed.run_id)
+        while got.get(name) != pytest.approx(history[-1]["epsilon"], rel=1e-6) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.5)
+            got = scrape(metrics_endpoint(), fed.run_id)
+    finally:
+        fed.shutdown()
+    assert 0 < history[-1]["epsilon"] <= 2.0
+    assert got.get(name) == pytest.approx(history[-1]["epsilon"], rel=1e-6), got
