@@ -246,10 +246,15 @@ _ERR: dict[str, Any] = {
     },
 }
 
-# The pattern puts in the schema what stripping enforces: at least one non-blank character
-# (schemathesis found " " and "\n" schema-valid but refused).
+# The pattern puts in the schema what stripping enforces: at least one character that
+# pydantic's strip (Unicode White_Space) keeps. Spelled out, because JSON Schema's \S
+# (ECMA-262) differs (U+0085 is not whitespace there); schemathesis found the gaps.
+_STRIPPED = "\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 Term = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True, pattern=r"\S")
+    str,
+    StringConstraints(
+        min_length=1, max_length=64, strip_whitespace=True, pattern=f"[^{_STRIPPED}]"
+    ),
 ]
 
 
@@ -676,7 +681,11 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         request: Request,
         after_seq: Annotated[int, Query(ge=0, le=2**62)] = 0,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
-        event: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+        # Event names are identifiers ("model_published"); anything else (a NUL byte, which
+        # PostgreSQL text cannot hold) is a 422, not a database error.
+        event: Annotated[
+            str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+        ] = None,
         round: Annotated[int | None, Query(ge=-(2**31), lt=2**31)] = None,
     ) -> dict[str, Any]:
         store = await (await st(request)).require_store()
