@@ -64,6 +64,22 @@ class RouterTransport:
     async def send_async(self, envelope: bytes) -> int:
         return int(await self._router.send.remote(envelope))
 
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Until the router answers again (Ray restarting it), at most ``timeout_s``."""
+        import asyncio
+
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await self._router.whoami.remote()
+                return True
+            except ray.exceptions.RayActorError:
+                if time.monotonic() > deadline:
+                    return False
+                await asyncio.sleep(0.5)
+
 
 class Audited:
     """An enrolled actor with an identity and an audit outbox flushed in batches."""

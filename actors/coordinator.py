@@ -66,6 +66,7 @@ STATISTICAL_REASONS = frozenset(
 
 log = structlog.get_logger("medimesh.coordinator")
 VERDICT_GRACE_S = 2.0
+ROUTER_WAIT_S = 60.0  # how long a retry waits for a restarting router
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,7 @@ class CoordinatorConfig:
     pace_s: float = 0.0  # pause between rounds so people can watch a demo train
     privacy: PrivacyConfig | None = None  # DP-FedAvg (docs/privacy.md); None = no DP
     round_retries: int = 3  # runs of a round that missed quorum (lost messages, restarts)
+    retry_window_s: float = 30.0  # ...and keep retrying for at least this long
     # Secure aggregation (docs/privacy.md §4): the coordinator is the SecAgg server and learns
     # only the weighted sum of the deltas; None = plaintext updates.
     secure_aggregation: SecAggConfig | None = None
@@ -124,6 +126,7 @@ class Coordinator(Node):
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._sa: SecAggRound | None = None  # the secure round in flight, if any
+        self._router_down = False  # a send failed: the router is (re)starting
         self.history: list[RoundMetrics] = []
         self._accountant = (
             PrivacyAccountant(config.privacy) if config.privacy is not None else None
@@ -372,15 +375,27 @@ class Coordinator(Node):
 
     async def _round_with_retries(self) -> None:
         """One round; if it misses quorum (messages lost, a validator or router restarting),
-        run it again from the same base model, up to ``round_retries`` more times."""
-        for attempt in range(self._cfg.round_retries + 1):
+        run it again from the same base model: at least ``round_retries`` more times, and for
+        at least ``retry_window_s`` (a restart on a loaded machine can outlast a few short
+        rounds)."""
+        attempt, first_failure = 0, 0.0
+        while True:
             try:
                 await self._one_round(attempt)
                 return
             except QuorumNotReached:
-                if attempt == self._cfg.round_retries or self._budget_exhausted():
+                now = time.monotonic()
+                first_failure = first_failure or now
+                spent = attempt >= self._cfg.round_retries and (
+                    now - first_failure >= self._cfg.retry_window_s
+                )
+                if spent or self._budget_exhausted():
                     raise
                 self._round -= 1  # the same round number, from the same base model
+                attempt += 1
+                if self._router_down:  # restarting: retrying before it is back would be wasted
+                    self._router_down = False
+                    await self.transport.wait_ready(ROUTER_WAIT_S)
 
     async def _send_lossy(self, msg: Any, recipients: list[str], r: int) -> bytes:
         """Send within a round: a router that is restarting loses the message (AXL's 502), and
@@ -389,6 +404,7 @@ class Coordinator(Node):
             return await self.send_async(msg, recipients, r)
         except ray.exceptions.RayActorError as exc:
             self.audit.record("send_failed", r, msg.TYPE, {"error": type(exc).__name__})
+            self._router_down = True
             return b""
 
     async def _resync(self, hospitals: list[str], r: int) -> None:
@@ -614,10 +630,9 @@ class Coordinator(Node):
     def _round_failed(
         self, state: RoundState, parent: str, attempt: int, exc: QuorumNotReached
     ) -> None:
-        retry = attempt < self._cfg.round_retries
         self.audit.record(
             "round_failed", state.round, parent,
-            {"error": str(exc), "attempt": attempt, "retry": retry,
+            {"error": str(exc), "attempt": attempt,
              "updates": len(state.updates), "verdicts": len(state.verdicts)},
         )
         self.flush_audit()

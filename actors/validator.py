@@ -167,13 +167,18 @@ class Validator(Node):
         # last step by chance (seen on the heart centers).
         cosines = [sc.cosine for sc in scored.values()]
         consensus = float(np.median(cosines)) if cosines else 0.0
+        # Past round 1 the direction is judged against the step the consortium last took; a
+        # restarted validator has not seen one yet, and the round's own median is no stand-in
+        # late in training (honest updates cancel out): it judges direction again next round.
+        ctx = self._checker.context
+        blind = self._reference is None and ctx is not None and ctx.round > 1
         out = []
         for d in batch:
             if d.accepted:
                 s = scored.get(d.digest)
                 if s is not None:
                     reasons = s.reasons
-                    if consensus < CONSENSUS_MIN:
+                    if consensus < CONSENSUS_MIN or blind:
                         reasons = tuple(r for r in reasons if r != "direction_outlier")
                     extra = {  # undefined scores are left out: audit bodies are strict JSON
                         k: v

@@ -94,7 +94,9 @@ def test_router_and_validator_restarts_lose_only_what_was_in_flight(fed: Consort
         ray.kill(fed.handles[service], no_restart=False)
         history = fed.run(rounds=2)
         history += _until_all_back(fed)
-        assert history[-1]["accepted"] == 4, (service, history)
+        assert history[-1]["accepted"] == 4, (
+            service, [(m["round"], m["accepted"], m["reasons"]) for m in history]
+        )
     report = fed.verify_audit()
     assert report["ok"], report
 
