@@ -285,11 +285,14 @@ class Auditor:
             return rows[-limit:] if limit else rows
 
     def verify(self) -> dict[str, Any]:
-        """Recompute the whole chain; the known signers are the roster's peer ids."""
+        """Recompute the whole chain; the known signers are the roster's peer ids, and on a
+        database also every member an earlier run enrolled there (each run signs with its own
+        keys and the chain continues across runs, as the oracle's /audit/verify checks it)."""
         known = {m.peer_id for m in self._roster}
         with self._lock:
             if self._pg is not None and self._buffered is not None:
                 if self._buffered.flush(timeout=0):
+                    known |= {n.peer_id for n in self._pg.call(lambda s: s.nodes())}
                     return self._pg.verify(known).to_dict()  # also checks body vs canonical
                 return verify_chain(self._buffered.entries(), known).to_dict()
             return verify_chain(self._sink.entries(), known).to_dict()

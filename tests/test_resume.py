@@ -83,3 +83,23 @@ def test_database_outage_mid_training_loses_nothing(ray_session: None, tmp_path:
     finally:
         fed.shutdown()
         server.cleanup()
+
+
+def test_a_second_run_on_the_same_database_verifies_the_whole_chain(
+    ray_session: None, url: str
+) -> None:
+    """`make demo` twice in one folder: the second run's chain continues the first's, signed by
+    other keys; its verification knows both runs' members (found by running the demo twice)."""
+    entries = []
+    for seed in (1, 2):
+        fed = Consortium(RunConfig(hospitals=3, rounds=1, seed=seed, database_url=url))
+        try:
+            fed.start()
+            fed.run()
+            assert fed.flush_store()
+            report = fed.verify_audit()
+        finally:
+            fed.shutdown()
+        assert report["ok"], report
+        entries.append(report["entries"])
+    assert entries[1] > 2 * entries[0] - 5  # both runs' entries, one chain
