@@ -216,13 +216,14 @@ def run_oracle_bench(
 
 
 def _run(
-    n_sequential: int = 300,
-    concurrency: int = 16,
-    duration_s: float = 10.0,
-    swap_duration_s: float = 8.0,
-    port: int = 8123,
-    data_dir: str | None = None,
+    n_sequential: int,
+    concurrency: int,
+    duration_s: float,
+    swap_duration_s: float,
+    port: int,
+    data_dir: str | None,
 ) -> dict[str, Any]:
+    """The benchmark proper; defaults live on :func:`run_oracle_bench` only."""
     import httpx
     import ray
     from ray import serve
