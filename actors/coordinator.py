@@ -21,7 +21,7 @@ import structlog
 from medimesh.actors import telemetry
 from medimesh.actors.base import Node
 from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
-from medimesh.aggregation import coordinate_median, flatten, make_aggregator
+from medimesh.aggregation import coordinate_median, flatten, make_aggregator, rule_for_round
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError, QuorumNotReached
 from medimesh.features import LocalStats, Standardizer, combine_stats
 from medimesh.model import Model, TrainConfig, model_hash
@@ -60,8 +60,7 @@ __all__ = ["STATISTICAL_REASONS", "Coordinator", "CoordinatorConfig"]
 
 # Verdict reasons from the validator's cross-update scoring (not protocol refusals).
 STATISTICAL_REASONS = frozenset(
-    {"norm_outlier", "direction_outlier", "distance_outlier", "free_rider", "near_duplicate",
-     "opposes_others", "quarantined"}
+    {"norm_outlier", "free_rider", "near_duplicate", "opposes_others", "quarantined"}
 )
 
 log = structlog.get_logger("medimesh.coordinator")
@@ -109,6 +108,7 @@ class Coordinator(Node):
         super().__init__(seed, roster_json, router, auditor)
         self._cfg = config
         self._hospitals = [m.peer_id for m in self.roster.with_role("hospital")]
+        self._names = {m.peer_id: m.name for m in self.roster.with_role("hospital")}
         self._validator = self.roster.with_role("validator")[0].peer_id
         self._setup: dict[str, SetupStats] = {}
         self._committed: dict[str, int] = {}
@@ -643,6 +643,7 @@ class Coordinator(Node):
     ) -> None:
         """Privacy accounting, the round's pending metrics and the checkpoint."""
         reasons = state.rejection_reasons()
+        excluded, flagged = state.explain(self._names)
         privacy: dict[str, float] = {}
         if self._accountant is not None:
             if self._accountant.config.mode == "central":
@@ -655,6 +656,8 @@ class Coordinator(Node):
             "accepted": len(upd_digests),
             "rejected": sum(reasons.values()),
             "reasons": dict(reasons),
+            "excluded": excluded,
+            "flagged": flagged,
             "late": len(state.late),
             "duration_s": time.perf_counter() - t0,
             "bytes_routed": bytes_routed + state.bytes_in + self._eval_bytes.pop(parent, 0),
@@ -674,15 +677,13 @@ class Coordinator(Node):
             return self._close_dp(state, self._accountant.config)
         server = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         n = len(state.accepted())
-        # Sites the validator already removed this round no longer need to be tolerated.
-        caught = sum(c for r, c in state.rejection_reasons().items() if r in STATISTICAL_REASONS)
-        f = min(max(cfg.n_byzantine - caught, 0), max((n - 1) // 2, 0))
+        # Hospitals the validator already excluded on statistics count against f.
+        caught = len({
+            v.hospital for v, _ in state.verdicts.values()
+            if not v.accepted and v.reasons and v.reasons[0] in STATISTICAL_REASONS
+        })
         try:
-            rule = (
-                make_aggregator(cfg.aggregator, trim=0)
-                if cfg.n_byzantine > 0 and f == 0 and cfg.aggregator == "clipped_trimmed_mean"
-                else make_aggregator(cfg.aggregator, f)
-            )
+            rule = rule_for_round(cfg.aggregator, cfg.n_byzantine, caught, n)
             return close_round(state, rule, server, self._velocity)
         except ConfigError as exc:
             state.closed = False

@@ -336,6 +336,7 @@ class Consortium:
             router,
             auditor,
             *self._validator_bounds(),
+            self.cfg.assumed_byzantine,
         )
         coord_cfg = CoordinatorConfig(
             n_features=len(self.info.feature_names),

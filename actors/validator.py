@@ -9,20 +9,20 @@ missing hospital never holds the others' verdicts back. Anything judged after th
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import time
-from collections import Counter
 from typing import Any
 
 import numpy as np
+import structlog
 
 from medimesh.actors import telemetry
 from medimesh.actors.base import Node
 from medimesh.aggregation import flatten
 from medimesh.errors import EnvelopeError, MalformedPayload
 from medimesh.protocol import RoundStart, Update, Verdict, Verdicts, VerdictsRequest, decode
-from medimesh.scoring import RoundScore, score_round
+from medimesh.reputation import Policy, Reputation, judge_round
+from medimesh.scoring import Flag
 from medimesh.secagg import SecAggError
 from medimesh.secagg_round import round_params
 from medimesh.validation import Decision, RoundContext, UpdateValidator
@@ -31,12 +31,8 @@ from medimesh.wire import digest, inspect, open_envelope
 __all__ = ["Validator"]
 
 DEADLINE_GRACE = 0.1  # fraction of the round timeout kept for the coordinator to close
-# Statistical rejections before a hospital is refused for the rest of the run. One: in our
-# runs honest hospitals were never flagged (0 of 200 clean updates), while sign-flippers slip
-# through once late rounds make honest updates near-orthogonal (docs/byzantine.md).
-QUARANTINE_STRIKES = 1
-# Median cosine of the round's updates to the last step below which direction is not judged.
-CONSENSUS_MIN = 0.2
+
+log = structlog.get_logger("medimesh.validator")
 
 
 class Validator(Node):
@@ -48,11 +44,13 @@ class Validator(Node):
         auditor: Any,
         max_norm: float = 50.0,
         scoring: bool = True,
+        tolerate: int = 0,
     ) -> None:
         super().__init__(seed, roster_json, router, auditor)
         self._scoring = scoring
-        self._strikes: Counter[str] = Counter()
-        self._quarantined: set[str] = set()
+        # The declared tolerance is the validator's own configuration, never a message's.
+        self._policy = Policy(tolerate=tolerate)
+        self._reputation = self._restore()
         self._base: np.ndarray | None = None
         self._reference: np.ndarray | None = None
         self._checker = UpdateValidator(self.identity, self.roster)
@@ -134,7 +132,9 @@ class Validator(Node):
             if self._batch:
                 self._send_batch()
 
-    def _audit_verdict(self, d: Decision) -> None:
+    def _audit_verdict(self, d: Decision, flags: tuple[Flag, ...] = ()) -> None:
+        """One verdict in the trail: who, accepted or not, why, and every flag with its score
+        and threshold (flags of accepted updates too: evidence is never silent)."""
         ctx = self._checker.context
         self.verdicts["accepted" if d.accepted else "rejected"] += 1
         self.audit.record(
@@ -146,82 +146,51 @@ class Validator(Node):
                 "accepted": d.accepted,
                 "reasons": list(d.reasons),
                 "scores": d.scores,
+                "flags": [f.to_dict() for f in flags],
+                "tolerate": self._policy.tolerate,
             },
         )
 
     def _score(self, batch: list[Decision]) -> list[Decision]:
-        """Judge the round's protocol-clean updates against each other (outliers rejected)."""
-        # Quarantined senders are refused anyway; kept out of the statistics, they cannot bend
-        # the round's reference (or its consensus) against the honest sites.
-        clean = [
-            (d.digest, d.update) for d in batch
-            if d.accepted and d.update is not None and d.hospital not in self._quarantined
-        ]
-        scored: dict[str, RoundScore] = {}
-        if self._scoring and len(clean) >= 2:
-            vecs = {dig: flatten(u.delta_w, u.delta_b) for dig, u in clean}
-            weights = {dig: float(max(u.n_examples, 1)) for dig, u in clean}
-            scored = score_round(vecs, weights, self._reference)
-        # A direction outlier is evidence only when the round has a direction: late in training
-        # honest non-IID updates are near-orthogonal and one of them may point "against" the
-        # last step by chance (seen on the heart centers).
-        cosines = [sc.cosine for sc in scored.values()]
-        consensus = float(np.median(cosines)) if cosines else 0.0
-        # Past round 1 the direction is judged against the step the consortium last took; a
-        # restarted validator has not seen one yet, and the round's own median is no stand-in
-        # late in training (honest updates cancel out): it judges direction again next round.
+        """Judge the round's protocol-clean updates against each other (medimesh.reputation).
+
+        With f = 0 declared every flag is audited and nobody is excluded on statistics; with
+        f > 0 at most f per round. Protocol refusals in ``batch`` stay as they are.
+        """
         ctx = self._checker.context
-        blind = self._reference is None and ctx is not None and ctx.round > 1
+        round_ = ctx.round if ctx is not None else -1
+        first: dict[str, Decision] = {}
+        for d in batch:  # one update per hospital (a retried round may hold two)
+            if d.accepted and d.update is not None and d.hospital not in first:
+                first[d.hospital] = d
+        if not self._scoring or not first:
+            for d in batch:
+                if d.accepted:
+                    self._audit_verdict(d)
+            return batch
+        vecs = {h: flatten(d.update.delta_w, d.update.delta_b)
+                for h, d in first.items() if d.update is not None}
+        outcome = judge_round(
+            self._reputation, self._policy, round_, vecs, list(first), self._reference
+        )
+        if round_ > self._reputation.round:  # late stragglers of a judged round: no new state
+            self._reputation = outcome.state
+            for event, hospital, body in outcome.events:
+                self.audit.record(event, round_, hospital, body)
+            self.audit.record("validator_state", round_, "", self._reputation.to_dict())
         out = []
         for d in batch:
-            if d.accepted:
-                s = scored.get(d.digest)
-                if s is not None:
-                    reasons = s.reasons
-                    if consensus < CONSENSUS_MIN or blind:
-                        reasons = tuple(r for r in reasons if r != "direction_outlier")
-                    extra = {  # undefined scores are left out: audit bodies are strict JSON
-                        k: v
-                        for k, v in (
-                            ("norm_z", s.norm_z),
-                            ("cosine", s.cosine),
-                            ("distance_z", s.distance_z),
-                            ("consensus", consensus),
-                            ("loo_cosine", s.loo_cosine),
-                            ("loo_consensus", s.loo_consensus),
-                        )
-                        if math.isfinite(v)
-                    }
-                    d = dataclasses.replace(
-                        d, accepted=not reasons, reasons=reasons, scores={**d.scores, **extra}
-                    )
-                d = self._reputation(d)
+            j = outcome.judgements.get(d.hospital)
+            if d.accepted and j is not None:
+                d = dataclasses.replace(
+                    d, accepted=not j.excluded, reasons=j.reasons,
+                    scores={**d.scores, **j.audit_scores()},
+                )
+                self._audit_verdict(d, j.flags)
+            elif d.accepted:
                 self._audit_verdict(d)
             out.append(d)
         return out
-
-    def _reputation(self, d: Decision) -> Decision:
-        """Strikes for statistical outliers; QUARANTINE_STRIKES of them quarantine a hospital.
-
-
-        Early rounds separate attackers clearly (their updates oppose the consensus); late in
-        training honest non-IID updates are nearly orthogonal and an attacker hides among them.
-        Remembering who was caught early keeps a sign-flipper out for the rest of the run.
-        """
-        if d.hospital in self._quarantined:
-            return dataclasses.replace(d, accepted=False, reasons=("quarantined",))
-        if not d.accepted:
-            self._strikes[d.hospital] += 1
-            if self._strikes[d.hospital] >= QUARANTINE_STRIKES:
-                self._quarantined.add(d.hospital)
-                ctx = self._checker.context
-                self.audit.record(
-                    "hospital_quarantined",
-                    ctx.round if ctx is not None else -1,
-                    d.hospital,
-                    {"strikes": self._strikes[d.hospital], "last_reasons": list(d.reasons)},
-                )
-        return d
 
     def _resend(self, envelope: bytes) -> None:
         """Send the round's signed batch again, byte for byte (the coordinator lost it)."""
@@ -250,5 +219,31 @@ class Validator(Node):
         # Counted here, where each verdict is final and sent once (not at the coordinator too).
         telemetry.record_verdicts((d.accepted, d.reasons) for d in batch)
 
+    def _restore(self) -> Reputation:
+        """The standing this validator checkpointed in this run (after a restart), else empty.
+
+        Only a ``validator_state`` entry signed by this validator's own key and newer than the
+        run's ``setup_started`` counts: another run's or another signer's state is ignored.
+        """
+        import ray
+
+        if self._auditor is None or not ray.get_runtime_context().was_current_actor_reconstructed:
+            return Reputation()
+        try:
+            states = ray.get(self._auditor.entries.remote("validator_state", None, 50), timeout=30)
+            starts = ray.get(self._auditor.entries.remote("setup_started", None, 1), timeout=30)
+        except Exception as exc:  # the auditor is restarting: start empty, and say so
+            log.warning("validator state not restored", error=type(exc).__name__)
+            return Reputation()
+        since = starts[-1].seq if starts else 0
+        mine = [e for e in states if e.actor == self.peer_id and e.seq > since]
+        if not mine:
+            return Reputation()
+        rep = Reputation.from_dict(mine[-1].body)
+        self.audit.record("validator_restored", rep.round, "",
+                          {"from_seq": mine[-1].seq, "quarantined": rep.quarantined})
+        return rep
+
     def stats(self) -> dict[str, Any]:
-        return {**self.verdicts, "quarantined": sorted(self._quarantined)}
+        return {**self.verdicts, "quarantined": self._reputation.quarantined,
+                "tolerate": self._policy.tolerate}

@@ -165,10 +165,14 @@ def _progress(total: int) -> Callable[[dict[str, Any]], None]:
     def show(m: dict[str, Any]) -> None:
         acc = "   n/a" if math.isnan(m["top1"]) else f"{m['top1']:.3f}"
         top3 = "   n/a" if math.isnan(m["top3"]) else f"{m['top3']:.3f}"
+        from medimesh.rounds import describe_verdicts
+
+        why = describe_verdicts(m)
         print(
             f"round {m['round']:>3}/{total}  top1 {acc}  top3 {top3}  "
             f"accepted {m['accepted']}/{m['accepted'] + m['rejected']}  "
-            f"{m['duration_s'] * 1000:7.1f} ms  model {m['model_hash'][:12]}",
+            f"{m['duration_s'] * 1000:7.1f} ms  model {m['model_hash'][:12]}"
+            + (f"\n    {why}" if why else ""),
             file=sys.stderr,
             flush=True,
         )

@@ -27,6 +27,7 @@ __all__ = [
     "ServerOptimizer",
     "aggregate_updates",
     "close_round",
+    "describe_verdicts",
     "initial_model",
 ]
 
@@ -97,6 +98,59 @@ class RoundState:
 
     def rejection_reasons(self) -> Counter[str]:
         return Counter(v.reasons[0] for v, _ in self.verdicts.values() if not v.accepted)
+
+    def explain(self, names: dict[str, str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(excluded, flagged): one row per refused update and per flag on an accepted one,
+        naming the hospital (roster name), the reason, and the score and threshold when the
+        validator measured one (protocol refusals have none)."""
+        excluded: list[dict[str, Any]] = []
+        flagged: list[dict[str, Any]] = []
+        for v, _ in sorted(self.verdicts.values(), key=lambda t: (t[0].hospital, t[1])):
+            who = names.get(v.hospital, v.hospital[:12])
+            if not v.accepted:
+                reason = v.reasons[0] if v.reasons else "rejected"
+                excluded.append({"hospital": who, "reason": reason, **_measured(v, reason)})
+            else:
+                for key in sorted(v.scores):
+                    if key.endswith(".threshold"):
+                        reason = key[: -len(".threshold")]
+                        flagged.append({"hospital": who, "reason": reason,
+                                        **_measured(v, reason)})
+        return excluded, flagged
+
+
+_BELOW = frozenset({"opposes_others", "free_rider", "near_duplicate", "quarantined"})
+
+
+def _why(row: dict[str, Any]) -> str:
+    """'va opposes_others -0.61 < -0.30' (the comparison the validator made)."""
+    text = f"{row['hospital']} {row['reason']}"
+    if "score" in row and "threshold" in row:
+        below = row["reason"] in _BELOW
+        if row["reason"] == "quarantined":
+            return f"{text} ({row['score']:g} of {row['threshold']:g} clean rounds to re-admission)"
+        text += f" {row['score']:.3g} {'<' if below else '>'} {row['threshold']:.3g}"
+    return text
+
+
+def describe_verdicts(metrics: dict[str, Any]) -> str:
+    """One line naming who was rejected and who was flagged but kept, why, with the score
+    and the threshold; empty when every update was accepted without a flag."""
+    parts = []
+    if metrics.get("excluded"):
+        parts.append("rejected: " + "; ".join(_why(r) for r in metrics["excluded"]))
+    if metrics.get("flagged"):
+        parts.append("flagged, kept: " + "; ".join(_why(r) for r in metrics["flagged"]))
+    return "  ".join(parts)
+
+
+def _measured(v: Verdict, reason: str) -> dict[str, float]:
+    out = {}
+    for part in ("score", "threshold"):
+        value = v.scores.get(f"{reason}.{part}")
+        if value is not None:
+            out[part] = value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +271,10 @@ class RoundMetrics:
     # and then left out of the dict so non-DP metrics keep their shape.
     epsilon: float | None = None
     delta: float | None = None
+    # Who was refused or flagged, why, with the score and the threshold (issue 13: every
+    # exclusion names who, why, score and threshold; flags on accepted updates are shown too).
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+    flagged: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         optional = ("epsilon", "delta")

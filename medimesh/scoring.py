@@ -1,133 +1,163 @@
-"""The validator's cross-update scoring of one round: which updates look unlike the others.
+"""The validator's cross-update scores for one round: evidence, never a verdict by itself.
 
 :mod:`medimesh.validation` judges each update on its own (signature, shape, norm bound, ...).
-This module compares a round's updates with each other, using statistics that fewer than half
-of the senders cannot move (medians, MADs, the coordinate-wise median). It is pure numpy.
+This module compares a round's updates with each other and returns *flags* — each one a
+reason, the score that raised it and the threshold it crossed. Whether a flag excludes anyone
+is the policy's decision (:mod:`medimesh.reputation`): with no dishonest hospital declared,
+nobody is excluded on statistics; with f declared, at most f per round.
 
-Scores per update:
+The scores are built to respect heterogeneity (a hospital whose patients differ is not a
+cheater) and to resist framing (a crafted update must not get an honest hospital flagged):
 
-- ``norm_z``: robust z-score of the *log* L2 norm, ``(log|u| - median) / (1.4826 * MAD)``.
-  Logs make scaling symmetric (x10 and x0.1 are equally far) and the spread is floored at
-  ``min_spread`` (default 0.25, i.e. +-25 %) so rounds whose honest norms agree closely do not
-  turn small differences into large z. With ``z_max = 3.5`` (Iglewicz & Hoaglin's cut-off for
-  modified z-scores) an update is a ``norm_outlier`` only above ~2.4x the median norm.
-- ``cosine``: to a robust reference direction: ``reference`` if given (e.g. the previous
-  aggregate), else the coordinate-wise median of the round's updates. An update is a
-  ``direction_outlier`` only if BOTH its cosine is below ``cos_min`` (default 0: pointing away
-  from the consensus) AND its cosine is a robust low outlier among the round's cosines (z below
-  ``-z_max``, spread floored at ``cos_spread`` = 0.1). The relative test matters: as a non-IID
-  federation converges, honest deltas stop agreeing (site-specific pulls that cancel out) and
-  honest cosines to the median drift towards and below 0; an absolute threshold alone then
-  rejected ~30 % of honest updates in our synthetic runs. Sign flipping and IPM give cosines
-  near -1 while the consensus is strong (the rounds where they do the most damage).
-- ``distance_z``: robust z of the log distance to the coordinate-wise median, same floor; a
-  ``distance_outlier`` lies more than ~2.4x the median distance away (noise, large-z ALIE).
-- ``free_rider``: norm below ``free_rider_ratio`` (5 %) of the median norm (zero updates), or
-  a copy of ``reference`` (a sender replaying the previous aggregate).
-- ``near_duplicate``: two senders whose updates are (almost) identical, closer than
-  ``duplicate_tol`` times the median pairwise distance. Honest sites train on different rows
-  and never coincide; colluders sending one shared crafted vector (ALIE, IPM) do.
+- ``norm_ratio``: the update's norm over the median norm of the *other* trusted updates.
+  ``norm_outlier`` only above ``norm_ratio`` (6x) — or above ``jump_ratio`` (3x) when the
+  hospital also jumped above ``self_jump`` (2x) its *own* recent norms. Honest non-IID sites
+  reached 5.0x the others' median (rare cohort, a site with most of a rare disease), always
+  within 1.4x of their own history; a x10 scaler is caught either way.
+- ``loo_cosine``: cosine between the update and the coordinate-wise median of the *unit*
+  vectors of the other trusted updates (leave-self-out, scale-free, robust). A crafted update
+  of any norm counts as one unit vector among the others, and a median cannot be moved outside
+  the range of the honest values by fewer than half of them, so one attacker cannot bend a
+  victim's reference. ``opposes_others`` only while those others agree (the median of their
+  pairwise cosines >= ``consensus``, 0.2) and the cosine is below ``opposes_cos`` (-0.3).
+  Calibration (in-process FedAvgM, 5 seeds): honest cosines with the gate open were >= -0.15
+  (rare cohort, 8 and 10 sites) and >= 0.0 (heart centres); honest non-IID updates late in
+  training cancel out, the gate closes and nothing is judged.
+- ``free_rider``: norm below ``free_rider_ratio`` (5 %) of the round's median norm, or a copy
+  of ``previous`` (the last aggregate step).
+- ``near_duplicate``: two updates closer than ``duplicate_tol`` times the median pairwise
+  distance. Honest sites train on different rows and never coincide. Only the *later* of the
+  pair (in arrival order) is flagged: copying an honest update cannot get its author flagged.
 
-- ``loo_cosine`` / ``opposes_others``: the cosine of an update to the mean of the *other*
-  updates (leave-one-out, so a suspect cannot bend its own reference), judged only when those
-  others agree with each other (median pairwise cosine >= ``loo_consensus``, 0.2). An update
-  below ``loo_cos_max`` (-0.2) then opposes a consensus it had no part in. This is the test
-  that works with few sites: with four heart centers a label-flipped or IPM site sits at
-  -0.3 in round 1 while the three honest ones agree (+0.2 to +0.5), but the median/MAD test
-  cannot separate one value in four. Late in training honest updates stop agreeing (they
-  cancel out near the optimum), the gate closes, and nothing is judged. It judges only rounds
-  of 4 to ``loo_max_n`` (5) updates: from 6 on the robust z-test works, while an honest site
-  with an unusual case mix sometimes opposes the others' mean (one of 8 rare-cohort sites did,
-  in round 5 of a lossy run) and would be quarantined for it.
-
-Small rounds: with fewer than ``small_n`` (4) non-free-rider updates the thresholds double and
-``cos_min`` drops to at most -0.5, so only extreme cases are flagged; with fewer than 3 nothing
-but free riders is flagged (with two updates nobody can tell which one is the odd one out).
+"Trusted" excludes free riders and ``suspects`` (hospitals the policy has quarantined): their
+updates are scored — so they can earn re-admission — but never shape anyone else's reference.
+Fewer than three trusted others: no norm or direction test for that update (with two, nobody
+can tell which one is odd). Pure numpy; the caller decides.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from medimesh.aggregation import pairwise_sq_distances
 from medimesh.errors import ConfigError
 
-__all__ = ["SCORE_REASONS", "RoundScore", "score_round"]
+__all__ = ["SCORE_REASONS", "Flag", "RoundScore", "Thresholds", "score_round"]
 
 SCORE_REASONS = {
-    "norm_outlier": "the update's norm is far above the round's median norm",
-    "direction_outlier": "the update points away from the round's robust consensus direction",
-    "distance_outlier": "the update is far from the round's coordinate-wise median",
-    "free_rider": "the update is (near) zero or a copy of the previous aggregate",
-    "near_duplicate": "the update is (almost) identical to another sender's update",
-    "opposes_others": "the update points against the other senders' mean while they agree",
+    "norm_outlier": "the update's norm is far above the other hospitals' median norm",
+    "opposes_others": "the update points against the other hospitals while they agree",
+    "free_rider": "the update is (near) zero or a copy of the previous aggregate step",
+    "near_duplicate": "the update is (almost) identical to one another hospital sent earlier",
 }
 
-_MAD_TO_SIGMA = 1.4826
 _TINY = 1e-12
 
 
 @dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Calibrated on honest variation (module docstring); every flag names the one it used."""
+
+    norm_ratio: float = 6.0
+    jump_ratio: float = 3.0
+    self_jump: float = 2.0
+    opposes_cos: float = -0.3
+    consensus: float = 0.2
+    free_rider_ratio: float = 0.05
+    duplicate_tol: float = 1e-3
+    exact_loo_max: int = 12  # above this, one shared median stands in for each leave-one-out
+
+    def __post_init__(self) -> None:
+        if not (self.norm_ratio >= self.jump_ratio > 1 and self.self_jump > 1):
+            raise ConfigError("norm thresholds need norm_ratio >= jump_ratio > 1, self_jump > 1")
+        if not (-1 <= self.opposes_cos <= 1 and -1 <= self.consensus <= 1):
+            raise ConfigError("cosine thresholds must lie in [-1, 1]")
+        if not (0 <= self.free_rider_ratio < 1 and self.duplicate_tol >= 0):
+            raise ConfigError("free_rider_ratio must be in [0, 1), duplicate_tol >= 0")
+        if self.exact_loo_max < 3:
+            raise ConfigError("exact_loo_max must be at least 3")
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """One piece of evidence: why, the score, and the threshold it crossed."""
+
+    reason: str
+    score: float
+    threshold: float
+
+    @property
+    def severity(self) -> float:
+        """How far past its threshold (>= 1 for any flag), to rank suspects under a budget."""
+        if self.reason == "norm_outlier":
+            return 1.0 + math.log(max(self.score, _TINY) / self.threshold)
+        if self.reason == "opposes_others":
+            return 1.0 + (self.threshold - self.score)
+        if self.reason == "free_rider":
+            return 1.0 + max(self.threshold - self.score, 0.0) / max(self.threshold, _TINY)
+        return 2.0  # near_duplicate: an exact copy is strong evidence
+
+    def to_dict(self) -> dict[str, float | str]:
+        return {"reason": self.reason, "score": self.score, "threshold": self.threshold}
+
+
+@dataclass(frozen=True, slots=True)
 class RoundScore:
-    """One update's scores in its round; ``reasons`` is empty iff ``accepted``."""
+    """One update's scores in its round; NaN where a score was not defined."""
 
     norm: float
-    norm_z: float
-    cosine: float
-    distance: float
-    distance_z: float
-    accepted: bool
-    reasons: tuple[str, ...]
-    loo_cosine: float = float("nan")
-    loo_consensus: float = float("nan")
+    norm_ratio: float
+    self_ratio: float
+    loo_cosine: float
+    loo_consensus: float
+    flags: tuple[Flag, ...] = field(default=())
 
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(f.reason for f in self.flags)
 
-def _robust_z(values: np.ndarray, min_spread: float) -> np.ndarray:
-    med = float(np.median(values))
-    spread = max(_MAD_TO_SIGMA * float(np.median(np.abs(values - med))), min_spread)
-    return np.asarray((values - med) / spread)
+    @property
+    def severity(self) -> float:
+        return sum(f.severity for f in self.flags)
 
-
-def _log(values: np.ndarray) -> np.ndarray:
-    return np.asarray(np.log(np.maximum(values, _TINY)))
+    def numbers(self) -> dict[str, float]:
+        """The defined scores, for the audit trail (strict JSON has no NaN)."""
+        raw = {
+            "norm": self.norm,
+            "norm_ratio": self.norm_ratio,
+            "self_ratio": self.self_ratio,
+            "loo_cosine": self.loo_cosine,
+            "loo_consensus": self.loo_consensus,
+        }
+        return {k: v for k, v in raw.items() if math.isfinite(v)}
 
 
 def score_round(
     updates: Mapping[str, np.ndarray],
-    weights: Mapping[str, float],
-    reference: np.ndarray | None = None,
     *,
-    z_max: float = 3.5,
-    cos_min: float = 0.0,
-    min_spread: float = 0.25,
-    cos_spread: float = 0.1,
-    free_rider_ratio: float = 0.05,
-    duplicate_tol: float = 1e-3,
-    small_n: int = 4,
-    loo_cos_max: float = -0.2,
-    loo_consensus: float = 0.2,
-    loo_max_n: int = 5,
+    arrival: Sequence[str] | None = None,
+    history: Mapping[str, Sequence[float]] | None = None,
+    previous: np.ndarray | None = None,
+    suspects: Collection[str] = (),
+    thresholds: Thresholds | None = None,
 ) -> dict[str, RoundScore]:
     """Score every update of one round against the others; keys are the senders.
 
-    ``weights`` (example counts) must cover the same senders; they are validated but do not
-    influence the statistics, so a site cannot buy influence over the reference by claiming
-    many examples. ``reference`` (optional, e.g. the previous aggregate) replaces the round's
-    median as the reference *direction* and enables the copy-of-previous free-rider check.
+    ``arrival``: the order the updates arrived in (decides which of a duplicate pair is the
+    copy; default: sorted keys). ``history``: each sender's recent update norms.
+    ``previous``: the last aggregate step (a copy of it is free riding). ``suspects``: scored,
+    but kept out of everyone else's reference.
     """
-    if set(updates) != set(weights):
-        raise ConfigError("scoring needs one weight per update and no other weights")
-    if z_max <= 0 or not -1 <= cos_min <= 1 or min_spread <= 0 or free_rider_ratio < 0:
-        raise ConfigError("invalid scoring thresholds")
-    if any(not w > 0 for w in weights.values()):
-        raise ConfigError("example counts must be positive")
+    th = thresholds or Thresholds()
     names = sorted(updates)
     if not names:
         return {}
+    order = list(arrival) if arrival is not None else names
+    if sorted(order) != names:
+        raise ConfigError("arrival must list every sender exactly once")
     rows = [np.asarray(updates[k], dtype=np.float64).ravel() for k in names]
     if any(r.shape != rows[0].shape for r in rows):
         raise ConfigError("updates must all have the same size")
@@ -136,103 +166,107 @@ def score_round(
         raise ConfigError("updates must be finite")
     n = len(names)
     norms = np.linalg.norm(x, axis=1)
-    reasons: list[list[str]] = [[] for _ in range(n)]
+    flags: list[list[Flag]] = [[] for _ in range(n)]
 
-    # Free riders first, so that zeros do not drag the robust statistics.
-    # The ratio test needs a meaningful median (n >= 3); below that only exact zeros count.
-    ratio = free_rider_ratio * float(np.median(norms)) if n >= 3 else 0.0
-    free = norms <= max(ratio, _TINY)
-    ref: np.ndarray | None = None
-    if reference is not None:
-        ref = np.asarray(reference, dtype=np.float64).ravel()
-        if ref.shape != x.shape[1:]:
-            raise ConfigError(f"reference has {ref.size} values, updates have {x.shape[1]}")
-        rnorm = float(np.linalg.norm(ref))
-        if rnorm > _TINY:
-            free |= np.linalg.norm(x - ref, axis=1) <= duplicate_tol * rnorm
+    # Free riders first: zeros and replays must not shape anyone's reference.
+    med_all = float(np.median(norms))
+    ratio_cut = th.free_rider_ratio * med_all if n >= 3 else 0.0
+    free = norms <= max(ratio_cut, _TINY)
     for i in np.flatnonzero(free):
-        reasons[i].append("free_rider")
+        flags[i].append(Flag("free_rider", norms[i] / max(med_all, _TINY), th.free_rider_ratio))
+    if previous is not None:
+        prev = np.asarray(previous, dtype=np.float64).ravel()
+        if prev.shape != x.shape[1:]:
+            raise ConfigError(f"previous has {prev.size} values, updates have {x.shape[1]}")
+        pnorm = float(np.linalg.norm(prev))
+        if pnorm > _TINY:
+            gap = np.linalg.norm(x - prev, axis=1) / pnorm
+            for i in np.flatnonzero((gap <= th.duplicate_tol) & ~free):
+                free[i] = True
+                flags[i].append(Flag("free_rider", float(gap[i]), th.duplicate_tol))
 
-    active = np.flatnonzero(~free)
-    m = len(active)
+    suspect = np.array([k in suspects for k in names])
+    trusted = ~free & ~suspect
+    unit = x / np.maximum(norms, _TINY)[:, None]
+    gram = unit @ unit.T
     nan = float("nan")
-    norm_z = np.full(n, nan)
-    cosine = np.full(n, nan)
-    dist = np.full(n, nan)
-    dist_z = np.full(n, nan)
-    if m >= 1:
-        xa = x[active]
-        center = np.median(xa, axis=0)
-        direction = center if ref is None or np.linalg.norm(ref) <= _TINY else ref
-        dnorm = float(np.linalg.norm(direction))
-        if dnorm > _TINY:
-            cosine = (x @ direction) / (np.maximum(norms, _TINY) * dnorm)
-        dist = np.linalg.norm(x - center, axis=1)
-        norm_z[active] = _robust_z(_log(norms[active]), min_spread)
-        dist_z[active] = _robust_z(_log(dist[active]), min_spread)
-    if m >= 3:
-        small = m < small_n
-        zcut = 2 * z_max if small else z_max
-        ccut = min(cos_min, -0.5) if small else cos_min
-        pair = np.sqrt(np.maximum(pairwise_sq_distances(x[active]), 0.0))
-        typical = float(np.median(pair[np.triu_indices(m, 1)]))
-        np.fill_diagonal(pair, np.inf)
-        cos_z = np.full(n, nan)
-        if np.isfinite(cosine).all():
-            cos_z[active] = _robust_z(cosine[active], cos_spread)
-        for j, i in enumerate(active):
-            if norm_z[i] > zcut:
-                reasons[i].append("norm_outlier")
-            if math.isfinite(cosine[i]) and cosine[i] < ccut and cos_z[i] < -zcut:
-                reasons[i].append("direction_outlier")
-            if dist_z[i] > zcut:
-                reasons[i].append("distance_outlier")
-            if typical > _TINY and float(pair[j].min()) <= duplicate_tol * typical:
-                reasons[i].append("near_duplicate")
+    norm_ratio = np.full(n, nan)
+    self_ratio = np.full(n, nan)
+    loo_cos = np.full(n, nan)
+    loo_cons = np.full(n, nan)
+    shared = _shared_reference(unit, gram, trusted, th)
+    hist = history or {}
+    for i in np.flatnonzero(~free):
+        others = trusted.copy()
+        others[i] = False
+        if int(others.sum()) < 3:
+            continue
+        norm_ratio[i] = norms[i] / max(float(np.median(norms[others])), _TINY)
+        past = [v for v in hist.get(names[i], ()) if v > 0 and math.isfinite(v)]
+        if past:
+            self_ratio[i] = norms[i] / float(np.median(past))
+        if norm_ratio[i] > th.norm_ratio:
+            flags[i].append(Flag("norm_outlier", float(norm_ratio[i]), th.norm_ratio))
+        elif norm_ratio[i] > th.jump_ratio and self_ratio[i] > th.self_jump:
+            flags[i].append(Flag("norm_outlier", float(norm_ratio[i]), th.jump_ratio))
+        if shared is None:
+            ref = np.median(unit[others], axis=0)
+            cons = _median_offdiag(gram[np.ix_(others, others)])
+        else:
+            ref, cons = shared
+        rn = float(np.linalg.norm(ref))
+        if rn > _TINY:
+            loo_cos[i] = float(unit[i] @ ref) / rn
+            loo_cons[i] = cons
+            if cons >= th.consensus and loo_cos[i] < th.opposes_cos:
+                flags[i].append(Flag("opposes_others", float(loo_cos[i]), th.opposes_cos))
 
-    # Larger rounds have the robust z-test (and honest sites with a rare case mix can oppose
-    # the others' mean there: seen with 6 of 8 sites); skipping them also saves ~3 ms a round
-    # at 50 hospitals, on the validator's critical path.
-    loo_cos, loo_cons = _leave_one_out(x, active if m <= loo_max_n else active[:0])
-    for i in active:
-        if loo_cons[i] >= loo_consensus and loo_cos[i] < loo_cos_max:
-            reasons[i].append("opposes_others")
+    # Duplicates: only the later of a pair is the copy; honest sites never coincide.
+    active = np.flatnonzero(~free)
+    if len(active) >= 3 and th.duplicate_tol > 0:
+        sq = np.einsum("ij,ij->i", x[active], x[active])
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x[active] @ x[active].T), 0.0)
+        dist = np.sqrt(d2)
+        typical = float(np.median(dist[np.triu_indices(len(active), 1)]))
+        rank = {k: j for j, k in enumerate(order)}
+        if typical > _TINY:
+            for a in range(len(active)):
+                for b in range(a + 1, len(active)):
+                    if dist[a, b] <= th.duplicate_tol * typical:
+                        ia, ib = int(active[a]), int(active[b])
+                        later = ia if rank[names[ia]] > rank[names[ib]] else ib
+                        if "near_duplicate" not in [f.reason for f in flags[later]]:
+                            flags[later].append(
+                                Flag("near_duplicate", float(dist[a, b] / typical),
+                                     th.duplicate_tol)
+                            )
 
     return {
         k: RoundScore(
             norm=float(norms[i]),
-            norm_z=float(norm_z[i]),
-            cosine=float(cosine[i]),
-            distance=float(dist[i]),
-            distance_z=float(dist_z[i]),
-            accepted=not reasons[i],
-            reasons=tuple(reasons[i]),
+            norm_ratio=float(norm_ratio[i]),
+            self_ratio=float(self_ratio[i]),
             loo_cosine=float(loo_cos[i]),
             loo_consensus=float(loo_cons[i]),
+            flags=tuple(flags[i]),
         )
         for i, k in enumerate(names)
     }
 
 
-def _leave_one_out(x: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per active row: cosine to the mean of the other active rows, and how much those others
-    agree (median of their pairwise cosines). NaN where fewer than 3 others exist."""
-    n, m = len(x), len(active)
-    cos = np.full(n, float("nan"))
-    cons = np.full(n, float("nan"))
-    if m < 4:
-        return cos, cons
-    xa = x[active]
-    norms = np.maximum(np.linalg.norm(xa, axis=1), _TINY)
-    unit = xa / norms[:, None]
-    pair = unit @ unit.T
-    total = xa.sum(axis=0)
-    upper = np.triu(np.ones((m, m), dtype=bool), 1)
-    for j, i in enumerate(active):
-        rest = (total - xa[j]) / (m - 1)
-        rnorm = float(np.linalg.norm(rest))
-        if rnorm > _TINY:
-            cos[i] = float(xa[j] @ rest) / (norms[j] * rnorm)
-        keep = np.arange(m) != j
-        cons[i] = float(np.median(pair[np.ix_(keep, keep)][upper[: m - 1, : m - 1]]))
-    return cos, cons
+def _median_offdiag(g: np.ndarray) -> float:
+    m = g.shape[0]
+    if m < 2:
+        return float("nan")
+    return float(np.median(g[np.triu_indices(m, 1)]))
+
+
+def _shared_reference(
+    unit: np.ndarray, gram: np.ndarray, trusted: np.ndarray, th: Thresholds
+) -> tuple[np.ndarray, float] | None:
+    """Large rounds: one median over all trusted units stands in for every leave-one-out
+    median (one update moves a median of more than ``exact_loo_max`` values very little), so
+    a round of 50 costs one median instead of 50."""
+    if int(trusted.sum()) <= th.exact_loo_max:
+        return None
+    return np.median(unit[trusted], axis=0), _median_offdiag(gram[np.ix_(trusted, trusted)])
