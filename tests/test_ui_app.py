@@ -381,3 +381,19 @@ def test_rounds_table_shows_privacy_spent_only_for_dp_runs() -> None:
     html = views.rounds_table_html(dp)
     assert "ε spent (δ)" in html
     assert re.findall(r"data-epsilon>([^<]+)<", html) == ["0.384 (0.001)", "0.253 (0.001)"]
+
+
+def test_rounds_table_names_who_was_rejected_or_flagged_and_why() -> None:
+    """Each exclusion and each flag on a kept update: hospital, reason, score vs threshold."""
+    m = {"top1": 0.8, "accepted": 3, "rejected": 1, "reasons": {"opposes_others": 1},
+         "excluded": [{"hospital": "va", "reason": "opposes_others", "score": -0.61,
+                       "threshold": -0.3}],
+         "flagged": [{"hospital": "switzerland", "reason": "norm_outlier", "score": 6.4,
+                      "threshold": 6.0}]}
+    html = views.rounds_table_html([RoundInfo(2, m, "ab" * 32, None)])
+    assert "<th>who and why</th>" in html
+    assert "rejected: va opposes_others -0.61 &lt; -0.3" in html
+    assert "flagged, kept: switzerland norm_outlier 6.4 &gt; 6" in html
+    # Older rows without names still show the reason counts.
+    old = views.rounds_table_html([RoundInfo(1, {"rejected": 1, "reasons": {"x": 1}}, "", None)])
+    assert "x×1" in old

@@ -113,7 +113,11 @@ class Dashboard:
         return acc, upd, dur, views.rounds_table_html(rounds)
 
     def network_views(self, network: Network) -> tuple[str, str, str]:
-        quarantined = {e.subject for e in self.audit.of("hospital_quarantined")}
+        quarantined: set[str] = set()  # the newest of quarantine / re-admission wins
+        for e in self.audit.of("hospital_quarantined", "hospital_readmitted"):
+            (quarantined.add if e.event == "hospital_quarantined" else quarantined.discard)(
+                e.subject
+            )
         current = max((e.round for e in self.audit.current_run()), default=0)
         late = {str(e.body.get("hospital", "")) for e in self.audit.of("late_update")
                 if e.round >= current - 2}  # late in one of the last three rounds

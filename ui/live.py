@@ -81,7 +81,8 @@ class FeedRow:
 def _verdict(entry: AuditEntry) -> str:
     body = entry.body
     if body.get("accepted"):
-        return "accepted"
+        flags = [str(f.get("reason")) for f in body.get("flags") or [] if isinstance(f, dict)]
+        return "accepted" + (f" (flagged: {', '.join(flags)})" if flags else "")
     reasons = body.get("reasons") or []
     return "rejected" + (f" ({', '.join(str(r) for r in reasons)})" if reasons else "")
 

@@ -27,6 +27,7 @@ from medimesh.client import (
     VerifyResult,
     Vocabulary,
 )
+from medimesh.rounds import describe_verdicts
 from medimesh.ui.charts import (
     Bar,
     Baseline,
@@ -318,9 +319,11 @@ def rounds_table_html(rounds: Sequence[RoundInfo], limit: int = 25) -> str:
     rows = []
     for r in sorted(rounds, key=lambda r: -r.round)[:limit]:
         m = r.metrics
-        reasons = m.get("reasons") or {}
-        why = ", ".join(f"{k}×{v}" for k, v in reasons.items()) if isinstance(reasons, Mapping) \
-            else ""
+        why = describe_verdicts(m)  # who was rejected or flagged, why, score vs threshold
+        if not why:
+            reasons = m.get("reasons") or {}
+            why = ", ".join(f"{k}×{v}" for k, v in reasons.items()) \
+                if isinstance(reasons, Mapping) else ""
         dur = _float(m.get("duration_s"))
         rows.append(
             f"<tr data-round='{r.round}'><td>{r.round}</td><td>{_pct(_float(m.get('top1')))}</td>"
@@ -332,7 +335,7 @@ def rounds_table_html(rounds: Sequence[RoundInfo], limit: int = 25) -> str:
         )
     return (
         '<table class="mm-table" data-table="rounds"><tr><th>round</th><th>top-1</th>'
-        "<th>top-3</th><th>accepted</th><th>rejected</th><th>reasons</th><th>ms</th>"
+        "<th>top-3</th><th>accepted</th><th>rejected</th><th>who and why</th><th>ms</th>"
         + ("<th>ε spent (δ)</th>" if dp else "")
         + "<th>model</th></tr>" + "".join(rows) + "</table>"
     )
