@@ -313,3 +313,52 @@ def test_coordinator_config_builds_the_optimizer_and_keeps_dp_on_fedavgm() -> No
     assert CoordinatorConfig(3, 2, "s", privacy=dp).server() == FedAvgM(0.5, 0.1)
     with pytest.raises(ConfigError, match="differential privacy"):
         CoordinatorConfig(3, 2, "s", privacy=dp, server_optimizer="fedadam")
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def test_cli_flags_reach_run_config(capsys: pytest.CaptureFixture[str]) -> None:
+    """--aggregator/--server-* on demo, train and bench accuracy end up in RunConfig."""
+    from medimesh.aggregation import AGGREGATORS
+    from medimesh.cli import _config, build_parser
+
+    p = build_parser()
+    flags = ["--aggregator", "median", "--server-optimizer", "fedadam", "--server-lr", "0.03",
+             "--server-momentum", "0.5"]
+    for argv in (["demo", *flags], ["bench", "accuracy", *flags],
+                 ["train", "--site", "a=a.csv", *flags]):
+        cfg = _config(p.parse_args(argv))
+        assert (cfg.aggregator, cfg.server_optimizer, cfg.server_lr, cfg.server_momentum) == (
+            "median", "fedadam", 0.03, 0.5
+        ), argv
+    default = _config(p.parse_args(["demo"]))
+    assert (default.server_optimizer, default.server_lr, default.server_momentum) == (
+        "fedavgm", None, None
+    )
+    with pytest.raises(SystemExit):
+        p.parse_args(["bench", "accuracy", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "{fedavgm,fedadam,fedyogi,fedadagrad}" in help_text
+    assert "(default: 1 for fedavgm, 0.01 for fedadam/fedyogi/fedadagrad)" in help_text
+    for rule in AGGREGATORS:  # choices come from the aggregation module, not a copy
+        assert _config(p.parse_args(["demo", "--aggregator", rule])).aggregator == rule
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--server-optimizer", "adam"],
+        ["demo", "--server-lr", "0"],
+        ["demo", "--server-momentum", "1"],
+        ["demo", "--aggregator", "mean"],
+    ],
+)
+def test_cli_rejects_bad_server_flags(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse refuses them with a usage message (exit 2), before anything starts."""
+    from medimesh.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "argument" in capsys.readouterr().err
