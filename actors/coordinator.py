@@ -47,13 +47,22 @@ from medimesh.rounds import (
     EvalTally,
     RoundMetrics,
     RoundState,
-    ServerOptimizer,
+    ServerState,
     close_round,
     initial_model,
 )
 from medimesh.secagg import SecAggConfig, SecAggError
 from medimesh.secagg_round import INBOUND as SECAGG_INBOUND
 from medimesh.secagg_round import SecAggRound, b64e
+from medimesh.server_opt import (
+    DEFAULT_BETA2,
+    DEFAULT_TAU,
+    FedAvgM,
+    ServerOpt,
+    checkpoint_fields,
+    make_server_optimizer,
+    restore_state,
+)
 from medimesh.wire import open_envelope
 
 __all__ = ["STATISTICAL_REASONS", "Coordinator", "CoordinatorConfig"]
@@ -76,8 +85,12 @@ class CoordinatorConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     aggregator: str = DEFAULT_AGGREGATOR
     n_byzantine: int = 0
-    server_lr: float = 1.0
-    server_momentum: float = 0.8
+    # Server optimizer (medimesh.server_opt): lr and momentum (β1) None = the rule's default.
+    server_optimizer: str = "fedavgm"
+    server_lr: float | None = None
+    server_momentum: float | None = None
+    server_beta2: float = DEFAULT_BETA2
+    server_tau: float = DEFAULT_TAU
     min_updates: int = 1
     round_timeout_s: float = 30.0
     eval_timeout_s: float = 10.0
@@ -92,8 +105,24 @@ class CoordinatorConfig:
 
     def __post_init__(self) -> None:
         make_aggregator(self.aggregator, self.n_byzantine)  # unknown names fail here, early
+        self.server()  # ...and so do unknown server optimizers and bad values
         if self.min_updates < 1:
             raise ConfigError("min_updates must be at least 1")
+
+    def server(self) -> ServerOpt:
+        """The server optimizer this run steps with. DP keeps FedAvgM with its own lr and
+        momentum (docs/privacy.md): the step sizes tuned for noisy clipped gradients differ."""
+        if self.privacy is not None:
+            if self.server_optimizer != "fedavgm":
+                raise ConfigError(
+                    "differential privacy steps with FedAvgM (its own server lr and momentum); "
+                    f"server optimizer {self.server_optimizer!r} is not wired for DP"
+                )
+            return FedAvgM(self.privacy.server_lr, self.privacy.server_momentum)
+        return make_server_optimizer(
+            self.server_optimizer, self.server_lr, self.server_momentum,
+            self.server_beta2, self.server_tau,
+        )
 
 
 class Coordinator(Node):
@@ -114,7 +143,8 @@ class Coordinator(Node):
         self._committed: dict[str, int] = {}
         self._model: Model | None = None
         self._model_hash = ""
-        self._velocity: np.ndarray | None = None
+        self._server_opt = config.server()
+        self._server_state: ServerState | None = None  # None until the first server step
         self._standardizer: Standardizer | None = None
         self._prior: np.ndarray = np.zeros(0)
         self._round = 0
@@ -284,7 +314,7 @@ class Coordinator(Node):
             "mean": self._standardizer.mean,
             "std": self._standardizer.std,
             "prior": np.asarray(self._prior),
-            "velocity": self._velocity,
+            **checkpoint_fields(self._server_opt, self._server_state),
             "pending": {str(k): v for k, v in self._pending.items()},
         }
         if self._accountant is not None:
@@ -308,7 +338,7 @@ class Coordinator(Node):
         self._committed = {k: int(v) for k, v in st["committed"].items()}
         self._standardizer = Standardizer(np.array(st["mean"]), np.array(st["std"]))
         self._prior = np.array(st["prior"])
-        self._velocity = None if st["velocity"] is None else np.array(st["velocity"])
+        self._server_state = restore_state(self._server_opt, st)
         self._pending = {int(k): v for k, v in st["pending"].items()}
         if self._accountant is not None:  # the budget already spent survives a restart
             self._accountant.rounds = int(st.get("dp_rounds", 0))
@@ -476,12 +506,12 @@ class Coordinator(Node):
         marks["broadcast"] = time.perf_counter()
         if self._sa is not None:
             parent = self._model_hash
-            (model, self._velocity, upd_digests, verdict_digests), sent = await self._secure_close(
-                state, attempt, marks
+            (model, self._server_state, upd_digests, verdict_digests), sent = (
+                await self._secure_close(state, attempt, marks)
             )
             bytes_routed += sent
         else:
-            parent, (model, self._velocity, upd_digests, verdict_digests) = (
+            parent, (model, self._server_state, upd_digests, verdict_digests) = (
                 await self._plain_close(state, tally, attempt, deadline, marks)
             )
         new_hash = model_hash(model)
@@ -502,7 +532,7 @@ class Coordinator(Node):
     async def _plain_close(
         self, state: RoundState, tally: EvalTally, attempt: int, deadline: float,
         marks: dict[str, float],
-    ) -> tuple[str, tuple[Model, np.ndarray, list[str], list[str]]]:
+    ) -> tuple[str, tuple[Model, ServerState, list[str], list[str]]]:
         """Plaintext round: wait for updates, verdicts and evaluations, then aggregate."""
         cfg, r = self._cfg, state.round
         await self._wait(lambda: state.complete() and tally.complete(), deadline)
@@ -536,7 +566,7 @@ class Coordinator(Node):
 
     async def _secure_close(
         self, state: RoundState, attempt: int, marks: dict[str, float]
-    ) -> tuple[tuple[Model, np.ndarray, list[str], list[str]], int]:
+    ) -> tuple[tuple[Model, ServerState, list[str], list[str]], int]:
         """Secure round: the four SecAgg phases through the router, then one server step.
 
         Returns the close result and the bytes this side sent. Only masked vectors and public
@@ -595,11 +625,10 @@ class Coordinator(Node):
             )
             self._round_failed(state, parent, attempt, failure)
             raise failure from None
-        server = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
-        model, velocity = server.step(state.base, agg, self._velocity)
+        model, server_state = self._server_opt.step(state.base, agg, self._server_state)
         upd = [sa.masked[p][0] for p in survivors]
         verdicts = [state.verdicts[d][1] for d in upd]
-        return (model, velocity, upd, verdicts), sent
+        return (model, server_state, upd, verdicts), sent
 
     async def _await_verdicts(self, state: RoundState, digests: set[str]) -> None:
         """The validator's verdicts on the masked updates; asked for again once if missing."""
@@ -669,13 +698,13 @@ class Coordinator(Node):
 
     def _close(
         self, state: RoundState
-    ) -> tuple[Model, np.ndarray, list[str], list[str]]:
+    ) -> tuple[Model, ServerState, list[str], list[str]]:
         """Aggregate with the configured rule; if too few updates survived for it (e.g. Krum
         needs n > 2f + 2), fall back to the coordinate median and say so in the audit trail."""
         cfg = self._cfg
         if self._accountant is not None:
             return self._close_dp(state, self._accountant.config)
-        server = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
+        server = self._server_opt
         n = len(state.accepted())
         # Hospitals the validator already excluded on statistics count against f.
         caught = len({
@@ -684,13 +713,13 @@ class Coordinator(Node):
         })
         try:
             rule = rule_for_round(cfg.aggregator, cfg.n_byzantine, caught, n)
-            return close_round(state, rule, server, self._velocity)
+            return close_round(state, rule, server, self._server_state)
         except ConfigError as exc:
             state.closed = False
             self.audit.record(
                 "aggregation_fallback", state.round, cfg.aggregator, {"reason": str(exc)}
             )
-            return close_round(state, coordinate_median, server, self._velocity)
+            return close_round(state, coordinate_median, server, self._server_state)
 
     def _spend_privacy(self, r: int, subject: str) -> None:
         """Count one DP release and audit ε so far."""
@@ -708,7 +737,7 @@ class Coordinator(Node):
 
     def _close_dp(
         self, state: RoundState, dp: PrivacyConfig
-    ) -> tuple[Model, np.ndarray, list[str], list[str]]:
+    ) -> tuple[Model, ServerState, list[str], list[str]]:
         """DP-FedAvg: the example-weighted sum of clipped gradients, noised once (central).
 
         No robust rule and no statistical scoring here: a data-dependent choice of which
@@ -724,8 +753,7 @@ class Coordinator(Node):
         vecs = [flatten(u.delta_w, u.delta_b) for _, _, u, _ in acc]
         counts = [self._committed.get(sender, u.n_examples) for _, sender, u, _ in acc]
         agg = dp_aggregate(vecs, counts, dp, state.base, self._cfg.train.l2)
-        server = ServerOptimizer(dp.server_lr, dp.server_momentum)
-        model, v = server.step(state.base, agg, self._velocity)
+        model, v = self._server_opt.step(state.base, agg, self._server_state)  # FedAvgM (DP lr)
         return model, v, [d for d, _, _, _ in acc], [v_ for _, _, _, v_ in acc]
 
     def _finish_evaluation(self, r: int) -> None:

@@ -33,6 +33,7 @@ from medimesh.model import TrainConfig
 from medimesh.privacy import PrivacyConfig
 from medimesh.routing import Faults
 from medimesh.secagg import SecAggConfig
+from medimesh.server_opt import make_server_optimizer
 from medimesh.sites import DatasetInfo, SiteDescriptor, dataset_info
 
 __all__ = [
@@ -57,7 +58,11 @@ class RunConfig:
     aggregator: str = DEFAULT_AGGREGATOR
     validator_scoring: bool = True
     behaviours: tuple[tuple[str, str], ...] = ()  # (site name, behaviour) for dishonest sites
-    server_momentum: float = 0.8
+    # Server optimizer (medimesh.server_opt): fedavgm, fedadam, fedyogi or fedadagrad; lr and
+    # momentum (the adaptive rules' β1) None = the rule's default (server_opt.DEFAULT_*).
+    server_optimizer: str = "fedavgm"
+    server_lr: float | None = None
+    server_momentum: float | None = None
     min_updates: int | None = None
     round_timeout_s: float = 30.0
     max_update_norm: float = 50.0
@@ -112,6 +117,10 @@ class RunConfig:
             raise ConfigError("restarts and round retries must be zero or positive")
         if self.pace_s < 0:
             raise ConfigError("--pace must be zero or positive seconds")
+        make_server_optimizer(self.server_optimizer, self.server_lr, self.server_momentum)
+        if self.privacy is not None and self.server_optimizer != "fedavgm":
+            raise ConfigError("differential privacy steps with FedAvgM (its own server lr); "
+                              f"--server-optimizer {self.server_optimizer} is not wired for DP")
         if self.secure_aggregation is not None:
             if self.privacy is not None:
                 raise ConfigError("secure aggregation with differential privacy is not wired yet")
@@ -345,6 +354,8 @@ class Consortium:
             train=self.cfg.train,
             aggregator=self.cfg.aggregator,
             n_byzantine=self.cfg.assumed_byzantine,
+            server_optimizer=self.cfg.server_optimizer,
+            server_lr=self.cfg.server_lr,
             server_momentum=self.cfg.server_momentum,
             min_updates=self.cfg.quorum,
             round_timeout_s=self.cfg.round_timeout_s,

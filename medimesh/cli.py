@@ -110,6 +110,57 @@ def _run_args(p: argparse.ArgumentParser, hospitals: int = 8, rounds: int = 20) 
     _csv_args(p)
 
 
+def _momentum(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    """Aggregation rule and server optimizer (demo, train, bench accuracy)."""
+    from medimesh.aggregation import AGGREGATORS
+    from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
+    from medimesh.server_opt import DEFAULT_LR, DEFAULT_MOMENTUM, SERVER_OPTIMIZERS
+
+    def per_rule(defaults: dict[str, float]) -> str:
+        names: dict[float, list[str]] = {}
+        for name, value in defaults.items():
+            names.setdefault(value, []).append(name)
+        return ", ".join(f"{v:g} for {'/'.join(n)}" for v, n in names.items())
+
+    p.add_argument("--aggregator", choices=sorted(AGGREGATORS), default=DEFAULT_AGGREGATOR,
+                   help=f"how the accepted updates are combined (default: {DEFAULT_AGGREGATOR})")
+    p.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="fedavgm",
+                   help="server step on the aggregate: FedAvgM or the adaptive FedAdam, FedYogi, "
+                        "FedAdagrad of Reddi et al. 2021 (default: fedavgm)")
+    p.add_argument("--server-lr", type=_positive_float, default=None, metavar="ETA",
+                   help=f"server step size (default: {per_rule(DEFAULT_LR)})")
+    p.add_argument("--server-momentum", type=_momentum, default=None, metavar="BETA1",
+                   help="FedAvgM momentum, or β1 of the adaptive optimizers (default: "
+                        f"{per_rule(DEFAULT_MOMENTUM)})")
+
+
+def _server_config(args: argparse.Namespace) -> dict[str, Any]:
+    """RunConfig fields from _server_args, for the commands that have them."""
+    if not hasattr(args, "server_optimizer"):
+        return {}
+    return {
+        "aggregator": args.aggregator,
+        "server_optimizer": args.server_optimizer,
+        "server_lr": args.server_lr,
+        "server_momentum": args.server_momentum,
+    }
+
+
+def _server_summary(cfg: Any) -> dict[str, Any]:
+    """The aggregation rule and the server optimizer with its effective parameters."""
+    from medimesh.server_opt import make_server_optimizer
+
+    opt = make_server_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
+    return {"aggregator": cfg.aggregator, **opt.describe()}
+
+
 def _config(args: argparse.Namespace) -> Any:
     from medimesh.actors.runtime import RunConfig
     from medimesh.model import TrainConfig
@@ -147,6 +198,7 @@ def _config(args: argparse.Namespace) -> Any:
         placement=args.placement,
         keys_dir=args.keys_dir,
         **({} if args.round_timeout is None else {"round_timeout_s": args.round_timeout}),
+        **_server_config(args),
     )
 
 
@@ -189,8 +241,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     serving = not (args.no_serve or args.json) and cfg.database_url is not None
+    server = _server_summary(cfg)
     print(
-        f"MediMesh demo: {cfg.n_sites} hospitals, {cfg.rounds} rounds, dataset {cfg.dataset} "
+        f"MediMesh demo: {cfg.n_sites} hospitals, {cfg.rounds} rounds, dataset {cfg.dataset}, "
+        f"aggregator {cfg.aggregator}, server {server['server_optimizer']} "
+        f"(lr {server['server_lr']:g}, momentum {server['server_momentum']:g}) "
         "(starting Ray…)",
         file=sys.stderr,
         flush=True,
@@ -221,6 +276,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = {
             "dataset": cfg.dataset,
             "hospitals": cfg.n_sites,
+            "server": server,
             "rounds": history,
             "final_model_hash": final["model_hash"],
             "final_top1": history[-1]["top1"],
@@ -389,6 +445,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = {
         "model_dir": str(out),
         "model_hash": final["model_hash"],
+        "server": _server_summary(cfg),
         "rounds": history,
         "sites": fed.hospital_info,
         "audit": audit,
@@ -456,6 +513,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from medimesh.bench.accuracy import run_accuracy
 
         result = run_accuracy(cfg, progress)
+        result["server"] = _server_summary(cfg)
     elif args.bench == "byzantine":
         from medimesh.bench.byzantine import run_byzantine
 
@@ -516,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a federated model on a local Ray instance")
     _run_args(demo)
+    _server_args(demo)
     demo.add_argument("--drop", type=_probability, default=0.0,
                       help="fault drill: fraction of envelopes the router drops")
     demo.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
@@ -549,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.set_defaults(func=cmd_serve)
     train = sub.add_parser("train", help="federated training on CSV sites, saves the model")
     _run_args(train)
+    _server_args(train)
     train.add_argument("--out", default=None, help="model directory (default .medimesh/models/…)")
     train.set_defaults(func=cmd_train)
     ev = sub.add_parser("evaluate", help="score a saved model on a CSV table")
@@ -568,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench", required=True)
     acc = bsub.add_parser("accuracy", help="federated vs pooled vs isolated")
     _run_args(acc)
+    _server_args(acc)
     acc.set_defaults(func=cmd_bench)
     byz = bsub.add_parser("byzantine", help="every attack against every aggregation rule")
     _run_args(byz, hospitals=10, rounds=20)

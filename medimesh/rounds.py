@@ -9,26 +9,48 @@ accepted updates; anything arriving after close is reported as late, never silen
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from medimesh.aggregation import Aggregator, fedavg, flatten, unflatten
-from medimesh.errors import ConfigError, QuorumNotReached
+from medimesh.aggregation import Aggregator, fedavg, flatten
+from medimesh.errors import QuorumNotReached
 from medimesh.model import Model, model_hash
 from medimesh.protocol import EvalReport, Update, Verdict
+from medimesh.server_opt import (
+    SERVER_OPTIMIZERS,
+    AdaptiveState,
+    FedAdagrad,
+    FedAdam,
+    FedAvgM,
+    FedYogi,
+    MomentumState,
+    ServerOpt,
+    ServerState,
+    make_server_optimizer,
+)
 
 __all__ = [
+    "SERVER_OPTIMIZERS",
+    "AdaptiveState",
     "EvalTally",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvgM",
+    "FedYogi",
+    "MomentumState",
     "RoundMetrics",
     "RoundState",
+    "ServerOpt",
     "ServerOptimizer",
+    "ServerState",
     "aggregate_updates",
     "close_round",
     "describe_verdicts",
     "initial_model",
+    "make_server_optimizer",
 ]
 
 
@@ -133,7 +155,7 @@ def _why(row: dict[str, Any]) -> str:
     return text
 
 
-def describe_verdicts(metrics: dict[str, Any]) -> str:
+def describe_verdicts(metrics: Mapping[str, Any]) -> str:
     """One line naming who was rejected and who was flagged but kept, why, with the score
     and the threshold; empty when every update was accepted without a flag."""
     parts = []
@@ -153,28 +175,9 @@ def _measured(v: Verdict, reason: str) -> dict[str, float]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class ServerOptimizer:
-    """Server-side step on the aggregated delta: FedAvgM (Hsu, Qi, Brown 2019).
-
-    ``velocity = momentum * velocity + aggregate``; ``model += lr * velocity``. Momentum 0
-    and lr 1 is plain FedAvg. Momentum carries the consortium's direction across rounds,
-    which is what non-IID sites (each pulling toward its own few diseases) need.
-    """
-
-    lr: float = 1.0
-    momentum: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or not 0 <= self.momentum < 1:
-            raise ConfigError("server lr must be > 0 and momentum in [0, 1)")
-
-    def step(
-        self, base: Model, aggregate: np.ndarray, velocity: np.ndarray | None
-    ) -> tuple[Model, np.ndarray]:
-        v = aggregate if velocity is None else self.momentum * velocity + aggregate
-        dw, db = unflatten(self.lr * v, base.n_features, base.n_classes)
-        return Model(base.weights + dw, base.bias + db).astype32(), v
+ServerOptimizer = FedAvgM
+"""FedAvgM under the name earlier code used (``ServerOptimizer(lr, momentum)``)."""
+_PLAIN_FEDAVG = FedAvgM()  # lr 1, no momentum: the aggregate is the step
 
 
 def aggregate_updates(updates: Sequence[Update], rule: Aggregator = fedavg) -> np.ndarray:
@@ -186,10 +189,11 @@ def aggregate_updates(updates: Sequence[Update], rule: Aggregator = fedavg) -> n
 def close_round(
     state: RoundState,
     rule: Aggregator = fedavg,
-    server: ServerOptimizer = ServerOptimizer(),
-    velocity: np.ndarray | None = None,
-) -> tuple[Model, np.ndarray, list[str], list[str]]:
-    """Aggregate accepted updates: (model, new velocity, update digests, verdict digests)."""
+    server: ServerOpt = _PLAIN_FEDAVG,
+    opt_state: ServerState | None = None,
+) -> tuple[Model, ServerState, list[str], list[str]]:
+    """Aggregate accepted updates and take one server step from ``opt_state``:
+    (model, new optimizer state, update digests, verdict digests)."""
     acc = state.accepted()
     state.closed = True
     if len(acc) < state.min_updates:
@@ -197,8 +201,8 @@ def close_round(
             f"round {state.round}: {len(acc)} accepted update(s), {state.min_updates} required"
         )
     agg = aggregate_updates([u for _, _, u, _ in acc], rule)
-    model, v = server.step(state.base, agg, velocity)
-    return model, v, [d for d, _, _, _ in acc], [v_ for _, _, _, v_ in acc]
+    model, new_state = server.step(state.base, agg, opt_state)
+    return model, new_state, [d for d, _, _, _ in acc], [v_ for _, _, _, v_ in acc]
 
 
 @dataclass(slots=True)
