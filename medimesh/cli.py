@@ -166,8 +166,16 @@ def _config(args: argparse.Namespace) -> Any:
     from medimesh.model import TrainConfig
 
     base = TrainConfig()
+    server = _server_config(args)
     if args.dataset == "heart":
-        base = TrainConfig(epochs=10, l2=0.07)
+        # The heart recipe (docs/heart.md): two local steps keep four very different centres
+        # from drifting apart (with ten, the example-weighted mean settled at 0.81 mean-of-
+        # centres top-1, below pooled 0.83); server momentum 0.5 damps FedAvgM's oscillation.
+        base = TrainConfig(epochs=2, l2=0.07)
+        if server.get("server_momentum") is None and server.get("server_optimizer") in (
+            None, "fedavgm"
+        ):
+            server["server_momentum"] = 0.5
     train = TrainConfig(
         epochs=args.local_steps or base.epochs,
         lr=base.lr,
@@ -198,7 +206,7 @@ def _config(args: argparse.Namespace) -> Any:
         placement=args.placement,
         keys_dir=args.keys_dir,
         **({} if args.round_timeout is None else {"round_timeout_s": args.round_timeout}),
-        **_server_config(args),
+        **server,
     )
 
 
