@@ -101,8 +101,10 @@ class RunConfig:
             raise ConfigError("--rounds must be at least 1")
         if self.alpha <= 0:
             raise ConfigError("--alpha must be positive")
-        if self.dataset not in ("rare", "heart", "csv"):
-            raise ConfigError(f"unknown dataset {self.dataset!r}; expected rare, heart or csv")
+        if self.dataset not in ("rare", "sparse", "heart", "csv"):
+            raise ConfigError(
+                f"unknown dataset {self.dataset!r}; expected rare, sparse, heart or csv"
+            )
         if self.dataset == "csv" and (self.spec is None or not self.csv_sites):
             raise ConfigError("the csv dataset needs --spec and at least one --site NAME=PATH")
         if not 0 <= self.test_fraction < 1:
@@ -153,6 +155,19 @@ def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
         cohort = {"n_hospitals": cfg.hospitals, "seed": cfg.seed, "alpha": cfg.alpha}
         return [
             SiteDescriptor("rare", f"hospital-{i + 1:02d}", {"cohort": cohort, "site": i})
+            for i in range(cfg.hospitals)
+        ]
+    if cfg.dataset == "sparse":
+        from medimesh.data.sparse import SparseConfig, site_name
+
+        # Validated here, so a bad recipe fails in the driver, not in six actors at once.
+        try:
+            recipe = SparseConfig(n_hospitals=cfg.hospitals, seed=cfg.seed, alpha=cfg.alpha)
+        except ValueError as exc:
+            raise ConfigError(f"sparse consortium: {exc}") from None
+        params = recipe.to_params()
+        return [
+            SiteDescriptor("sparse", site_name(i), {"cohort": params, "site": i})
             for i in range(cfg.hospitals)
         ]
     if cfg.dataset == "csv":

@@ -84,13 +84,14 @@ def _csv_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser, hospitals: int = 8, rounds: int = 20) -> None:
-    p.add_argument("--dataset", choices=["rare", "heart", "csv"], default="rare")
+    p.add_argument("--dataset", choices=["rare", "sparse", "heart", "csv"], default="rare")
     p.add_argument("--hospitals", type=_positive_int, default=hospitals,
                    help="number of hospitals (rare cohort; heart always has 4)")
     p.add_argument("--rounds", type=_positive_int, default=rounds)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, default=0.5,
-                   help="Dirichlet concentration of each hospital's disease mix")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="Dirichlet concentration of the hospitals' disease mix "
+                        "(default: rare 0.5, sparse 0.3)")
     p.add_argument("--data-dir", default=None, help="heart data folder")
     p.add_argument("--local-steps", type=_positive_int, default=None)
     p.add_argument("--l2", type=float, default=None)
@@ -196,7 +197,7 @@ def _config(args: argparse.Namespace) -> Any:
         hospitals=args.hospitals,
         rounds=args.rounds,
         seed=args.seed,
-        alpha=args.alpha,
+        alpha=_alpha(args),
         train=train,
         data_dir=args.data_dir,
         audit_path=getattr(args, "audit_file", None),
@@ -208,6 +209,13 @@ def _config(args: argparse.Namespace) -> Any:
         **({} if args.round_timeout is None else {"round_timeout_s": args.round_timeout}),
         **server,
     )
+
+
+def _alpha(args: argparse.Namespace) -> float:
+    """Each synthetic cohort's own default skew: rare 0.5, sparse 0.3 (docs/cohort.md)."""
+    if args.alpha is not None:
+        return float(args.alpha)
+    return 0.3 if args.dataset == "sparse" else 0.5
 
 
 def _database_url(choice: str | None) -> str | None:
@@ -422,7 +430,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medimesh.actors.runtime import Consortium
     from medimesh.modelfile import save_model
 
-    args.dataset = "csv"
+    if args.dataset != "sparse":  # sparse: hospitals build the synthetic sparse consortium
+        args.dataset = "csv"
     cfg = _config(args)
     t0 = time.perf_counter()
     fed = Consortium(cfg)
@@ -447,7 +456,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         fed.info.feature_names,
         fed.info.log_mask,
         fed.info.scale_mask,
-        cfg.spec,
+        _sparse_spec(fed.descriptors[0].params) if cfg.dataset == "sparse" else cfg.spec,
         history,
     )
     result = {
@@ -470,6 +479,50 @@ def cmd_train(args: argparse.Namespace) -> int:
                     f"{site['unknown_codes']} unknown code(s) ignored",
                     file=sys.stderr,
                 )
+    return 0
+
+
+def _sparse_spec(params: dict[str, Any]) -> dict[str, Any]:
+    """The spec that reads `medimesh data sparse` CSVs, saved with a model trained on sparse."""
+    from medimesh.data.sparse import SparseConfig, spec_dict
+
+    return spec_dict(SparseConfig(**params["cohort"]))
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Write the sparse HPO consortium as one CSV per site plus spec.json; print `train`."""
+    import shlex
+
+    from medimesh.data.sparse import SparseConfig, write_consortium
+
+    try:
+        recipe = SparseConfig(n_hospitals=args.hospitals, seed=args.seed, alpha=args.alpha)
+    except ValueError as exc:
+        raise MediMeshError(f"sparse consortium: {exc}") from None
+    out = Path(args.out)
+    files = write_consortium(recipe, out)
+    command = ["medimesh", "train", "--spec", str(files.spec)]
+    for name, path in files.sites:
+        command += ["--site", f"{name}={path}"]
+    # Same seed and test fraction: `train` then splits every site as `bench accuracy` does.
+    command += ["--seed", str(recipe.seed), "--test-fraction", str(recipe.test_fraction),
+                "--rounds", "30"]
+    line = shlex.join(command)
+    print(
+        f"wrote {files.spec} and {len(files.sites)} site files to {out} "
+        f"({sum(files.rows)} patients, rows per site {list(files.rows)}); train with:",
+        file=sys.stderr,
+    )
+    if args.json:
+        emit(json.dumps({
+            "spec": str(files.spec),
+            "sites": [{"name": n, "path": str(p), "rows": r}
+                      for (n, p), r in zip(files.sites, files.rows, strict=True)],
+            "config": recipe.to_params(),
+            "train_command": line,
+        }))
+    else:
+        emit(line)
     return 0
 
 
@@ -626,6 +679,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("-v", "--verbose", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
+    data = sub.add_parser("data", help="write a synthetic dataset to disk (CSV sites + spec)")
+    dsub = data.add_subparsers(dest="data", required=True)
+    dsp = dsub.add_parser("sparse", help="the sparse HPO consortium (docs/cohort.md)")
+    dsp.add_argument("--out", required=True, metavar="DIR", help="folder for spec.json + CSVs")
+    dsp.add_argument("--hospitals", type=_positive_int, default=6)
+    dsp.add_argument("--seed", type=int, default=0)
+    dsp.add_argument("--alpha", type=_positive_float, default=0.3,
+                     help="Dirichlet concentration splitting each disease over the sites")
+    dsp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    dsp.add_argument("-v", "--verbose", action="store_true")
+    dsp.set_defaults(func=cmd_data)
     from medimesh.audit_cli import add_audit_commands
 
     add_audit_commands(sub)

@@ -20,7 +20,7 @@ __all__ = ["DatasetInfo", "LocalData", "SiteDescriptor", "dataset_info", "load_s
 
 @dataclass(frozen=True, slots=True)
 class SiteDescriptor:
-    """How to build one site's data: ``kind`` is rare, heart or csv; params are JSON-able."""
+    """How to build one site's data: ``kind`` is rare, sparse, heart or csv; params JSON-able."""
 
     kind: str
     name: str
@@ -62,6 +62,18 @@ def dataset_info(kind: str, params: dict[str, Any] | None = None) -> DatasetInfo
             log_mask=np.array([f.kind == "lognormal" for f in feats]),
             scale_mask=np.array([f.kind != "binary" for f in feats]),
         )
+    if kind == "sparse":
+        from medimesh.data import sparse
+
+        cfg = sparse.SparseConfig(**params["cohort"])
+        n = len(sparse.feature_names(cfg))
+        # Every column is a 0/1 HPO indicator: no log, no scaling (see "Binary features").
+        return DatasetInfo(
+            feature_names=sparse.feature_names(cfg),
+            class_names=sparse.class_names(cfg),
+            log_mask=np.zeros(n, dtype=bool),
+            scale_mask=np.zeros(n, dtype=bool),
+        )
     if kind == "heart":
         from medimesh.data import heart
 
@@ -84,7 +96,7 @@ def dataset_info(kind: str, params: dict[str, Any] | None = None) -> DatasetInfo
             log_mask=spec.log_mask(),
             scale_mask=spec.scale_mask(),
         )
-    raise ConfigError(f"unknown dataset {kind!r}; expected 'rare', 'heart' or 'csv'")
+    raise ConfigError(f"unknown dataset {kind!r}; expected 'rare', 'sparse', 'heart' or 'csv'")
 
 
 def load_site(desc: SiteDescriptor) -> LocalData:
@@ -95,6 +107,13 @@ def load_site(desc: SiteDescriptor) -> LocalData:
         cfg = cohort.CohortConfig(**desc.params["cohort"])
         s = cohort.make_site(cfg, int(desc.params["site"]))
         return LocalData(desc.name, s.x_train, s.y_train, s.x_test, s.y_test)
+    if desc.kind == "sparse":
+        from medimesh.data import sparse
+
+        sp = sparse.make_site(
+            sparse.SparseConfig(**desc.params["cohort"]), int(desc.params["site"])
+        )
+        return LocalData(desc.name, sp.x_train, sp.y_train, sp.x_test, sp.y_test)
     if desc.kind == "heart":
         from medimesh.data import heart
 
@@ -106,7 +125,9 @@ def load_site(desc: SiteDescriptor) -> LocalData:
         return LocalData(desc.name, h.x_train, h.y_train, h.x_test, h.y_test)
     if desc.kind == "csv":
         return _load_csv_site(desc)
-    raise ConfigError(f"unknown dataset {desc.kind!r}; expected 'rare', 'heart' or 'csv'")
+    raise ConfigError(
+        f"unknown dataset {desc.kind!r}; expected 'rare', 'sparse', 'heart' or 'csv'"
+    )
 
 
 def _load_csv_site(desc: SiteDescriptor) -> LocalData:
