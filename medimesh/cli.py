@@ -526,6 +526,32 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_heart(args: argparse.Namespace) -> int:
+    """Write the four heart centres as CSV sites plus spec.json; print the `train` command."""
+    import shlex
+
+    from medimesh.data.heart import HeartDataError, export_csv
+
+    out = Path(args.out)
+    try:
+        spec, sites, rows = export_csv(out, Path(args.data_dir) if args.data_dir else None)
+    except HeartDataError as exc:
+        raise MediMeshError(str(exc)) from None
+    command = ["medimesh", "train", "--spec", str(spec)]
+    for name, path in sites:
+        command += ["--site", f"{name}={path}"]
+    line = shlex.join(command)
+    print(f"wrote {spec} and {len(sites)} centre files to {out} (rows {list(rows)}); "
+          "train with:", file=sys.stderr)
+    if args.json:
+        emit(json.dumps({"spec": str(spec), "train_command": line,
+                         "sites": [{"name": n, "path": str(p), "rows": r}
+                                   for (n, p), r in zip(sites, rows, strict=True)]}))
+    else:
+        emit(line)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a saved model on a table (an external validation cohort)."""
     from medimesh.metrics import scores
@@ -690,6 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
     dsp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     dsp.add_argument("-v", "--verbose", action="store_true")
     dsp.set_defaults(func=cmd_data)
+    dhe = dsub.add_parser("heart", help="the four UCI heart centres as CSV sites (docs/heart.md)")
+    dhe.add_argument("--out", required=True, metavar="DIR", help="folder for spec.json + CSVs")
+    dhe.add_argument("--data-dir", default=None, help="heart data folder (default ../shared/…)")
+    dhe.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    dhe.add_argument("-v", "--verbose", action="store_true")
+    dhe.set_defaults(func=cmd_data_heart)
     from medimesh.audit_cli import add_audit_commands
 
     add_audit_commands(sub)

@@ -82,7 +82,7 @@ def dataset_info(kind: str, params: dict[str, Any] | None = None) -> DatasetInfo
         # numeric columns would be: `medimesh train` on exported CSVs reproduces the bench.
         return DatasetInfo(
             feature_names=names,
-            class_names=("no disease", "disease"),
+            class_names=heart.CLASS_NAMES,
             log_mask=np.zeros(len(names), dtype=bool),
             scale_mask=np.ones(len(names), dtype=bool),
         )

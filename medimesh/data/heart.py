@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 __all__ = [
     "CENTERS",
+    "CLASS_NAMES",
     "COLUMNS",
     "FILES",
     "MD5",
@@ -29,6 +30,7 @@ __all__ = [
     "HeartDataError",
     "HeartSite",
     "default_data_dir",
+    "export_csv",
     "feature_names",
     "flamby_split",
     "kept_rows",
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 CENTERS: tuple[str, ...] = ("cleveland", "hungary", "switzerland", "va")
+CLASS_NAMES: tuple[str, ...] = ("no disease", "disease")
 
 FILES: dict[str, str] = {
     "cleveland": "processed.cleveland.data",
@@ -419,3 +422,46 @@ def load_all(
 ) -> tuple[HeartSite, ...]:
     """All four centers in ``CENTERS`` order (FLamby's center ids 0..3)."""
     return tuple(load_center(data_dir, c, preprocessing, verify) for c in CENTERS)
+
+
+def export_csv(
+    out_dir: Path, data_dir: Path | None = None, preprocessing: str = "flamby+missing"
+) -> tuple[Path, tuple[tuple[str, Path], ...], tuple[int, ...]]:
+    """Write the four centres as CSV sites (``CENTER.csv``: FLamby's train rows, then its test
+    rows) plus ``spec.json``, for ``medimesh train --spec … --site CENTER=…``.
+
+    Returns (spec path, (centre, path) per site, rows per site). Missing values (``chol`` and
+    ``trestbps`` coded 0) are written as empty cells, which the spec reads as missing. The
+    rows are the centre's own; nothing is pooled.
+    """
+    import csv
+    import json
+
+    data_dir = data_dir or default_data_dir()
+    if data_dir is None:
+        raise HeartDataError("heart data not found: pass --data-dir (../shared/data/heart)")
+    names = feature_names(preprocessing)
+    spec = {
+        "label": "label",
+        "classes": list(CLASS_NAMES),
+        "features": [{"name": n, "type": "numeric"} for n in names],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = out_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    sites: list[tuple[str, Path]] = []
+    rows: list[int] = []
+    for center in CENTERS:
+        s = load_center(Path(data_dir), center, preprocessing)
+        x = np.vstack([s.x_train, s.x_test])
+        y = np.concatenate([s.y_train, s.y_test])
+        path = out_dir / f"{center}.csv"
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow([*names, "label"])
+            for row, label in zip(x, y, strict=True):
+                w.writerow(["" if np.isnan(v) else repr(float(v)) for v in row]
+                           + [CLASS_NAMES[int(label)]])
+        sites.append((center, path))
+        rows.append(len(y))
+    return spec_path, tuple(sites), tuple(rows)
