@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -174,3 +175,38 @@ def test_framing_victim_is_the_first_honest_site() -> None:
     assert framing_victim(sites, {"d": "frame_oppose"}) == "a"
     assert framing_victim(sites, {"d": "alie"}) is None
     assert framing_victim(["a"], {"a": "frame_oppose"}) is None
+
+
+# ---------------------------------------------------------------- through the real consortium
+
+
+@pytest.mark.ray
+@pytest.mark.xfail(strict=True, reason="validator flags both members of a pair (issue 13)")
+def test_frame_duplicate_never_gets_the_honest_victim_excluded(ray_session: None) -> None:
+    """A site copying an honest victim's update (predicted by the attackers' side channel)
+    must not get the victim rejected or quarantined."""
+    import ray
+
+    from medimesh.actors.runtime import NAMESPACE, Consortium, RunConfig
+
+    cfg = RunConfig(
+        hospitals=4, rounds=3, seed=1, behaviours=(("hospital-04", "frame_duplicate"),),
+        tolerate=1, round_timeout_s=10.0,
+    )
+    fed = Consortium(cfg)
+    try:
+        fed.start()
+        fed.run()
+        entries = fed.audit_entries()
+        channel: Any = ray.get_actor(  # handles are untyped
+            f"adversary:colluders@{fed.run_id}", namespace=NAMESPACE
+        )
+        side: dict[str, int] = dict(ray.get(channel.stats.remote()))
+        victim = fed.identities["hospital-01"].peer_id
+    finally:
+        fed.shutdown()
+    assert side["victim_updates"] == 3  # the attack had its input every round
+    verdicts = [e.body for e in entries if e.event == "verdict" and e.body["hospital"] == victim]
+    assert len(verdicts) == 3
+    assert all(v["accepted"] for v in verdicts), [v["reasons"] for v in verdicts]
+    assert not [e for e in entries if e.event == "hospital_quarantined" and e.subject == victim]
