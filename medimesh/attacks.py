@@ -150,14 +150,15 @@ def attack_update(
       (min-sum) to the benign updates stays within the largest such value among them. All
       colluders send it. One colluder has no spread to hide in: ``gamma = 0``, it sends ``mu``.
     - ``relay``: a time-coupled attack on clipping around the previous aggregate. With centre
-      ``c = previous`` (the last global step; zeros in round 1) and radius ``tau`` = the median
-      distance of the colluders' honest updates to ``c`` (what centered clipping with
-      ``tau="median"`` would use, estimated from what the attackers hold), it sends
-      ``c - margin * tau * t/|t|``, with ``t = trajectory`` (the model's displacement since
-      the attacker's first round, i.e. the sum of all steps it saw; else ``c``; else the
-      honest mean): just inside the radius, so never clipped, and always pointing back
-      towards the starting model, so the pull accumulates round after round instead of
-      cancelling. Related: the relocated orthogonal perturbation (ROP) of Ozfatura, Ozfatura,
+      ``c = previous`` (the last global step) and radius ``tau`` = the median distance of the
+      colluders' honest updates to ``c`` (what centered clipping with ``tau="median"`` would
+      use, estimated from what the attackers hold), it sends ``c - margin * tau * t/|t|``,
+      with ``t = trajectory`` (the model's displacement since the attacker's first round,
+      i.e. the sum of all steps it saw; else ``c``): just inside the radius, so never
+      clipped, and always pointing back towards the starting model, so the pull accumulates
+      round after round instead of cancelling. Without a previous aggregate (round 1) there
+      is no centre: it sends its honest update (which also keeps it clear of the round-1
+      tests that catch a reversed update). Related: the relocated orthogonal perturbation (ROP) of Ozfatura, Ozfatura,
       Kupcu, Gunduz ("Byzantines can also learn from history: fall of centered clipping in
       federated learning", IEEE TIFS 2024, arXiv:2208.09894), which also sits at CC's radius
       around its reference but perturbs orthogonally to it; and the time-coupled attacks that
@@ -317,11 +318,11 @@ def _relay(
 ) -> np.ndarray:
     if not 0 < margin <= 1:
         raise ConfigError(f"relay margin must be in (0, 1], not {margin}")
-    center = np.zeros_like(h) if previous is None else np.asarray(previous, np.float64)
-    center = center.reshape(h.shape)
+    if previous is None:
+        return h.copy()
+    center = np.asarray(previous, np.float64).reshape(h.shape)
     radius = float(np.median(np.linalg.norm((group - center).reshape(len(group), -1), axis=1)))
-    candidates = [trajectory, center, group.mean(axis=0)]
-    for t in candidates:
+    for t in (trajectory, center):
         if t is not None and float(np.linalg.norm(t)) > _TINY:
             push = np.asarray(t, dtype=np.float64).reshape(h.shape)
             return np.asarray(center - margin * radius * push / float(np.linalg.norm(push)))

@@ -124,11 +124,12 @@ def test_relay_stays_just_inside_the_radius_against_the_trajectory() -> None:
     assert np.linalg.norm(out - c) <= radius
     assert np.linalg.norm(out - c) == pytest.approx(0.9 * radius)
     assert _cos(out - c, t) == pytest.approx(-1.0)
-    # Without a trajectory: against the previous step; in round 1 (no step): against the mean.
+    # Without a trajectory: against the previous step; in round 1 (no step): honest.
     out2 = _att("relay", colluders=list(BENIGN), previous=c)
     assert _cos(out2 - c, c) == pytest.approx(-1.0)
-    first = _att("relay")  # one colluder, centre 0: radius |h|
-    assert np.allclose(first, -0.9 * BENIGN[0])
+    alone = _att("relay", previous=c)  # one colluder: the radius is its own distance to c
+    assert np.linalg.norm(alone - c) == pytest.approx(0.9 * np.linalg.norm(BENIGN[0] - c))
+    assert np.array_equal(_att("relay"), BENIGN[0])
     with pytest.raises(ConfigError):
         _att("relay", margin=1.5)
 
