@@ -158,11 +158,12 @@ def attack_update(
       clipped, and always pointing back towards the starting model, so the pull accumulates
       round after round instead of cancelling. Without a previous aggregate (round 1) there
       is no centre: it sends its honest update (which also keeps it clear of the round-1
-      tests that catch a reversed update). Related: the relocated orthogonal perturbation (ROP) of Ozfatura, Ozfatura,
-      Kupcu, Gunduz ("Byzantines can also learn from history: fall of centered clipping in
-      federated learning", IEEE TIFS 2024, arXiv:2208.09894), which also sits at CC's radius
-      around its reference but perturbs orthogonally to it; and the time-coupled attacks that
-      motivate history in Karimireddy, He, Jaggi (ICML 2021, "Learning from history").
+      tests that catch a reversed update). Related: the relocated orthogonal perturbation
+      (ROP) of Ozfatura, Ozfatura, Kupcu, Gunduz ("Byzantines can also learn from history:
+      fall of centered clipping in federated learning", IEEE TIFS 2024, arXiv:2208.09894),
+      which also sits at CC's radius around its reference but perturbs orthogonally to it;
+      and the time-coupled attacks that motivate history in Karimireddy, He, Jaggi (ICML
+      2021, "Learning from history for Byzantine robust optimization").
     - ``frame_duplicate``: a framing attack: ``victim`` (an honest site's update, which the
       attackers' side channel predicts) plus a random jitter of norm ``jitter * |victim|``,
       far inside any near-duplicate tolerance. A validator that rejects both members of a

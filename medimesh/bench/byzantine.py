@@ -109,9 +109,13 @@ def audit_summary(
     per_round = []
     for r in sorted(rounds):
         row = rounds[r]
-        row["accepted"].sort()
-        per_round.append({**row, "n_accepted": len(row["accepted"]),
-                          "n_rejected": len(row["rejected"])})
+        per_round.append({
+            "round": r,
+            "n_accepted": len(row["accepted"]),
+            "n_rejected": len(row["rejected"]),
+            "accepted": sorted(row["accepted"]),
+            "rejected": dict(sorted(row["rejected"].items())),
+        })
     out: dict[str, Any] = {
         "honest_updates": honest,
         "honest_rejected": honest_rejected,
@@ -179,14 +183,14 @@ def _score_final(final: Mapping[str, Any], descriptors: Sequence[Any]) -> dict[s
     y = np.concatenate([p.y_test for p in prepared])
     return {
         "per_site_top1": per_site,
-        "mean_of_sites_top1": float(np.mean(list(per_site.values()))),
+        "mean_of_centers_top1": float(np.mean(list(per_site.values()))),
         "union_top1": float(evaluate(model, x, y)["top1"]),
     }
 
 
 def _headline(cfg: Any) -> tuple[str, str]:
     if cfg.dataset == "heart":
-        return "mean_of_sites_top1", "mean over the four centres of per-centre top-1 (FLamby)"
+        return "mean_of_centers_top1", "mean over the four centres of per-centre top-1 (FLamby)"
     return "union_top1", "top-1 over the union of the hospitals' test splits"
 
 
