@@ -20,6 +20,8 @@ from medimesh.attacks import (
     framing_victim,
     shejwalkar_gamma,
 )
+from medimesh.audit import AuditEntry
+from medimesh.bench.byzantine import STATISTICAL, audit_summary, names_from, summarize
 from medimesh.errors import ConfigError
 
 # Four benign updates in 5 dimensions: spread out, with a common direction.
@@ -176,6 +178,72 @@ def test_framing_victim_is_the_first_honest_site() -> None:
     assert framing_victim(sites, {"d": "frame_oppose"}) == "a"
     assert framing_victim(sites, {"d": "alie"}) is None
     assert framing_victim(["a"], {"a": "frame_oppose"}) is None
+
+
+# ---------------------------------------------------------------- the benchmark's report
+
+
+def _entry(event: str, round_: int, subject: str, body: dict[str, Any]) -> AuditEntry:
+    return AuditEntry(0, 0.0, "validator", event, round_, subject, body, "", "", "", "", "")
+
+
+def _verdict(round_: int, who: str, reasons: list[str], **extra: Any) -> AuditEntry:
+    body = {"hospital": who, "accepted": not reasons, "reasons": reasons, "scores": {}, **extra}
+    return _entry("verdict", round_, "digest", body)
+
+
+def test_audit_summary_reads_only_verdicts_and_quarantines() -> None:
+    """Honest rejections, exclusions (statistical or quarantine), catches, the victim, per
+    round by site name; protocol refusals reject without excluding; extra body keys ignored."""
+    names = {"p1": "cleveland", "p2": "hungary", "p3": "switzerland", "p4": "va"}
+    entries = [
+        _verdict(1, "p1", ["near_duplicate"], flags=[{"reason": "near_duplicate"}]),
+        _verdict(1, "p2", []),
+        _verdict(1, "p3", ["replay"]),
+        _verdict(1, "p4", ["near_duplicate"]),
+        _entry("hospital_quarantined", 1, "p4", {"strikes": 1}),
+        _entry("round_closed", 1, "hash", {}),
+        _verdict(2, "p1", []),
+        _verdict(2, "p2", []),
+        _verdict(2, "p3", []),
+        _verdict(2, "p4", ["quarantined"]),
+        _entry("hospital_quarantined", 2, "p2", {"strikes": 1}),
+        _entry("hospital_readmitted", 3, "p2", {}),
+    ]
+    out = audit_summary(entries, names, ["va"], victim="cleveland")
+    assert out["honest_updates"] == 6 and out["honest_rejected"] == 2
+    assert out["honest_excluded"] == ["cleveland", "hungary"]  # not switzerland: a replay
+    assert (out["malicious_caught"], out["malicious_updates"]) == (2, 2)
+    assert out["victim_excluded"] is True
+    assert out["quarantined"] == ["va", "hungary"] and out["readmitted"] == ["hungary"]
+    first = out["rounds"][0]
+    assert first["n_accepted"] == 1 and first["accepted"] == ["hungary"]
+    assert first["rejected"] == {
+        "cleveland": ["near_duplicate"], "switzerland": ["replay"], "va": ["near_duplicate"],
+    }
+    assert audit_summary([], names, ["va"])["rounds"] == []
+
+
+def test_summary_over_seeds_and_selections() -> None:
+    """Mean/min over seeds and the drop against clean; comma selections are checked."""
+    runs = [
+        {"top1": 0.8, "honest_updates": 60, "honest_rejected": 1, "honest_excluded": ["a"],
+         "malicious_caught": 20, "malicious_updates": 20, "victim": "a", "victim_excluded": True},
+        {"top1": 0.7, "honest_updates": 60, "honest_rejected": 0, "honest_excluded": [],
+         "malicious_caught": 19, "malicious_updates": 20, "victim": "a",
+         "victim_excluded": False},
+    ]
+    s = summarize(runs, clean_mean=0.85)
+    assert s["top1_mean"] == pytest.approx(0.75) and s["top1_min"] == pytest.approx(0.7)
+    assert s["drop_vs_clean"] == pytest.approx(0.10)
+    assert s["honest_rejected_rate"] == pytest.approx(1 / 120)
+    assert s["runs_victim_excluded"] == 1 and s["victim_ever_excluded"]
+    assert names_from(None, STATISTICAL, "attack") == STATISTICAL
+    assert names_from("relay, min_max,relay", STATISTICAL, "attack") == ("relay", "min_max")
+    assert names_from("all", ("a", "b"), "rule") == ("a", "b")
+    with pytest.raises(ConfigError, match="unknown attack"):
+        names_from("relay,teleport", STATISTICAL, "attack")
+    assert {"min_max", "min_sum", "relay", "frame_duplicate", "frame_oppose"} <= set(STATISTICAL)
 
 
 # ---------------------------------------------------------------- through the real consortium
