@@ -221,6 +221,10 @@ def test_audit_summary_reads_only_verdicts_and_quarantines() -> None:
     assert first["rejected"] == {
         "cleveland": ["near_duplicate"], "switzerland": ["replay"], "va": ["near_duplicate"],
     }
+    assert first["verdicts"] == 4
+    # A retried round (same number): sites counted once, reasons merged over attempts.
+    retried = audit_summary(entries[:4] + entries[:4], names, ["va"])["rounds"][0]
+    assert (retried["n_accepted"], retried["n_rejected"], retried["verdicts"]) == (1, 3, 8)
     assert audit_summary([], names, ["va"])["rounds"] == []
 
 

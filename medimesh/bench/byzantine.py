@@ -93,11 +93,16 @@ def audit_summary(
         site = names.get(str(e.body["hospital"]), str(e.body["hospital"])[:12])
         accepted = bool(e.body["accepted"])
         reasons = [str(r) for r in e.body.get("reasons", [])]
-        row = rounds.setdefault(e.round, {"round": e.round, "accepted": [], "rejected": {}})
+        # A round that missed quorum is retried under the same number: sites and reasons are
+        # merged over its attempts, and the verdicts counted.
+        row = rounds.setdefault(
+            e.round, {"verdicts": 0, "accepted": set(), "rejected": {}}
+        )
+        row["verdicts"] += 1
         if accepted:
-            row["accepted"].append(site)
+            row["accepted"].add(site)
         else:
-            row["rejected"][site] = reasons
+            row["rejected"].setdefault(site, set()).update(reasons)
         if site in bad:
             dishonest += 1
             caught += not accepted
@@ -114,7 +119,8 @@ def audit_summary(
             "n_accepted": len(row["accepted"]),
             "n_rejected": len(row["rejected"]),
             "accepted": sorted(row["accepted"]),
-            "rejected": dict(sorted(row["rejected"].items())),
+            "rejected": {k: sorted(v) for k, v in sorted(row["rejected"].items())},
+            "verdicts": row["verdicts"],
         })
     out: dict[str, Any] = {
         "honest_updates": honest,
@@ -211,23 +217,27 @@ def _run(cfg: Any, rule: str, attack: str | None, malicious: int, seed: int) -> 
     victim = framing_victim(names, dict(behaviours))
     t0 = time.perf_counter()
     fed = Consortium(run_cfg)
+    failed: str | None = None
     try:
         fed.start()
-        history = fed.run()
-        final = fed.final_model()
-        entries = fed.audit_entries()
+        try:
+            history = fed.run()
+            final = fed.final_model()
+        except QuorumNotReached as exc:  # the attack stalled training: that is a result too
+            failed, history = str(exc).strip().splitlines()[-1], []
+        entries = fed.audit_entries()  # who was refused, even when training stalled
         ids = {fed.identities[n].peer_id: n for n in names}
-    except QuorumNotReached as exc:  # the attack stalled training: that is a result too
-        return {"seed": seed, "top1": 0.0, "failed": str(exc),
-                **audit_summary([], {}, bad, victim)}
     finally:
         fed.shutdown()
-    scores = _score_final(final, fed.descriptors)
+    out: dict[str, Any] = {"seed": seed}
+    if failed is not None:
+        out.update(top1=0.0, failed=failed)
+    else:
+        scores = _score_final(final, fed.descriptors)
+        out.update(top1=scores[_headline(cfg)[0]], **scores,
+                   last_round_reported_top1=history[-1]["top1"])
     return {
-        "seed": seed,
-        "top1": scores[_headline(cfg)[0]],
-        **scores,
-        "last_round_reported_top1": history[-1]["top1"],
+        **out,
         "rounds_run": len(history),
         "wall_s": round(time.perf_counter() - t0, 1),
         **audit_summary(entries, ids, bad, victim),
