@@ -17,7 +17,7 @@ import structlog
 from medimesh.actors.base import Node
 from medimesh.adversary import PROTOCOL_ATTACKS, AttackContext, protocol_envelope
 from medimesh.aggregation import flatten, unflatten
-from medimesh.attacks import ATTACKS, attack_update, flip_labels
+from medimesh.attacks import ATTACKS, COLLUDING, FRAMING, attack_update, flip_labels
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError
 from medimesh.hospital import HospitalNode
 from medimesh.protocol import (
@@ -77,19 +77,38 @@ class Hospital(Node):
         self._n_byzantine = n_byzantine
         self._n_hospitals = len(self.roster.with_role("hospital"))
         self._last_envelope: bytes | None = None
+        # Global models seen (first, last) and the last step: what a time-coupled attack uses.
+        self._first_base: np.ndarray | None = None
+        self._last_base: tuple[str, np.ndarray] | None = None
+        self._step: np.ndarray | None = None
         self._secagg = SecAggHospital(self.identity)
         self.rounds_trained = 0
 
-    def _misbehave(self, update: Update, round_: int) -> Update:
+    def _misbehave(self, update: Update, start: RoundStart) -> Update:
         """Apply a statistical attack to the honest delta (identity for honest sites)."""
-        name = self._behaviour
+        name, round_ = self._behaviour, start.round
         if name in ("honest", "label_flip") or name in PROTOCOL_ATTACKS or name in DRILLS:
             return update
         honest = flatten(update.delta_w, update.delta_b)
+        base = flatten(start.weights, start.bias)
+        if self._last_base is not None and self._last_base[0] != start.base_hash:
+            self._step = base - self._last_base[1]  # a retried round keeps its step
+        self._last_base = (start.base_hash, base)
+        if self._first_base is None:
+            self._first_base = base
         group: list[np.ndarray] = []
-        if name in ("alie", "ipm") and self._colluders is not None:
-            # The attackers' own side channel (outside MediMesh): share honest deltas.
-            group = list(ray.get(self._colluders.share.remote(round_, honest)))
+        victim: np.ndarray | None = None
+        if self._colluders is not None:
+            # The attackers' own side channel (outside MediMesh).
+            if name in COLLUDING:
+                group = list(ray.get(self._colluders.share.remote(round_, honest)))
+            if name in FRAMING:
+                victim = ray.get(self._colluders.victim_update.remote(start))
+        if name in FRAMING and victim is None:
+            return update  # nobody to frame (or the channel failed): send the honest delta
+        extra: dict[str, Any] = {}
+        if name == "relay":
+            extra = {"previous": self._step, "trajectory": base - self._first_base}
         vec = attack_update(
             name,
             honest,
@@ -98,6 +117,8 @@ class Hospital(Node):
             colluders=group,
             n_clients=self._n_hospitals,
             n_byzantine=max(self._n_byzantine, 1),
+            victim=victim,
+            **extra,
         )
         dw, db = unflatten(vec, *update.delta_w.shape)
         return dataclasses.replace(
@@ -140,10 +161,14 @@ class Hospital(Node):
             stats = node.on_setup_request(decode(type_, payload, SetupRequest))
             self.send(stats, [self._coordinator], 0)
         elif type_ == SetupResult.TYPE:
-            node.on_setup_result(decode(type_, payload, SetupResult))
+            result = decode(type_, payload, SetupResult)
+            node.on_setup_result(result)
+            if self._behaviour in FRAMING and self._colluders is not None:
+                ray.get(self._colluders.victim_setup.remote(result))  # the side channel
+
         elif type_ == RoundStart.TYPE:
             start = decode(type_, payload, RoundStart)
-            update = self._misbehave(node.on_round_start(start), round_)
+            update = self._misbehave(node.on_round_start(start), start)
             if start.secagg_threshold:
                 # Secure round: the delta stays here until it leaves masked (phase 2).
                 self.post(self._secagg.start(start, update), [self._coordinator], round_)

@@ -27,6 +27,7 @@ from medimesh.actors.hospital import Hospital
 from medimesh.actors.router import Router
 from medimesh.actors.validator import Validator
 from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
+from medimesh.attacks import COLLUDING, FRAMING, framing_victim
 from medimesh.errors import ConfigError
 from medimesh.identity import Identity, Member, Roster
 from medimesh.model import TrainConfig
@@ -387,9 +388,14 @@ class Consortium:
         unknown = set(behaviour) - {d.name for d in self.descriptors}
         if unknown:
             raise ConfigError(f"behaviours name unknown sites: {sorted(unknown)}")
-        colluding = [n for n, b in behaviour.items() if b in ("alie", "ipm")]
+        colluding = [n for n, b in behaviour.items() if b in COLLUDING | FRAMING]
+        # Framing attacks target the first honest site (medimesh.attacks.framing_victim).
+        victim = framing_victim([d.name for d in self.descriptors], behaviour)
         colluders = (
-            _actor(Colluders, self._name("adversary:colluders")).remote(len(colluding))
+            _actor(Colluders, self._name("adversary:colluders")).remote(
+                len([n for n in colluding if behaviour[n] in COLLUDING]),
+                victim=next((d for d in self.descriptors if d.name == victim), None),
+            )
             if colluding
             else None
         )

@@ -602,12 +602,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = run_accuracy(cfg, progress)
         result["server"] = _server_summary(cfg)
     elif args.bench == "byzantine":
-        from medimesh.bench.byzantine import run_byzantine
+        from medimesh.bench.byzantine import RULES, STATISTICAL, names_from, run_byzantine
 
         def say(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
-        result = run_byzantine(cfg, args.malicious, say)  # progress on stderr, JSON on stdout
+        result = run_byzantine(  # progress on stderr, JSON on stdout
+            cfg, args.malicious, say, seeds=args.seeds,
+            attacks=names_from(args.attacks, STATISTICAL, "attack"),
+            rules=names_from(args.rules, RULES, "rule"),
+        )
     elif args.bench == "oracle":
         from medimesh.bench.oracle import run_oracle_bench
 
@@ -734,9 +738,17 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(acc)
     _server_args(acc)
     acc.set_defaults(func=cmd_bench)
-    byz = bsub.add_parser("byzantine", help="every attack against every aggregation rule")
+    byz = bsub.add_parser("byzantine", help="attacks against the default defence (or every rule)")
     _run_args(byz, hospitals=10, rounds=20)
-    byz.add_argument("--malicious", type=int, default=3, help="number of dishonest hospitals")
+    byz.add_argument("--malicious", type=int, default=3,
+                     help="dishonest hospitals (the last ones) = the declared tolerance f")
+    byz.add_argument("--seeds", type=_positive_int, default=1, metavar="K",
+                     help="runs per attack, with seeds 0..K-1 (mean and min reported)")
+    byz.add_argument("--attacks", default=None, metavar="A,B,…",
+                     help="statistical attacks to run (default: all)")
+    byz.add_argument("--rules", default="default", metavar="R,…|all",
+                     help="'default' (validator + default rule; the default), named rules, or "
+                          "'all' for the full rule matrix (slow)")
     byz.set_defaults(func=cmd_bench)
     oracle = bsub.add_parser("oracle", help="/diagnose latency, throughput and hot swap")
     oracle.add_argument("--requests", type=_positive_int, default=300)
