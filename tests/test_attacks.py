@@ -254,7 +254,6 @@ def test_summary_over_seeds_and_selections() -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.xfail(strict=True, reason="validator flags both members of a pair (issue 13)")
 def test_frame_duplicate_never_gets_the_honest_victim_excluded(ray_session: None) -> None:
     """A site copying an honest victim's update (predicted by the attackers' side channel)
     must not get the victim rejected or quarantined."""
