@@ -165,18 +165,15 @@ def _server_summary(cfg: Any) -> dict[str, Any]:
 def _config(args: argparse.Namespace) -> Any:
     from medimesh.actors.runtime import RunConfig
     from medimesh.model import TrainConfig
+    from medimesh.recipes import recipe
 
-    base = TrainConfig()
     server = _server_config(args)
-    if args.dataset == "heart":
-        # The heart recipe (docs/heart.md): two local steps keep four very different centres
-        # from drifting apart (with ten, the example-weighted mean settled at 0.81 mean-of-
-        # centres top-1, below pooled 0.83); server momentum 0.5 damps FedAvgM's oscillation.
-        base = TrainConfig(epochs=2, l2=0.07)
-        if server.get("server_momentum") is None and server.get("server_optimizer") in (
-            None, "fedavgm"
-        ):
-            server["server_momentum"] = 0.5
+    plan = recipe(args.dataset)
+    base = plan.train
+    if plan.server_momentum is not None and server.get("server_momentum") is None and (
+        server.get("server_optimizer") in (None, "fedavgm")
+    ):
+        server["server_momentum"] = plan.server_momentum
     train = TrainConfig(
         epochs=args.local_steps or base.epochs,
         lr=base.lr,
@@ -590,7 +587,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    cfg = _config(args) if args.bench not in ("audit", "oracle") else None
+    cfg = _config(args) if args.bench not in ("audit", "oracle", "clean") else None
     progress = (
         None if args.json or cfg is None or args.bench in ("byzantine", "chaos", "privacy")
         else _progress(cfg.rounds)
@@ -612,6 +609,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             attacks=names_from(args.attacks, STATISTICAL, "attack"),
             rules=names_from(args.rules, RULES, "rule"),
         )
+    elif args.bench == "clean":
+        from medimesh.bench.byzantine import names_from
+        from medimesh.bench.clean import SUITES, run_clean
+
+        def line(text: str) -> None:
+            print(text, file=sys.stderr, flush=True)
+
+        suites = names_from(args.suites, SUITES, "suite")
+        result = run_clean(suites, args.seeds, args.tolerate, line)
     elif args.bench == "oracle":
         from medimesh.bench.oracle import run_oracle_bench
 
@@ -738,6 +744,17 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(acc)
     _server_args(acc)
     acc.set_defaults(func=cmd_bench)
+    clean = bsub.add_parser(
+        "clean", help="honest consortia over many seeds: nobody excluded, federated vs pooled"
+    )
+    clean.add_argument("--seeds", type=_positive_int, default=10, metavar="K")
+    clean.add_argument("--suites", default=None, metavar="S,…",
+                       help="heart, heart-csv, rare-8, rare-10, sparse (default: all)")
+    clean.add_argument("--tolerate", type=int, default=0, metavar="F",
+                       help="declared dishonest hospitals (default 0, as users get)")
+    clean.add_argument("--json", action="store_true")
+    clean.add_argument("-v", "--verbose", action="store_true")
+    clean.set_defaults(func=cmd_bench)
     byz = bsub.add_parser("byzantine", help="attacks against the default defence (or every rule)")
     _run_args(byz, hospitals=10, rounds=20)
     byz.add_argument("--malicious", type=int, default=3,

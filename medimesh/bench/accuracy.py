@@ -113,8 +113,11 @@ def dominated_class_recall(
     }
 
 
-def run_accuracy(cfg: Any, progress: Any = None) -> dict[str, Any]:
-    """Run the real federated protocol, then score it beside pooled and isolated models."""
+def run_accuracy(cfg: Any, progress: Any = None, isolated_baselines: bool = True) -> dict[str, Any]:
+    """Run the real federated protocol, then score it beside pooled and isolated models.
+
+    ``isolated_baselines=False`` skips the per-site models (most of the time on the sparse
+    consortium); their fields are then left out, never filled with made-up numbers."""
     from medimesh.actors.runtime import Consortium
 
     t0 = time.perf_counter()
@@ -146,7 +149,7 @@ def run_accuracy(cfg: Any, progress: Any = None) -> dict[str, Any]:
     )
     isolated: list[dict[str, Any]] = []
     isolated_pred: list[np.ndarray] = []
-    for site in sites:
+    for site in sites if isolated_baselines else []:
         own_std, own_prior = standardizer_for([site], info)
         own = _precision(prepare(site, info, own_std), cfg.dataset)
         model = fit_centralized(own.x_train, own.y_train, k, own_prior, cfg.train, BASELINE_STEPS)
@@ -173,7 +176,10 @@ def run_accuracy(cfg: Any, progress: Any = None) -> dict[str, Any]:
 
     fed_scores = evaluate(fed_model, x_test, y_test)
     pooled_scores = evaluate(pooled, x_test, y_test)
-    iso_mean = {m: float(np.mean([r[m] for r in isolated])) for m in ("top1", "top3", "macro_f1")}
+    iso_mean = {
+        m: float(np.mean([r[m] for r in isolated])) if isolated else float("nan")
+        for m in ("top1", "top3", "macro_f1")
+    }
     out: dict[str, Any] = {
         "benchmark": "accuracy",
         "dataset": cfg.dataset,
@@ -199,7 +205,13 @@ def run_accuracy(cfg: Any, progress: Any = None) -> dict[str, Any]:
             "prox_mu": cfg.train.prox_mu,
         },
         "federated_wall_s": round(t_fed, 3),
+        "centers": [s.name for s in sites],
+        **_verdict_summary(history),
     }
+    for who in ("federated", "pooled"):  # the same lists, named
+        out[who]["per_center_top1_by_name"] = dict(
+            zip(out["centers"], out[who]["per_center_top1"], strict=True)
+        )
     out["mean_of_centers_top1"] = {
         "federated": float(np.mean(out["federated"]["per_center_top1"])),
         "pooled": float(np.mean(out["pooled"]["per_center_top1"])),
@@ -209,10 +221,10 @@ def run_accuracy(cfg: Any, progress: Any = None) -> dict[str, Any]:
         out["flamby_metric"] = {
             "federated": float(np.mean(out["federated"]["per_center_top1"])),
             "pooled": float(np.mean(out["pooled"]["per_center_top1"])),
-            "isolated_own_center": float(np.mean([r["own_test_top1"] for r in isolated])),
-            "isolated_all_centers": float(
-                np.mean([np.mean(r["per_center"]) for r in isolated])
-            ),
+            "isolated_own_center": float(np.mean([r["own_test_top1"] for r in isolated]))
+            if isolated else float("nan"),
+            "isolated_all_centers": float(np.mean([np.mean(r["per_center"]) for r in isolated]))
+            if isolated else float("nan"),
         }
     out["headline"] = _headline(cfg.dataset, out)
     out["dominated_classes"] = dominated_class_recall(
@@ -230,6 +242,31 @@ def run_accuracy(cfg: Any, progress: Any = None) -> dict[str, Any]:
         "federated_over_pooled"
     ]
     return out
+
+
+def _verdict_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per round: accepted and rejected counts with reasons, and who was excluded or flagged
+    (score and threshold); over the run: every hospital excluded at least once."""
+    rounds = [
+        {k: m.get(k) for k in ("round", "accepted", "rejected", "reasons", "excluded", "flagged")}
+        for m in history
+    ]
+    updates = sum(int(m["accepted"]) + int(m["rejected"]) for m in history)
+    rejected = sum(int(m["rejected"]) for m in history)
+    return {
+        "verdicts": {
+            "updates": updates,
+            "rejected": rejected,
+            "rejected_rate": rejected / updates if updates else 0.0,
+            "hospitals_excluded": sorted(
+                {row["hospital"] for m in history for row in m.get("excluded") or []}
+            ),
+            "hospitals_flagged": sorted(
+                {row["hospital"] for m in history for row in m.get("flagged") or []}
+            ),
+        },
+        "per_round": rounds,
+    }
 
 
 def _precision(p: Prepared, dataset: str) -> Prepared:

@@ -1,0 +1,29 @@
+"""Per-dataset training recipes: the local-training and server settings a consortium declares.
+
+One place for them, so ``medimesh train``/``demo``/``bench`` and the benchmarks that sweep seeds
+run exactly the same recipe. Explicit flags always win over a recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medimesh.model import TrainConfig
+
+__all__ = ["Recipe", "recipe"]
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    train: TrainConfig
+    server_momentum: float | None = None  # None: the server optimizer's own default
+
+
+def recipe(dataset: str) -> Recipe:
+    """Heart: 2 local steps, L2 0.07 (the pooled scikit-learn optimum, C = 0.03 on 486 rows),
+    server momentum 0.5. Switzerland has 30 training rows against Cleveland's 199; with 10
+    local steps the example-weighted mean drifted to 0.81 mean-of-centres top-1, below pooled
+    (0.83), and momentum 0.8 made FedAvgM oscillate. Everything else: the model defaults."""
+    if dataset == "heart":
+        return Recipe(TrainConfig(epochs=2, l2=0.07), server_momentum=0.5)
+    return Recipe(TrainConfig())
