@@ -138,6 +138,7 @@ class Coordinator(Node):
         self._cfg = config
         self._hospitals = [m.peer_id for m in self.roster.with_role("hospital")]
         self._names = {m.peer_id: m.name for m in self.roster.with_role("hospital")}
+        self._rule_info: dict[str, Any] = {}  # which rule closed the last round, and why
         self._validator = self.roster.with_role("validator")[0].peer_id
         self._setup: dict[str, SetupStats] = {}
         self._committed: dict[str, int] = {}
@@ -687,6 +688,7 @@ class Coordinator(Node):
             "reasons": dict(reasons),
             "excluded": excluded,
             "flagged": flagged,
+            "aggregation": dict(self._rule_info),
             "late": len(state.late),
             "duration_s": time.perf_counter() - t0,
             "bytes_routed": bytes_routed + state.bytes_in + self._eval_bytes.pop(parent, 0),
@@ -712,10 +714,11 @@ class Coordinator(Node):
             if not v.accepted and v.reasons and v.reasons[0] in STATISTICAL_REASONS
         })
         try:
-            rule = rule_for_round(cfg.aggregator, cfg.n_byzantine, caught, n)
+            rule, self._rule_info = rule_for_round(cfg.aggregator, cfg.n_byzantine, caught, n)
             return close_round(state, rule, server, self._server_state)
         except ConfigError as exc:
             state.closed = False
+            self._rule_info = {"rule": "median", "fallback_from": cfg.aggregator}
             self.audit.record(
                 "aggregation_fallback", state.round, cfg.aggregator, {"reason": str(exc)}
             )

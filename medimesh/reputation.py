@@ -16,8 +16,11 @@ The rules (issue 13: defaults must never silently drop honest data):
 - **No permanent exile**: a flag adds a strike; a clean round halves the strikes. At
   ``quarantine_strikes`` (2: two flags without a clean round between them) a hospital is on
   probation: it stays a suspect (excluded while the budget allows, kept out of everyone's
-  reference) until ``readmit_after`` (3) clean rounds in a row re-admit it. Under f = 0
-  strikes are counted but nobody is quarantined.
+  reference) until ``readmit_after`` (3) clean rounds in a row in which its direction could
+  be judged re-admit it — or ``readmit_quiet`` (8) rounds without a flag, judged or not, so
+  an honest site is never held out for a whole run because training converged (late rounds
+  close the consensus gate, and silence is no evidence either way). Under f = 0 strikes are
+  counted but nobody is quarantined.
 - **Heterogeneity**: each hospital's own recent norms (``history_len``) feed the norm test, so
   a site that always sends large updates (rare diseases, many rows) is compared with itself.
 - **Framing**: of a duplicate pair only the less established / later sender is flagged.
@@ -46,6 +49,7 @@ class Policy:
     quarantine_strikes: float = 2.0
     decay: float = 0.5
     readmit_after: int = 3
+    readmit_quiet: int = 8
     history_len: int = 5
     thresholds: Thresholds = field(default_factory=Thresholds)
 
@@ -54,8 +58,8 @@ class Policy:
             raise ConfigError("the declared tolerance f must be zero or positive")
         if self.quarantine_strikes <= 0 or not 0 <= self.decay < 1:
             raise ConfigError("quarantine_strikes must be > 0 and decay in [0, 1)")
-        if self.readmit_after < 1 or self.history_len < 1:
-            raise ConfigError("readmit_after and history_len must be at least 1")
+        if self.readmit_after < 1 or self.history_len < 1 or self.readmit_quiet < 1:
+            raise ConfigError("readmit_after, readmit_quiet and history_len must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,15 +70,17 @@ class Standing:
     quarantined: bool = False
     clean_streak: int = 0
     norms: tuple[float, ...] = ()
+    quiet: int = 0  # rounds on probation without a flag (judged or not)
 
     def to_dict(self) -> dict[str, Any]:
         return {"strikes": self.strikes, "quarantined": self.quarantined,
-                "clean_streak": self.clean_streak, "norms": list(self.norms)}
+                "clean_streak": self.clean_streak, "norms": list(self.norms),
+                "quiet": self.quiet}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Standing:
         return cls(float(d["strikes"]), bool(d["quarantined"]), int(d["clean_streak"]),
-                   tuple(float(v) for v in d["norms"]))
+                   tuple(float(v) for v in d["norms"]), int(d.get("quiet", 0)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,20 +187,31 @@ def judge_round(
                                   severity[h] if h in candidates else 0.0, extra)
         old = state.get(h)
         norms = (*old.norms, s.norm)[-policy.history_len :]
+        # On probation, a clean round counts only if the round could judge the hospital's
+        # direction (the others agreed): late in training nothing is judged, and silence is
+        # no evidence of honesty. Quiet rounds still end probation, later (readmit_quiet).
+        judged = not old.quarantined or s.loo_consensus >= policy.thresholds.consensus
         if s.flags:
-            new = Standing(old.strikes + 1.0, old.quarantined, 0, norms)
+            new = Standing(old.strikes + 1.0, old.quarantined, 0, norms, 0)
         else:
-            new = Standing(old.strikes * policy.decay, old.quarantined, old.clean_streak + 1,
-                           norms)
+            new = Standing(old.strikes * policy.decay if judged else old.strikes,
+                           old.quarantined, old.clean_streak + (1 if judged else 0), norms,
+                           old.quiet + 1 if old.quarantined else 0)
         if policy.tolerate > 0 and not new.quarantined and new.strikes >= policy.quarantine_strikes:
             new = replace(new, quarantined=True)
             events.append(("hospital_quarantined", h, {
                 "strikes": new.strikes, "threshold": policy.quarantine_strikes,
                 "last_reasons": list(s.reasons), "readmit_after_clean_rounds": policy.readmit_after,
             }))
-        elif new.quarantined and new.clean_streak >= policy.readmit_after:
-            new = Standing(0.0, False, new.clean_streak, norms)
-            events.append(("hospital_readmitted", h, {"clean_rounds": new.clean_streak}))
+        elif new.quarantined and (
+            new.clean_streak >= policy.readmit_after or new.quiet >= policy.readmit_quiet
+        ):
+            events.append(("hospital_readmitted", h, {
+                "clean_rounds": new.clean_streak, "quiet_rounds": new.quiet,
+                "needed": {"clean_rounds": policy.readmit_after,
+                           "quiet_rounds": policy.readmit_quiet},
+            }))
+            new = Standing(0.0, False, new.clean_streak, norms, 0)
         standings[h] = new
         if math.isnan(new.strikes):  # defensive: never let state go NaN silently
             raise ConfigError(f"strikes for {h} became NaN")

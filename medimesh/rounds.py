@@ -279,6 +279,7 @@ class RoundMetrics:
     # exclusion names who, why, score and threshold; flags on accepted updates are shown too).
     excluded: list[dict[str, Any]] = field(default_factory=list)
     flagged: list[dict[str, Any]] = field(default_factory=list)
+    aggregation: dict[str, Any] = field(default_factory=dict)  # the rule that closed the round
 
     def to_dict(self) -> dict[str, Any]:
         optional = ("epsilon", "delta")

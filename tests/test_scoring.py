@@ -264,14 +264,38 @@ def test_honest_heterogeneous_sites_raise_no_flag(n: int, scales: list[float], s
 
 
 def test_rule_for_round_is_sized_by_the_declared_f() -> None:
-    """f = 0: clipped weighted mean (nothing trimmed); f = 2 with one excluded: trim 1."""
+    """f = 0: clipped weighted mean (nothing trimmed); f = 2 with one excluded: trim 1;
+    f = 1 over four updates: two kept values per coordinate are too few, so no trimming."""
     ups = [np.full(3, float(i)) for i in range(1, 8)]
     ws = [float(i) for i in range(1, 8)]
-    assert np.allclose(rule_for_round("clipped_trimmed_mean", 0, 0, 7)(ups, ws), fedavg(ups, ws))
+    rule, info = rule_for_round("clipped_trimmed_mean", 0, 0, 7)
+    assert np.allclose(rule(ups, ws), fedavg(ups, ws)) and info["trim"] == 0
+    assert info["clip"] == f"{CLEAN_CLIP_MULTIPLE:g}x median norm"
     med = float(np.median([np.linalg.norm(u) for u in ups]))
     clipped = [u * min(1.0, med / np.linalg.norm(u)) for u in ups]
-    got = rule_for_round("clipped_trimmed_mean", 2, 1, 7)(ups, ws)
-    assert np.allclose(got, trimmed_mean(trim=1)(clipped, ws))
-    assert CLEAN_CLIP_MULTIPLE == 5.0
+    rule, info = rule_for_round("clipped_trimmed_mean", 2, 1, 7)
+    assert np.allclose(rule(ups, ws), trimmed_mean(trim=1)(clipped, ws)) and info["trim"] == 1
+    four, fw = ups[:4], ws[:4]
+    med4 = float(np.median([np.linalg.norm(u) for u in four]))
+    clipped4 = [u * min(1.0, med4 / np.linalg.norm(u)) for u in four]
+    rule, info = rule_for_round("clipped_trimmed_mean", 1, 0, 4)
+    assert info["trim"] == 0 and np.allclose(rule(four, fw), fedavg(clipped4, fw))
+    assert rule_for_round("clipped_trimmed_mean", 1, 0, 5)[1]["trim"] == 1  # 3 values kept
     with pytest.raises(ConfigError):
         rule_for_round("clipped_trimmed_mean", -1, 0, 3)
+
+
+def test_probation_needs_judged_clean_rounds_or_a_long_quiet() -> None:
+    """Rounds in which nobody's direction can be judged (no consensus) do not count as clean
+    for a quarantined site; eight quiet rounds re-admit it all the same."""
+    pol = Policy(tolerate=1)
+    state = Reputation(2, {"h4": Standing(strikes=2.0, quarantined=True)})
+    quiet = {f"h{i}": E[i] + 0.3 * E[7] for i in range(5)}  # pairwise cosines 0.08: no gate
+    for r in range(3, 10):
+        out = judge_round(state, pol, r, quiet)
+        state = out.state
+        assert out.judgements["h4"].excluded and not out.events, r
+    assert state.get("h4").clean_streak == 0 and state.get("h4").quiet == 7
+    out = judge_round(state, pol, 10, quiet)
+    assert [e[0] for e in out.events] == ["hospital_readmitted"]
+    assert out.events[0][2]["quiet_rounds"] == 8
