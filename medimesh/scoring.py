@@ -10,10 +10,11 @@ The scores are built to respect heterogeneity (a hospital whose patients differ 
 cheater) and to resist framing (a crafted update must not get an honest hospital flagged):
 
 - ``norm_ratio``: the update's norm over the median norm of the *other* trusted updates.
-  ``norm_outlier`` only above ``norm_ratio`` (6x) — or above ``jump_ratio`` (3x) when the
+  ``norm_outlier`` only above ``norm_ratio`` (8x) — or above ``jump_ratio`` (3x) when the
   hospital also jumped above ``self_jump`` (2x) its *own* recent norms. Honest non-IID sites
   reached 5.0x the others' median (rare cohort, a site with most of a rare disease), always
-  within 1.4x of their own history; a x10 scaler is caught either way.
+  within 1.4x of their own history; a x10 scaler is caught either way, and clipping bounds
+  whatever stays below.
 - ``loo_cosine``: cosine between the update and the coordinate-wise median of the *unit*
   vectors of the other trusted updates (leave-self-out, scale-free, robust). A crafted update
   of any norm counts as one unit vector among the others, and a median cannot be moved outside
@@ -61,7 +62,7 @@ _TINY = 1e-12
 class Thresholds:
     """Calibrated on honest variation (module docstring); every flag names the one it used."""
 
-    norm_ratio: float = 6.0
+    norm_ratio: float = 8.0
     jump_ratio: float = 3.0
     self_jump: float = 2.0
     opposes_cos: float = -0.3
