@@ -17,9 +17,11 @@ The rules (issue 13: defaults must never silently drop honest data):
   ``quarantine_strikes`` (2: two flags without a clean round between them) a hospital is on
   probation: it stays a suspect (excluded while the budget allows, kept out of everyone's
   reference) until ``readmit_after`` (3) clean rounds in a row in which its direction could
-  be judged re-admit it — or ``readmit_quiet`` (8) rounds without a flag, judged or not, so
-  an honest site is never held out for a whole run because training converged (late rounds
-  close the consensus gate, and silence is no evidence either way). Under f = 0 strikes are
+  be judged and agreed with the others (cosine >= 0) re-admit it — or ``readmit_quiet`` (12)
+  rounds without a flag, judged or not, so an honest site is never held out for good because
+  training converged (late rounds close the consensus gate). Absence of evidence counts four
+  times less than evidence: with 8 quiet rounds, three sign-flippers of ten were re-admitted
+  in round 12 of 20 and cost 2.2 points of top-1 (in-process replica of the rare bench). Under f = 0 strikes are
   counted but nobody is quarantined.
 - **Heterogeneity**: each hospital's own recent norms (``history_len``) feed the norm test, so
   a site that always sends large updates (rare diseases, many rows) is compared with itself.
@@ -49,7 +51,7 @@ class Policy:
     quarantine_strikes: float = 2.0
     decay: float = 0.5
     readmit_after: int = 3
-    readmit_quiet: int = 8
+    readmit_quiet: int = 12
     history_len: int = 5
     thresholds: Thresholds = field(default_factory=Thresholds)
 
@@ -188,9 +190,12 @@ def judge_round(
         old = state.get(h)
         norms = (*old.norms, s.norm)[-policy.history_len :]
         # On probation, a clean round counts only if the round could judge the hospital's
-        # direction (the others agreed): late in training nothing is judged, and silence is
-        # no evidence of honesty. Quiet rounds still end probation, later (readmit_quiet).
-        judged = not old.quarantined or s.loo_consensus >= policy.thresholds.consensus
+        # direction (the others agreed) and it pointed with them (cosine >= 0): late in
+        # training nothing is judged, and silence — or merely not opposing enough to be
+        # flagged — is no evidence of honesty. Quiet rounds still end probation, later.
+        judged = not old.quarantined or (
+            s.loo_consensus >= policy.thresholds.consensus and s.loo_cosine >= 0.0
+        )
         if s.flags:
             new = Standing(old.strikes + 1.0, old.quarantined, 0, norms, 0)
         else:

@@ -287,15 +287,29 @@ def test_rule_for_round_is_sized_by_the_declared_f() -> None:
 
 def test_probation_needs_judged_clean_rounds_or_a_long_quiet() -> None:
     """Rounds in which nobody's direction can be judged (no consensus) do not count as clean
-    for a quarantined site; eight quiet rounds re-admit it all the same."""
+    for a quarantined site; twelve quiet rounds re-admit it all the same."""
     pol = Policy(tolerate=1)
     state = Reputation(2, {"h4": Standing(strikes=2.0, quarantined=True)})
     quiet = {f"h{i}": E[i] + 0.3 * E[7] for i in range(5)}  # pairwise cosines 0.08: no gate
-    for r in range(3, 10):
+    for r in range(3, 14):
         out = judge_round(state, pol, r, quiet)
         state = out.state
         assert out.judgements["h4"].excluded and not out.events, r
-    assert state.get("h4").clean_streak == 0 and state.get("h4").quiet == 7
-    out = judge_round(state, pol, 10, quiet)
+    assert state.get("h4").clean_streak == 0 and state.get("h4").quiet == 11
+    out = judge_round(state, pol, 14, quiet)
     assert [e[0] for e in out.events] == ["hospital_readmitted"]
-    assert out.events[0][2]["quiet_rounds"] == 8
+    assert out.events[0][2]["quiet_rounds"] == 12
+
+
+def test_probation_needs_agreement_not_just_no_flag() -> None:
+    """Judged rounds in which a quarantined site mildly opposes the others (cosine -0.1, above
+    the -0.3 flag line) are not clean rounds: not opposing enough is no sign of honesty."""
+    pol = Policy(tolerate=1)
+    state = Reputation(2, {"h4": Standing(strikes=2.0, quarantined=True)})
+    ups = _agreeing(4)
+    ups["h4"] = -0.1 * E[0] + E[7]
+    for r in range(3, 7):
+        out = judge_round(state, pol, r, ups)
+        state = out.state
+        assert out.judgements["h4"].flags == () and out.judgements["h4"].excluded
+    assert state.get("h4").clean_streak == 0
