@@ -21,8 +21,8 @@ The rules (issue 13: defaults must never silently drop honest data):
   rounds without a flag, judged or not, so an honest site is never held out for good because
   training converged (late rounds close the consensus gate). Absence of evidence counts four
   times less than evidence: with 8 quiet rounds, three sign-flippers of ten were re-admitted
-  in round 12 of 20 and cost 2.2 points of top-1 (in-process replica of the rare bench). Under f = 0 strikes are
-  counted but nobody is quarantined.
+  in round 12 of 20 and cost 2.2 points of top-1 (in-process replica of the rare bench).
+  Under f = 0 strikes are counted but nobody is quarantined.
 - **Heterogeneity**: each hospital's own recent norms (``history_len``) feed the norm test, so
   a site that always sends large updates (rare diseases, many rows) is compared with itself.
 - **Framing**: of a duplicate pair only the less established / later sender is flagged.
