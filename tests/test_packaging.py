@@ -42,3 +42,22 @@ def test_core_does_not_import_ray() -> None:
         if "import ray" in text and path.name not in ("cli.py",):
             bad.append(path.name)
     assert bad == []
+
+
+def test_the_package_lists_its_public_api_without_importing_ray() -> None:
+    """dir(medimesh) shows the entry points, each documented; importing medimesh stays cheap."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, medimesh; names = dir(medimesh); "
+        "assert 'ray' not in sys.modules, 'ray imported'; "
+        "assert all(getattr(medimesh, n).__doc__ for n in names if n != '__version__'); "
+        "print(','.join(names))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    names = set(out.stdout.strip().split(","))
+    assert {"Client", "Consortium", "RunConfig", "judge_round", "make_aggregator",
+            "MediMeshError", "__version__"} <= names
+    assert not {"Any", "importlib", "annotations"} & names
