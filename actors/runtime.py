@@ -11,9 +11,10 @@ import contextlib
 import functools
 import hashlib
 import math
+import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from medimesh.sites import DatasetInfo, SiteDescriptor, dataset_info
 
 __all__ = [
     "NAMESPACE", "Consortium", "RunConfig", "check_placement", "ensure_ray", "hospital_resource",
+    "ray_init_args",
     "site_descriptors",
 ]
 
@@ -94,6 +96,8 @@ class RunConfig:
     # deltas; the coordinator unmasks only their sum (FedAvg: no robust rule, no scoring) and
     # the validator keeps its protocol checks. None = plaintext updates.
     secure_aggregation: SecAggConfig | None = None
+    # Ray to join (``--ray-address``); None: our own local Ray unless RAY_ADDRESS is set.
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -212,17 +216,29 @@ def spec_hash(info: DatasetInfo) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
-def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
-    """Start a local Ray (or reuse the one already up) with clean stdout."""
+def ray_init_args(
+    address: str | None, environ: Mapping[str, str], num_cpus: int | None = None,
+    dashboard: bool = False,
+) -> dict[str, Any]:
+    """``ray.init`` arguments: our own local Ray unless an address is given explicitly
+    (``--ray-address`` or ``RAY_ADDRESS``). Plain ``ray.init()`` would join whatever cluster
+    another job started on this machine ("Connecting to latest cluster")."""
+    target = address or environ.get("RAY_ADDRESS") or "local"
+    args: dict[str, Any] = {"address": target, "log_to_driver": False, "namespace": NAMESPACE,
+                            "configure_logging": False}
+    if target == "local":  # resources and the dashboard are chosen only when we start Ray
+        args |= {"num_cpus": num_cpus, "include_dashboard": dashboard}
+    return args
+
+
+def ensure_ray(
+    num_cpus: int | None = None, dashboard: bool = False, address: str | None = None
+) -> None:
+    """Start our own local Ray (or join ``address``), with clean stdout; reuse one already up
+    in this process."""
     if ray.is_initialized():
         return
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=dashboard,
-        log_to_driver=False,
-        namespace=NAMESPACE,
-        configure_logging=False,
-    )
+    ray.init(**ray_init_args(address, os.environ, num_cpus, dashboard))
 
 
 def _actor(
@@ -323,7 +339,7 @@ class Consortium:
     def start(self) -> dict[str, float]:
         """Create and wire all actors, then run the setup round. Returns timings (s)."""
         t0 = time.perf_counter()
-        ensure_ray()
+        ensure_ray(address=self.cfg.ray_address)
         t_ray = time.perf_counter()
         for name, role in (
             ("router", "router"),

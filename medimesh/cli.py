@@ -96,6 +96,9 @@ def _run_args(p: argparse.ArgumentParser, hospitals: int = 8, rounds: int = 20) 
     p.add_argument("--local-steps", type=_positive_int, default=None)
     p.add_argument("--l2", type=float, default=None)
     p.add_argument("--prox-mu", type=float, default=None)
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="join this Ray cluster (default: start our own local Ray, unless "
+                        "RAY_ADDRESS is set)")
     p.add_argument("--tolerate", type=int, default=None, metavar="F",
                    help="dishonest hospitals the robust aggregation is built to tolerate")
     p.add_argument("--round-timeout", type=float, default=None, metavar="SECONDS",
@@ -201,6 +204,7 @@ def _config(args: argparse.Namespace) -> Any:
         database_url=_database_url(getattr(args, "database_url", "none")),
         pace_s=getattr(args, "pace", 0.0),
         tolerate=args.tolerate,
+        ray_address=args.ray_address,
         placement=args.placement,
         keys_dir=args.keys_dir,
         **({} if args.round_timeout is None else {"round_timeout_s": args.round_timeout}),

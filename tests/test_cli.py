@@ -56,3 +56,21 @@ def test_parser_knows_the_documented_commands() -> None:
     assert args.hospitals == 10 and args.rounds == 30
     args = p.parse_args(["bench", "accuracy", "--dataset", "heart"])
     assert args.dataset == "heart"
+
+
+def test_local_commands_start_their_own_ray_unless_told_otherwise() -> None:
+    """No address: a fresh local Ray (never "Connecting to latest cluster" of another job);
+    --ray-address or RAY_ADDRESS joins the named cluster, without local-only options."""
+    from medimesh.actors.runtime import ray_init_args
+    from medimesh.cli import _config, build_parser
+
+    own = ray_init_args(None, {}, num_cpus=2, dashboard=True)
+    assert own["address"] == "local" and own["num_cpus"] == 2 and own["include_dashboard"]
+    env = ray_init_args(None, {"RAY_ADDRESS": "10.0.0.5:6379"})
+    assert env["address"] == "10.0.0.5:6379" and "num_cpus" not in env
+    flag = ray_init_args("ray://head:10001", {"RAY_ADDRESS": "elsewhere:6379"})
+    assert flag["address"] == "ray://head:10001"
+    args = build_parser().parse_args(["train", "--ray-address", "auto", "--spec", "s.json"])
+    assert args.ray_address == "auto"
+    cfg = _config(build_parser().parse_args(["bench", "accuracy", "--dataset", "heart"]))
+    assert cfg.ray_address is None
