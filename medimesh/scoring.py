@@ -22,8 +22,9 @@ cheater) and to resist framing (a crafted update must not get an honest hospital
   victim's reference. ``opposes_others`` only while those others agree (the median of their
   pairwise cosines >= ``consensus``, 0.2) and the cosine is below ``opposes_cos`` (-0.3).
   Calibration (in-process FedAvgM, 5 seeds): honest cosines with the gate open were >= -0.15
-  (rare cohort, 8 and 10 sites) and >= 0.0 (heart centres); honest non-IID updates late in
-  training cancel out, the gate closes and nothing is judged.
+  (rare cohort, 8 and 10 sites) and >= 0.0 (heart centres); on the sparse consortium the gate
+  never opened (2 seeds). Honest non-IID updates late in training cancel out, the gate closes
+  and nothing is judged.
 - ``free_rider``: norm below ``free_rider_ratio`` (5 %) of the round's median norm, or a copy
   of ``previous`` (the last aggregate step).
 - ``near_duplicate``: two updates closer than ``duplicate_tol`` times the median pairwise
