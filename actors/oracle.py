@@ -12,7 +12,9 @@ and replaces ``OracleState.engine`` in one assignment. A request reads that refe
 it is answered entirely by one model, and no request waits for or fails during a swap.
 
 Client mistakes are 4xx, never 500: pydantic bounds and engine validation give 422 naming the
-field, an oversized body 413, an unknown model 404; a missing model or database is 503.
+field, an oversized body 413, an unknown model 404; a missing model or database is 503. Numbers
+are strict and finite (no ``true`` for 1, no NaN/Infinity, which Python's json parser accepts),
+and a 422 echoes its input made encodable (:func:`_json_safe`), so it cannot itself fail.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
@@ -262,7 +266,7 @@ class BiomarkerIn(BaseModel):
     """One lab value in the unit it was reported in."""
 
     model_config = ConfigDict(extra="forbid")
-    value: float = Field(ge=0.0, le=1e9, allow_inf_nan=False)
+    value: float = Field(ge=0.0, le=1e9, allow_inf_nan=False, strict=True)
     unit: str = Field(min_length=1, max_length=32)
 
 
@@ -283,7 +287,7 @@ def _biomarkers_model() -> type[BaseModel]:
             f"Biomarker_{f.name}",
             __config__=ConfigDict(extra="forbid"),
             __doc__=f"{f.label}, in {' or '.join(units)}",
-            value=(float, Field(ge=0.0, le=1e9, allow_inf_nan=False)),
+            value=(float, Field(ge=0.0, le=1e9, allow_inf_nan=False, strict=True)),
             unit=(Literal[units], Field(description=f"canonical unit: {f.unit}")),  # type: ignore[arg-type]
         )
         fields[f.name] = (marker | None, None)
@@ -316,7 +320,8 @@ class DiagnoseIn(BaseModel):
     symptoms: list[Term] = Field(default_factory=list, max_length=256)
     biomarkers: Biomarkers = Field(default_factory=Biomarkers)  # type: ignore[valid-type]
     genes: list[Term] = Field(default_factory=list, max_length=64)
-    age: float | None = Field(default=None, ge=0.0, le=130.0, allow_inf_nan=False)
+    # strict: a boolean is not an age (lax mode reads true as 1), as the engine's own check says
+    age: float | None = Field(default=None, ge=0.0, le=130.0, allow_inf_nan=False, strict=True)
     sex: Literal["F", "M"] | None = None
 
     def to_request(self) -> PatientRequest:
@@ -531,6 +536,23 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def _json_safe(obj: Any) -> Any:
+    """Make an echoed request value encodable: a 422 must never fail while reporting one.
+
+    Non-finite floats become the tokens the client sent ("NaN", "Infinity", "-Infinity");
+    strings (and keys) with lone surrogates, which UTF-8 cannot hold, get them as "\\udXXX".
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(obj, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _sse(entry: AuditEntry) -> bytes:
     data = json.dumps(entry_dict(entry), separators=(",", ":"), ensure_ascii=False)
     return f"id: {entry.seq}\nevent: audit\ndata: {data}\n\n".encode()
@@ -632,6 +654,12 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             raise HTTPException(503, "oracle not configured")
         await state.start()
         return state
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input as is: NaN or a lone surrogate made it a 500.
+        detail = _json_safe(jsonable_encoder(exc.errors()))
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(StoreUnavailable)
     async def _unavailable(_request: Request, exc: StoreUnavailable) -> JSONResponse:

@@ -827,6 +827,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MediMeshError as exc:
         print(f"medimesh: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # A file named on the command line that is missing or unreadable (a spec, a CSV):
+        # the loaders let OSError through, and the user fixes it. Not one that names no file
+        # (a socket, a broken pipe): that keeps its traceback.
+        if exc.filename is None:
+            raise
+        names = ", ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        print(f"medimesh: error: {names}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("medimesh: interrupted", file=sys.stderr)
         return 130

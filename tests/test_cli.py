@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medimesh.cli import build_parser
+from medimesh.model import Model, model_hash
+from medimesh.modelfile import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +48,43 @@ def test_bad_alpha_is_a_clear_error() -> None:
     """Domain checks (not just types) produce a one-line error."""
     out = _run("demo", "--alpha", "0", "--no-serve")
     assert out.returncode == 2 and "alpha" in out.stderr and "Traceback" not in out.stderr
+
+
+def _saved_model(out: Path) -> Path:
+    """A one-feature model directory, as `train` writes it (no Ray needed)."""
+    spec = {"label": "diagnosis", "classes": ["A", "B"],
+            "features": [{"name": "x", "type": "numeric"}]}
+    model = Model(np.zeros((1, 2), np.float32), np.zeros(2, np.float32))
+    final = {"model_hash": model_hash(model), "round": 1, "mean": [0.0], "std": [1.0],
+             "weights": model.weights, "bias": model.bias}
+    save_model(out, final, ("A", "B"), ("x",), np.zeros(1, bool), np.ones(1, bool), spec, [])
+    return out
+
+
+def _one_line_naming(out: subprocess.CompletedProcess[str], name: str) -> None:
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and lines[0].startswith("medimesh: error:"), lines
+
+
+def test_missing_csv_for_evaluate_is_one_line(tmp_path: Path) -> None:
+    """evaluate with a CSV that is not there names the file; exit 2, no traceback."""
+    model = _saved_model(tmp_path / "model")
+    out = _run("evaluate", "--csv", str(tmp_path / "missing.csv"), "--model", str(model))
+    _one_line_naming(out, "missing.csv")
+
+
+def test_missing_model_for_evaluate_is_one_line(tmp_path: Path) -> None:
+    """evaluate with a model directory that is not there names it."""
+    out = _run("evaluate", "--model", str(tmp_path / "missing_dir"), "--csv", "x.csv")
+    _one_line_naming(out, "missing_dir")
+
+
+def test_missing_spec_for_train_is_one_line(tmp_path: Path) -> None:
+    """train with a spec file that is not there names it, before Ray starts."""
+    out = _run("train", "--spec", str(tmp_path / "missing.json"), "--site", "a=x.csv")
+    _one_line_naming(out, "missing.json")
 
 
 def test_parser_knows_the_documented_commands() -> None:

@@ -181,6 +181,67 @@ def test_bad_bodies_are_never_500(url: str, models: Models) -> None:
     run(scenario())
 
 
+# Tokens Python's json accepts but JSON has no value for, lone surrogates (valid JSON escapes,
+# not Unicode text) and booleans where a number belongs; each with the field the 422 names.
+HOSTILE: list[tuple[bytes, str, str]] = [
+    (b'{"age": NaN}', "age", "finite"),
+    (b'{"age": Infinity}', "age", "finite"),
+    (b'{"age": -Infinity}', "age", "finite"),
+    (b'{"age": 1e999}', "age", "finite"),  # overflows to inf while parsing
+    (b'{"age": true}', "age", "number"),
+    (b'{"biomarkers": {"ck": {"value": NaN, "unit": "U/L"}}}', "biomarkers.ck.value", "finite"),
+    (b'{"biomarkers": {"ck": {"value": Infinity, "unit": "U/L"}}}', "biomarkers.ck.value",
+     "finite"),
+    (b'{"biomarkers": {"ck": {"value": -Infinity, "unit": "U/L"}}}', "biomarkers.ck.value",
+     "finite"),
+    (b'{"biomarkers": {"ck": {"value": false, "unit": "U/L"}}}', "biomarkers.ck.value",
+     "number"),
+    (b'{"symptoms": ["\\ud800"]}', "symptoms.0", "unicode"),
+    (b'{"genes": ["GBA\\udfff"]}', "genes.0", "unicode"),
+    (b'{"sex": "\\ud800"}', "sex", "unicode"),
+    (b'{"biomarkers": {"ck": {"value": 1, "unit": "\\udc00"}}}', "biomarkers.ck.unit",
+     "unicode"),
+    (b'{"\\ud800": NaN}', "", "unicode"),  # a key that is not text: the body is refused
+    (b'{"symptoms": [NaN, Infinity]}', "symptoms.0", "string"),
+]
+
+
+def _strict_json(raw: bytes) -> Any:
+    """Parse as RFC 8259 JSON: strict UTF-8, no NaN/Infinity tokens."""
+
+    def refuse(token: str) -> Any:
+        raise ValueError(f"non-JSON token {token}")
+
+    return json.loads(raw.decode("utf-8"), parse_constant=refuse)
+
+
+def test_hostile_numbers_and_strings_are_422_never_500(url: str, models: Models) -> None:
+    """NaN/±Infinity, lone surrogates and booleans: 422 naming the field, in valid JSON."""
+    a, _, mean, std = models
+
+    async def scenario() -> None:
+        h = await publish(url, a, mean, std, 1)
+        async with oracle(url) as (client, _):
+            await ready_with(client, h)
+            for raw, field, says in HOSTILE:
+                r = await client.post(
+                    "/diagnose", content=raw, headers={"content-type": "application/json"}
+                )
+                assert r.status_code == 422, (raw, r.status_code, r.text)
+                error = _strict_json(r.content)["detail"][0]
+                assert ".".join(str(p) for p in error["loc"][1:]) == field, (raw, error)
+                assert says in error["msg"], (raw, error)
+            # The echoed input says what was sent, as text JSON can carry.
+            for raw, echoed in ((b'{"age": -Infinity}', "-Infinity"),
+                                (b'{"sex": "F\\ud800"}', "F\\ud800")):
+                r = await client.post(
+                    "/diagnose", content=raw, headers={"content-type": "application/json"}
+                )
+                assert _strict_json(r.content)["detail"][0]["input"] == echoed
+
+    run(scenario())
+
+
 def test_chunked_oversized_body_is_413(url: str) -> None:
     """A body without Content-Length is still cut off at the limit."""
 
