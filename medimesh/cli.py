@@ -431,7 +431,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medimesh.actors.runtime import Consortium
     from medimesh.modelfile import save_model
 
-    if args.dataset != "sparse":  # sparse: hospitals build the synthetic sparse consortium
+    if args.dataset not in ("sparse", "heart"):  # those two: hospitals build their own rows
         args.dataset = "csv"
     cfg = _config(args)
     t0 = time.perf_counter()
@@ -457,7 +457,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         fed.info.feature_names,
         fed.info.log_mask,
         fed.info.scale_mask,
-        _sparse_spec(fed.descriptors[0].params) if cfg.dataset == "sparse" else cfg.spec,
+        _saved_spec(cfg.dataset, fed.descriptors[0].params, cfg.spec),
         history,
     )
     result = {
@@ -483,11 +483,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sparse_spec(params: dict[str, Any]) -> dict[str, Any]:
-    """The spec that reads `medimesh data sparse` CSVs, saved with a model trained on sparse."""
-    from medimesh.data.sparse import SparseConfig, spec_dict
+def _saved_spec(
+    dataset: str, params: dict[str, Any], spec: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The spec saved with a trained model: the one that reads `medimesh data sparse|heart`
+    CSVs for those datasets (so `evaluate` scores them), else the spec trained with."""
+    if dataset == "sparse":
+        from medimesh.data import sparse
 
-    return spec_dict(SparseConfig(**params["cohort"]))
+        return sparse.spec_dict(sparse.SparseConfig(**params["cohort"]))
+    if dataset == "heart":
+        from medimesh.data import heart
+
+        return heart.spec_dict(params.get("preprocessing", "flamby+missing"))
+    return spec
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -138,3 +138,27 @@ def test_evaluate_refuses_a_tampered_model(heart_csv: dict[str, Any], tmp_path: 
     out = _medimesh("evaluate", "--model", str(tmp_path), "--csv",
                     str(heart_csv["dir"] / "va-test.csv"))
     assert out.returncode == 2 and "model_hash" in out.stderr
+
+
+def test_train_dataset_heart_saves_a_model_that_scores_the_exported_centres(
+    tmp_path: Path,
+) -> None:
+    """`train --dataset heart` trains the four centres (not silently a CSV run), and the saved
+    model reads the CSVs `medimesh data heart` writes."""
+    if heart.default_data_dir() is None:
+        pytest.skip("../shared/data/heart is not present")
+    exported = _medimesh("data", "heart", "--out", str(tmp_path / "csv"), "--json")
+    assert exported.returncode == 0, exported.stderr
+    files = json.loads(exported.stdout)
+    assert [s["name"] for s in files["sites"]] == list(heart.CENTERS)
+    assert [s["rows"] for s in files["sites"]] == [303, 261, 46, 130]
+    trained = _medimesh("train", "--dataset", "heart", "--rounds", "2",
+                        "--out", str(tmp_path / "model"), "--json")
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads(trained.stdout)
+    assert [s["name"] for s in result["sites"]] == list(heart.CENTERS)
+    assert result["server"]["server_momentum"] == 0.5  # the heart recipe, not CSV defaults
+    ev = _medimesh("evaluate", "--model", str(tmp_path / "model"), "--csv",
+                   files["sites"][0]["path"], "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["n"] == 303

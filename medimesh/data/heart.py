@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +38,7 @@ __all__ = [
     "load_center",
     "read_raw",
     "shuffle_split",
+    "spec_dict",
     "stratified_split",
     "verify_checksum",
 ]
@@ -424,6 +425,17 @@ def load_all(
     return tuple(load_center(data_dir, c, preprocessing, verify) for c in CENTERS)
 
 
+def spec_dict(preprocessing: str = "flamby+missing") -> dict[str, Any]:
+    """The feature spec that reads the centres as CSV (``export_csv``), and that a model
+    trained with ``--dataset heart`` is saved with, so ``medimesh evaluate`` scores those files.
+    Every column is numeric and standardized (indicators too), exactly as the heart sites are."""
+    return {
+        "label": "label",
+        "classes": list(CLASS_NAMES),
+        "features": [{"name": n, "type": "numeric"} for n in feature_names(preprocessing)],
+    }
+
+
 def export_csv(
     out_dir: Path, data_dir: Path | None = None, preprocessing: str = "flamby+missing"
 ) -> tuple[Path, tuple[tuple[str, Path], ...], tuple[int, ...]]:
@@ -441,11 +453,7 @@ def export_csv(
     if data_dir is None:
         raise HeartDataError("heart data not found: pass --data-dir (../shared/data/heart)")
     names = feature_names(preprocessing)
-    spec = {
-        "label": "label",
-        "classes": list(CLASS_NAMES),
-        "features": [{"name": n, "type": "numeric"} for n in names],
-    }
+    spec = spec_dict(preprocessing)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
