@@ -202,7 +202,7 @@ def _config(args: argparse.Namespace) -> Any:
         data_dir=args.data_dir,
         audit_path=getattr(args, "audit_file", None),
         database_url=_database_url(getattr(args, "database_url", "none")),
-        pace_s=getattr(args, "pace", 0.0),
+        pace_s=_pace(args),
         tolerate=args.tolerate,
         ray_address=args.ray_address,
         placement=args.placement,
@@ -210,6 +210,21 @@ def _config(args: argparse.Namespace) -> Any:
         **({} if args.round_timeout is None else {"round_timeout_s": args.round_timeout}),
         **server,
     )
+
+
+DEMO_PACE_S = 2.0
+"""Rounds take ~50 ms: unpaced, training is over before anyone opens the dashboard."""
+
+
+def _pace(args: argparse.Namespace) -> float:
+    """The demo paces rounds while it serves the dashboard (people watch), never otherwise."""
+    pace = getattr(args, "pace", None)
+    if pace is not None:
+        return float(pace)
+    if getattr(args, "func", None) is not cmd_demo:
+        return 0.0
+    serving = not (args.no_serve or args.json) and args.database_url != "none"
+    return DEMO_PACE_S if serving else 0.0
 
 
 def _alpha(args: argparse.Namespace) -> float:
@@ -702,8 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000, help="oracle HTTP port")
     demo.add_argument("--ui-host", default="127.0.0.1", help="dashboard host")
     demo.add_argument("--ui-port", type=int, default=7860, help="dashboard HTTP port")
-    demo.add_argument("--pace", type=float, default=0.0, metavar="SECONDS",
-                      help="pause between rounds, so people can watch them arrive")
+    demo.add_argument("--pace", type=float, default=None, metavar="SECONDS",
+                      help="pause between rounds, so people can watch them arrive (default: "
+                           f"{DEMO_PACE_S:g} s while serving the dashboard, 0 with --no-serve "
+                           "or --json; --pace 0 trains at full speed)")
     demo.set_defaults(func=cmd_demo)
     ui_p = sub.add_parser("ui", help="serve the Gradio dashboard for a running oracle")
     ui_p.add_argument("--api", required=True, metavar="URL", help="the oracle's base URL")

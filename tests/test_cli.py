@@ -114,3 +114,16 @@ def test_local_commands_start_their_own_ray_unless_told_otherwise() -> None:
     assert args.ray_address == "auto"
     cfg = _config(build_parser().parse_args(["bench", "accuracy", "--dataset", "heart"]))
     assert cfg.ray_address is None
+
+
+def test_the_serving_demo_is_paced_so_rounds_can_be_watched() -> None:
+    """Serving: 2 s between rounds by default; --no-serve, --json or --pace 0: full speed."""
+    from medimesh.cli import DEMO_PACE_S, _config, build_parser
+
+    p = build_parser()
+    assert _config(p.parse_args(["demo"])).pace_s == DEMO_PACE_S == 2.0
+    assert _config(p.parse_args(["demo", "--no-serve"])).pace_s == 0.0
+    assert _config(p.parse_args(["demo", "--json"])).pace_s == 0.0
+    assert _config(p.parse_args(["demo", "--pace", "0"])).pace_s == 0.0
+    assert _config(p.parse_args(["demo", "--pace", "0.5", "--no-serve"])).pace_s == 0.5
+    assert _config(p.parse_args(["bench", "accuracy"])).pace_s == 0.0
