@@ -519,6 +519,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     import shlex
 
     from medimesh.data.sparse import SparseConfig, write_consortium
+    from medimesh.recipes import recipe as dataset_recipe
 
     try:
         recipe = SparseConfig(n_hospitals=args.hospitals, seed=args.seed, alpha=args.alpha)
@@ -531,7 +532,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         command += ["--site", f"{name}={path}"]
     # Same seed and test fraction: `train` then splits every site as `bench accuracy` does.
     command += ["--seed", str(recipe.seed), "--test-fraction", str(recipe.test_fraction),
-                "--rounds", "30"]
+                "--rounds", "30", "--local-steps", str(dataset_recipe("sparse").train.epochs)]
     line = shlex.join(command)
     print(
         f"wrote {files.spec} and {len(files.sites)} site files to {out} "

@@ -23,7 +23,12 @@ def recipe(dataset: str) -> Recipe:
     """Heart: 2 local steps, L2 0.07 (the pooled scikit-learn optimum, C = 0.03 on 486 rows),
     server momentum 0.5. Switzerland has 30 training rows against Cleveland's 199; with 10
     local steps the example-weighted mean drifted to 0.81 mean-of-centres top-1, below pooled
-    (0.83), and momentum 0.8 made FedAvgM oscillate. Everything else: the model defaults."""
+    (0.83), and momentum 0.8 made FedAvgM oscillate. Sparse: 10 local steps — 77 classes over
+    2,000 binary columns learn slowly, and with 5 steps 2 of 10 seeds ended 30 rounds at 0.975
+    of pooled top-1 (10 steps: 0.990-0.998 on the same seeds, in-process replica). Everything
+    else: the model defaults."""
     if dataset == "heart":
         return Recipe(TrainConfig(epochs=2, l2=0.07), server_momentum=0.5)
+    if dataset == "sparse":
+        return Recipe(TrainConfig(epochs=10))
     return Recipe(TrainConfig())
