@@ -277,8 +277,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"MediMesh demo: {cfg.n_sites} hospitals, {cfg.rounds} rounds, dataset {cfg.dataset}, "
         f"aggregator {cfg.aggregator}, server {server['server_optimizer']} "
-        f"(lr {server['server_lr']:g}, momentum {server['server_momentum']:g}) "
-        "(starting Ray…)",
+        f"(lr {server['server_lr']:g}, momentum {server['server_momentum']:g}); "
+        "starting Ray…",
         file=sys.stderr,
         flush=True,
     )

@@ -273,6 +273,10 @@ def test_factory_defaults_and_names() -> None:
     assert (adam.beta1, adam.beta2, adam.tau) == (0.9, 0.99, 1e-3)
     assert isinstance(make_server_optimizer("fedyogi", 0.03, 0.5), FedYogi)
     assert make_server_optimizer("fedadagrad", lr=0.2).lr == 0.2
+    for name in SERVER_OPTIMIZERS:  # the classes' own defaults agree with the factory's
+        cls = {"fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
+               "fedadagrad": FedAdagrad}[name]
+        assert cls().lr == make_server_optimizer(name).lr, name
 
 
 @pytest.mark.parametrize(
@@ -340,7 +344,7 @@ def test_cli_flags_reach_run_config(capsys: pytest.CaptureFixture[str]) -> None:
         p.parse_args(["bench", "accuracy", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "{fedavgm,fedadam,fedyogi,fedadagrad}" in help_text
-    assert "(default: 1 for fedavgm, 0.01 for fedadam/fedyogi/fedadagrad)" in help_text
+    assert "(default: 1 for fedavgm, 0.01 for fedadam/fedyogi, 0.1 for fedadagrad)" in help_text
     for rule in AGGREGATORS:  # choices come from the aggregation module, not a copy
         assert _config(p.parse_args(["demo", "--aggregator", rule])).aggregator == rule
 
