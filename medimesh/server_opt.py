@@ -19,8 +19,9 @@ Choices (and why):
 - No bias correction, as in the paper and FLamby's ``FedAdam``/``FedYogi``. ``t`` (server
   steps folded into the moments) is kept in the state anyway, so a checkpoint says how warm
   the moments are and a bias-corrected variant would need no new state format.
-- Defaults: ``β₂ = 0.99`` and ``τ = 1e-3`` (the paper's recommended defaults; FLamby's
-  Fed-Heart-Disease configuration uses β₂ 0.999 and τ 1e-8 with a much smaller client step);
+- Defaults: ``β₂ = 0.99`` and ``τ = 1e-3``, the values of the paper's experiments (FLamby's
+  Fed-Heart-Disease configuration uses β₂ 0.999 and τ 1e-8 with a 1e-4 client step, far
+  smaller than MediMesh's, so its tiny deltas need a tiny τ);
   ``β₁`` is ``server_momentum``, 0.9 for the adaptive rules as in the paper, 0.8 for FedAvgM as
   before; the server step ``η`` defaults per rule (:data:`DEFAULT_LR`), because FedAvgM scales
   the delta itself while the adaptive rules take a step of about ``η`` per coordinate.
