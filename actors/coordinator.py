@@ -47,7 +47,6 @@ from medimesh.rounds import (
     EvalTally,
     RoundMetrics,
     RoundState,
-    ServerState,
     close_round,
     initial_model,
 )
@@ -59,6 +58,7 @@ from medimesh.server_opt import (
     DEFAULT_TAU,
     FedAvgM,
     ServerOpt,
+    ServerState,
     checkpoint_fields,
     make_server_optimizer,
     restore_state,

@@ -169,7 +169,7 @@ class Validator(Node):
                     self._audit_verdict(d)
             return batch
         vecs = {h: flatten(d.update.delta_w, d.update.delta_b)
-                for h, d in first.items() if d.update is not None}
+                for h, d in first.items() if d.update is not None}  # (always set: typing)
         outcome = judge_round(
             self._reputation, self._policy, round_, vecs, list(first), self._reference
         )

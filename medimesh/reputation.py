@@ -30,7 +30,6 @@ The rules (issue 13: defaults must never silently drop honest data):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -218,6 +217,4 @@ def judge_round(
             }))
             new = Standing(0.0, False, new.clean_streak, norms, 0)
         standings[h] = new
-        if math.isnan(new.strikes):  # defensive: never let state go NaN silently
-            raise ConfigError(f"strikes for {h} became NaN")
     return RoundOutcome(judgements, events, Reputation(round_, standings))

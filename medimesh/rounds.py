@@ -19,38 +19,17 @@ from medimesh.aggregation import Aggregator, fedavg, flatten
 from medimesh.errors import QuorumNotReached
 from medimesh.model import Model, model_hash
 from medimesh.protocol import EvalReport, Update, Verdict
-from medimesh.server_opt import (
-    SERVER_OPTIMIZERS,
-    AdaptiveState,
-    FedAdagrad,
-    FedAdam,
-    FedAvgM,
-    FedYogi,
-    MomentumState,
-    ServerOpt,
-    ServerState,
-    make_server_optimizer,
-)
+from medimesh.server_opt import FedAvgM, ServerOpt, ServerState
 
 __all__ = [
-    "SERVER_OPTIMIZERS",
-    "AdaptiveState",
     "EvalTally",
-    "FedAdagrad",
-    "FedAdam",
-    "FedAvgM",
-    "FedYogi",
-    "MomentumState",
     "RoundMetrics",
     "RoundState",
-    "ServerOpt",
     "ServerOptimizer",
-    "ServerState",
     "aggregate_updates",
     "close_round",
     "describe_verdicts",
     "initial_model",
-    "make_server_optimizer",
 ]
 
 

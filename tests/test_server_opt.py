@@ -14,7 +14,7 @@ import pytest
 
 from medimesh.errors import ConfigError
 from medimesh.model import Model
-from medimesh.rounds import (
+from medimesh.server_opt import (
     SERVER_OPTIMIZERS,
     AdaptiveState,
     FedAdagrad,
@@ -24,9 +24,10 @@ from medimesh.rounds import (
     MomentumState,
     ServerOpt,
     ServerState,
+    checkpoint_fields,
     make_server_optimizer,
+    restore_state,
 )
-from medimesh.server_opt import checkpoint_fields, restore_state
 
 # One feature, two classes: weights (1, 2) then bias (2,) — four parameters, flattened in
 # that order by medimesh.aggregation.flatten.

@@ -18,7 +18,9 @@ from medimesh.metrics import evaluate
 from medimesh.model import Model, predict_proba
 from medimesh.sites import dataset_info, load_site
 
-__all__ = ["DOMINANCE", "dominated_class_recall", "dominated_classes", "run_accuracy"]
+__all__ = [
+    "DOMINANCE", "dominated_class_recall", "dominated_classes", "run_accuracy", "verdict_summary",
+]
 
 BASELINE_STEPS = 600
 #: A class is single-site-dominated when this share of its training rows sits at one site.
@@ -206,7 +208,7 @@ def run_accuracy(cfg: Any, progress: Any = None, isolated_baselines: bool = True
         },
         "federated_wall_s": round(t_fed, 3),
         "centers": [s.name for s in sites],
-        **_verdict_summary(history),
+        **verdict_summary(history),
     }
     for who in ("federated", "pooled"):  # the same lists, named
         out[who]["per_center_top1_by_name"] = dict(
@@ -244,7 +246,7 @@ def run_accuracy(cfg: Any, progress: Any = None, isolated_baselines: bool = True
     return out
 
 
-def _verdict_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+def verdict_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     """Per round: accepted and rejected counts with reasons, and who was excluded or flagged
     (score and threshold); over the run: every hospital excluded at least once."""
     rounds = [

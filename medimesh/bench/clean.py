@@ -59,7 +59,7 @@ def _config(suite: str, seed: int, tolerate: int, csv_dir: Path | None) -> Any:
 def _csv_run(cfg: Any) -> dict[str, Any]:
     """The `medimesh train` path: the run's own round metrics (union of test splits)."""
     from medimesh.actors.runtime import Consortium
-    from medimesh.bench.accuracy import _verdict_summary
+    from medimesh.bench.accuracy import verdict_summary
 
     fed = Consortium(cfg)
     try:
@@ -69,7 +69,7 @@ def _csv_run(cfg: Any) -> dict[str, Any]:
         fed.shutdown()
     return {"headline": {"metric": "top1_union (hospitals' own test splits)",
                          "federated": history[-1]["top1"]},
-            **_verdict_summary(history)}
+            **verdict_summary(history)}
 
 
 def run_clean(
