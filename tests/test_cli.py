@@ -127,3 +127,10 @@ def test_the_serving_demo_is_paced_so_rounds_can_be_watched() -> None:
     assert _config(p.parse_args(["demo", "--pace", "0"])).pace_s == 0.0
     assert _config(p.parse_args(["demo", "--pace", "0.5", "--no-serve"])).pace_s == 0.5
     assert _config(p.parse_args(["bench", "accuracy"])).pace_s == 0.0
+
+
+def test_data_heart_without_the_data_writes_nothing(tmp_path: Path) -> None:
+    """A missing centre file is one line and exit 2, and no half-written folder is left."""
+    out = _run("data", "heart", "--out", str(tmp_path / "csv"), "--data-dir", str(tmp_path))
+    assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "csv").exists()

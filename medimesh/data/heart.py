@@ -453,14 +453,14 @@ def export_csv(
     if data_dir is None:
         raise HeartDataError("heart data not found: pass --data-dir (../shared/data/heart)")
     names = feature_names(preprocessing)
-    spec = spec_dict(preprocessing)
+    # Read and check every centre before writing anything: a missing file leaves no half set.
+    centres = [load_center(Path(data_dir), c, preprocessing) for c in CENTERS]
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    spec_path.write_text(json.dumps(spec_dict(preprocessing), indent=1) + "\n", encoding="utf-8")
     sites: list[tuple[str, Path]] = []
     rows: list[int] = []
-    for center in CENTERS:
-        s = load_center(Path(data_dir), center, preprocessing)
+    for center, s in zip(CENTERS, centres, strict=True):
         x = np.vstack([s.x_train, s.x_test])
         y = np.concatenate([s.y_train, s.y_test])
         path = out_dir / f"{center}.csv"
