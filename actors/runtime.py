@@ -12,7 +12,6 @@ import functools
 import hashlib
 import math
 import os
-import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from medimesh.identity import Identity, Member, Roster
 from medimesh.model import TrainConfig
 from medimesh.privacy import PrivacyConfig
 from medimesh.routing import Faults
+from medimesh.runs import new_run_id
 from medimesh.secagg import SecAggConfig
 from medimesh.server_opt import make_server_optimizer
 from medimesh.sites import DatasetInfo, SiteDescriptor, dataset_info
@@ -98,6 +98,10 @@ class RunConfig:
     secure_aggregation: SecAggConfig | None = None
     # Ray to join (``--ray-address``); None: our own local Ray unless RAY_ADDRESS is set.
     ray_address: str | None = None
+    # Cross-site baselines (docs/privacy.md): at setup each hospital's isolated model goes,
+    # sealed, to its peer hospitals, which score it on their own test patients and report
+    # counts. Off under DP or secure aggregation whatever this says (cross_baselines_active).
+    cross_baselines: bool = True
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -133,6 +137,11 @@ class RunConfig:
                 raise ConfigError("secure aggregation with differential privacy is not wired yet")
             if self.n_sites < 2:
                 raise ConfigError("secure aggregation needs at least two hospitals")
+
+    @property
+    def cross_baselines_active(self) -> bool:
+        """Cross-site baselines reveal isolated models to peers: never with DP or SecAgg."""
+        return self.cross_baselines and self.privacy is None and self.secure_aggregation is None
 
     @property
     def n_byzantine(self) -> int:
@@ -301,8 +310,9 @@ class Consortium:
         self.setup_summary: dict[str, Any] = {}
         self._seen_round = 0
         # Actor names read like the architecture in the Ray dashboard ("hospital:hospital-03@…");
-        # the run id keeps two federations in one Ray instance from colliding.
-        self.run_id = secrets.token_hex(3)
+        # the run id keeps two federations in one Ray instance from colliding, and names
+        # everything this run stores (medimesh.runs).
+        self.run_id = new_run_id()
         self.restarts = 0
 
     @functools.cached_property
@@ -363,7 +373,8 @@ class Consortium:
         }
         pin = self.cfg.placement == "pinned"
         auditor = _actor(Auditor, self._name("auditor"), here=pin).remote(
-            seed["auditor"].seed, roster_json, self.cfg.audit_path, self.cfg.database_url
+            seed["auditor"].seed, roster_json, self.cfg.audit_path, self.cfg.database_url,
+            run_id=self.run_id, run_info=self._run_info(),
         )
         router = _actor(Router, self._name("router"), self.cfg.restarts, here=pin).remote(
             seed["router"].seed, roster_json, auditor, self.cfg.seed, self.cfg.capture_envelopes,
@@ -395,6 +406,8 @@ class Consortium:
             round_retries=self.cfg.round_retries,
             privacy=self.privacy,
             secure_aggregation=self.cfg.secure_aggregation,
+            run_id=self.run_id,
+            cross_baselines=self.cfg.cross_baselines_active,
         )
         self._coord_args = (seed["coordinator"].seed, roster_json, router, auditor, coord_cfg)
         coordinator = _actor(Coordinator, self._name("coordinator"), here=pin).remote(
@@ -428,6 +441,7 @@ class Consortium:
                 behaviour.get(d.name, "honest"),
                 colluders if d.name in colluding else None,
                 self.cfg.n_byzantine,
+                cross_baselines=self.cfg.cross_baselines_active,
             )
             for d in self.descriptors
         }
@@ -463,6 +477,13 @@ class Consortium:
             "startup_s": t_setup - t0,
         }
         return self.timings
+
+    def _run_info(self) -> dict[str, Any]:
+        """What the store keeps about this run beside its id (shown by ``/runs``)."""
+        return {"dataset": self.cfg.dataset, "hospitals": self.cfg.n_sites,
+                "rounds_planned": self.cfg.rounds, "seed": self.cfg.seed,
+                "aggregator": self.cfg.aggregator,
+                "cross_baselines": self.cfg.cross_baselines_active}
 
     def run(
         self, on_round: Callable[[dict[str, Any]], None] | None = None, rounds: int | None = None

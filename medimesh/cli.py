@@ -109,6 +109,10 @@ def _run_args(p: argparse.ArgumentParser, hospitals: int = 8, rounds: int = 20) 
     p.add_argument("--keys-dir", default=None,
                    help="identities and roster.json from `medimesh keys`/`roster` (default: "
                         "fresh keys for this run)")
+    p.add_argument("--no-cross-baselines", action="store_true",
+                   help="do not score each hospital's isolated model on its peers' test "
+                        "patients (it is sealed to peer hospitals at setup; always off with "
+                        "DP or secure aggregation; docs/privacy.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     _csv_args(p)
@@ -207,6 +211,7 @@ def _config(args: argparse.Namespace) -> Any:
         ray_address=args.ray_address,
         placement=args.placement,
         keys_dir=args.keys_dir,
+        cross_baselines=not getattr(args, "no_cross_baselines", False),
         **({} if args.round_timeout is None else {"round_timeout_s": args.round_timeout}),
         **server,
     )
@@ -287,7 +292,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         timings = fed.start()
         print(
-            f"started in {timings['startup_s']:.1f} s; setup round: "
+            f"run {fed.run_id} started in {timings['startup_s']:.1f} s; setup round: "
             f"{fed.setup_summary['n_train']} training patients across "
             f"{fed.setup_summary['hospitals']} hospitals, pooled nowhere",
             file=sys.stderr,
@@ -299,13 +304,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"{args.partition or 'none'}", file=sys.stderr, flush=True)
         if serving:
             assert cfg.database_url is not None
-            _start_services(cfg.database_url, args, fed.router_name(), stops)
+            _start_services(cfg.database_url, args, fed.router_name(), stops, fed.run_id)
         history = fed.run(None if args.json else _progress(cfg.rounds))
         final = fed.final_model()
         stats = fed.router_stats()
         audit = fed.verify_audit()
         fed.flush_store()
         result = {
+            "run_id": fed.run_id,
             "dataset": cfg.dataset,
             "hospitals": cfg.n_sites,
             "server": server,
@@ -325,7 +331,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             emit(json.dumps(result))
         else:
             print(
-                f"\nfinal model {final['model_hash'][:16]}…  top1 {history[-1]['top1']:.3f}  "
+                f"\nrun {fed.run_id}: final model {final['model_hash'][:16]}…  "
+                f"top1 {history[-1]['top1']:.3f}  "
                 f"top3 {history[-1]['top3']:.3f}\n"
                 f"router: {sum(stats['messages_by_type'].values())} envelopes routed "
                 f"{dict(stats['messages_by_type'])}\n"
@@ -351,20 +358,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _start_services(
     database_url: str, args: argparse.Namespace, router_name: str,
-    stops: list[Callable[[], None]],
+    stops: list[Callable[[], None]], run_id: str | None = None,
 ) -> None:
-    """Deploy the oracle on Ray Serve and start the UI (a thread here); print both URLs."""
+    """Deploy the oracle on Ray Serve (serving ``run_id``) and start the UI (a thread here);
+    print both URLs."""
     from medimesh.actors.oracle import deploy
 
     stops.append(_stop_serve)
-    url = deploy(database_url, router_name=router_name, port=args.port)
+    url = deploy(database_url, router_name=router_name, port=args.port, run_id=run_id)
     from medimesh.ui.app import UiServer
 
     ui = UiServer(url, host=args.ui_host, port=args.ui_port)
     stops.append(ui.stop)
     ui.start()
     print(
-        f"\noracle: {url}  (API docs {url}/docs)\n"
+        f"\noracle: {url}  (API docs {url}/docs; serving run {run_id or 'newest'})\n"
         f"ui: {ui.url}\n"
         "training starts now: watch the rounds arrive in the UI. Ctrl-C to stop\n",
         file=sys.stderr,
@@ -407,13 +415,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_forever(database_url: str, port: int, router_name: str | None) -> None:
+def _serve_forever(
+    database_url: str, port: int, router_name: str | None, run_id: str | None = None
+) -> None:
     """Deploy the oracle on Ray Serve and block until Ctrl-C."""
     from medimesh.actors.oracle import deploy
 
-    url = deploy(database_url, router_name=router_name, port=port)
+    url = deploy(database_url, router_name=router_name, port=port, run_id=run_id)
     print(
-        f"\noracle: {url}  (API docs {url}/docs; try {url}/network, {url}/rounds)\n"
+        f"\noracle: {url}  (API docs {url}/docs; try {url}/runs, {url}/rounds)\n"
+        f"serving run {run_id or 'newest (follows new runs)'}\n"
         "press Ctrl-C to stop",
         file=sys.stderr,
         flush=True,
@@ -437,7 +448,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if url is None:
         raise MediMeshError("serve needs a database: --database-url URL or 'embedded'")
     ensure_ray()
-    _serve_forever(url, args.port, None)
+    _serve_forever(url, args.port, None, args.run)
     return 0
 
 
@@ -476,6 +487,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         history,
     )
     result = {
+        "run_id": fed.run_id,
         "model_dir": str(out),
         "model_hash": final["model_hash"],
         "server": _server_summary(cfg),
@@ -732,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="serve the oracle (Ray Serve) on an existing store")
     serve_p.add_argument("--database-url", default="embedded")
     serve_p.add_argument("--port", type=int, default=8000)
+    serve_p.add_argument("--run", default=None, metavar="RUN_ID",
+                         help="serve this run's model (default: the newest run with a model; "
+                              "GET /runs lists them)")
     serve_p.add_argument("-v", "--verbose", action="store_true")
     serve_p.set_defaults(func=cmd_serve)
     train = sub.add_parser("train", help="federated training on CSV sites, saves the model")

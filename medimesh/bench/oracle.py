@@ -29,6 +29,7 @@ import numpy as np
 
 from medimesh.data import cohort
 from medimesh.model import Model, TrainConfig
+from medimesh.runs import UNNAMED_RUN
 
 __all__ = [
     "main",
@@ -73,13 +74,15 @@ async def publish_model(
     std: np.ndarray,
     round_: int,
     parent_hash: str | None = None,
+    run: str = UNNAMED_RUN,
 ) -> str:
-    """Store a model as the coordinator/auditor would: model row, round row, checkpoint."""
-    digest: str = await store.put_model(model, round_, parent_hash=parent_hash)
-    await store.put_round(round_, {"source": "bench"}, digest, time.time())
+    """Store a model as the coordinator/auditor would: model row, round row, checkpoint,
+    all under ``run`` (default: the run of rows written without a federation)."""
+    digest: str = await store.put_model(model, round_, parent_hash=parent_hash, run=run)
+    await store.put_round(round_, {"source": "bench"}, digest, time.time(), run=run)
     await store.save_checkpoint(
         round_, {"round": round_, "mean": np.asarray(mean).tolist(),
-                 "std": np.asarray(std).tolist()}, digest
+                 "std": np.asarray(std).tolist()}, digest, run=run
     )
     return digest
 
