@@ -49,7 +49,7 @@ def test_run_ids_are_readable_unique_and_validated() -> None:
 
 def test_two_runs_in_one_database_are_scoped(url: str, models: Any) -> None:
     """Rounds, models, checkpoints and the run list: each query answers for one run."""
-    a, b, c, mean, std = models
+    a, b, c, _, _ = models
 
     async def scenario() -> None:
         async with await Store.open(url) as store:
