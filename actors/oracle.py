@@ -51,7 +51,7 @@ from medimesh.diagnosis import (
     ValidationError,
     saved_model_for,
 )
-from medimesh.runs import RUN_ID_PATTERN
+from medimesh.runs import RUN_ID_PATTERN, UNNAMED_RUN
 from medimesh.store import (
     RunRecord,
     Store,
@@ -893,7 +893,8 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         body: dict[str, Any] = {}
         if record is not None:
             for e in reversed(await store.entries(event="setup_completed")):
-                if e.body.get("run_id") == record.run_id:
+                # entries from before runs had ids belong to the unnamed run
+                if e.body.get("run_id", UNNAMED_RUN) == record.run_id:
                     body = e.body
                     break
         return _baselines_doc(None if record is None else record.run_id, body)
