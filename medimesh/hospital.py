@@ -91,7 +91,11 @@ class HospitalNode:
             )
         self._spec_hash = msg.spec_hash
         s = local_stats(self._x_train_raw, self._y_train, k)
-        top1, top3 = self.isolated_baseline()
+        # Without test rows the isolated model is only needed if peers are to score it.
+        top1, top3 = (
+            self.isolated_baseline() if self.n_test or msg.cross_baselines
+            else (float("nan"), float("nan"))
+        )
         return SetupStats(
             msg.spec_hash, s.n_examples, s.count, s.total, s.total_sq, s.class_counts,
             top1, top3, self.n_test,

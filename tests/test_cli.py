@@ -134,3 +134,22 @@ def test_data_heart_without_the_data_writes_nothing(tmp_path: Path) -> None:
     out = _run("data", "heart", "--out", str(tmp_path / "csv"), "--data-dir", str(tmp_path))
     assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "csv").exists()
+
+
+def test_cross_baselines_are_on_by_default_and_never_with_dp_or_secagg() -> None:
+    """--no-cross-baselines turns the option off; DP or secure aggregation always do."""
+    import dataclasses
+
+    from medimesh.cli import _config, build_parser
+    from medimesh.privacy import PrivacyConfig
+    from medimesh.secagg import SecAggConfig
+
+    p = build_parser()
+    cfg = _config(p.parse_args(["demo"]))
+    assert cfg.cross_baselines and cfg.cross_baselines_active
+    off = _config(p.parse_args(["demo", "--no-cross-baselines"]))
+    assert not off.cross_baselines and not off.cross_baselines_active
+    dp = dataclasses.replace(cfg, privacy=PrivacyConfig(epsilon=1.0, delta=1e-3, rounds=3))
+    sa = dataclasses.replace(cfg, secure_aggregation=SecAggConfig())
+    assert dp.cross_baselines and not dp.cross_baselines_active
+    assert sa.cross_baselines and not sa.cross_baselines_active
