@@ -278,3 +278,37 @@ def test_the_oracle_for_a_second_run_on_one_store_serves_that_run(
     with serve_app(build_app(OracleConfig(url, poll_interval=0.2, load_ontology=False))) as b:
         ready = httpx.get(f"{b}/ready").json()
         assert (ready["run_id"], ready["model_hash"]) == (id2, h2)
+
+
+def test_two_demo_commands_on_one_store_each_report_and_keep_their_run(
+    url: str, serve_app: Any, tmp_path: Any
+) -> None:
+    """The CLI itself, twice on one database (`make demo` twice in one folder): each prints its
+    run id; the second run's oracle serves the second's final model and only its rounds."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray
+    out = []
+    for seed, rounds in ((1, 2), (2, 1)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "medimesh.cli", "demo", "--hospitals", "2", "--rounds",
+             str(rounds), "--seed", str(seed), "--database-url", url, "--json"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout)
+        assert f"run {result['run_id']} started in" in proc.stderr
+        out.append(result)
+    first, second = out
+    assert is_run_id(second["run_id"]) and first["run_id"] != second["run_id"]
+    config = OracleConfig(url, poll_interval=0.2, load_ontology=False, run_id=second["run_id"])
+    with serve_app(build_app(config)) as base:
+        ready = httpx.get(f"{base}/ready").json()
+        assert (ready["run_id"], ready["model_hash"]) == (second["run_id"],
+                                                         second["final_model_hash"])
+        rounds = httpx.get(f"{base}/rounds").json()
+        assert [r["model_hash"] for r in rounds] == [m["model_hash"] for m in second["rounds"]]
+        assert len(httpx.get(f"{base}/runs").json()) == 2
