@@ -153,3 +153,10 @@ def test_cross_baselines_are_on_by_default_and_never_with_dp_or_secagg() -> None
     sa = dataclasses.replace(cfg, secure_aggregation=SecAggConfig())
     assert dp.cross_baselines and not dp.cross_baselines_active
     assert sa.cross_baselines and not sa.cross_baselines_active
+
+
+def test_serve_can_pin_a_run() -> None:
+    """`medimesh serve --run ID` pins the run; without it the oracle follows the newest."""
+    p = build_parser()
+    assert p.parse_args(["serve", "--run", "20261129-1612-ab12"]).run == "20261129-1612-ab12"
+    assert p.parse_args(["serve"]).run is None
