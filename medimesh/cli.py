@@ -904,6 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
     priv.set_defaults(func=cmd_bench)
     rounds = bsub.add_parser("rounds", help="startup and per-round wall time")
     _run_args(rounds, hospitals=10, rounds=30)
+    _ray_dashboard_args(rounds, default_on=False)  # what the dashboard adds to startup
     rounds.set_defaults(func=cmd_bench)
     return parser
 
