@@ -109,7 +109,7 @@ class RunConfig:
     # this port, and the metrics agent's Prometheus endpoint at ray_metrics_port (None: a free
     # port Ray picks). docs/metrics.md.
     ray_dashboard: bool = False
-    ray_dashboard_port: int = 8265
+    ray_dashboard_port: int = DASHBOARD_PORT
     ray_metrics_port: int | None = None
 
     def __post_init__(self) -> None:
