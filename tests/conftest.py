@@ -24,9 +24,9 @@ def ray_session() -> Iterator[None]:
 
     With the dashboard, as the demo starts it (tests/test_metrics.py reads a metric through
     it), on a free loopback port so parallel sessions on one machine do not collide. The
-    dashboard agent (which also serves the metrics) runs either way; the dashboard head and its
-    module processes add about 3 CPU-seconds at start and 2 % of one core while idle
-    (`medimesh bench rounds --ray-dashboard` against the same without, for wall time).
+    dashboard agent (which also serves the metrics) runs either way; the dashboard adds its
+    head and the head's module processes, mostly idle (`medimesh bench rounds --ray-dashboard
+    --json` against the same without compares startup).
     """
     import ray
 
