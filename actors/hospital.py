@@ -14,7 +14,7 @@ import numpy as np
 import ray
 import structlog
 
-from medimesh.actors.base import Node
+from medimesh.actors.base import Node, resolve
 from medimesh.adversary import PROTOCOL_ATTACKS, AttackContext, protocol_envelope
 from medimesh.aggregation import flatten, unflatten
 from medimesh.attacks import ATTACKS, COLLUDING, FRAMING, attack_update, flip_labels
@@ -79,7 +79,7 @@ class Hospital(Node):
         self._coordinator = self.roster.with_role("coordinator")[0].peer_id
         self._validator = self.roster.with_role("validator")[0].peer_id
         self._behaviour = behaviour
-        self._colluders = colluders
+        self._colluders = resolve(colluders)
         self._n_byzantine = n_byzantine
         self._n_hospitals = len(self.roster.with_role("hospital"))
         self._peers = {

@@ -62,6 +62,7 @@ from medimesh.store import (
 )
 
 __all__ = [
+    "APP_NAME",
     "MAX_BODY_BYTES",
     "OracleConfig",
     "OracleState",
@@ -71,6 +72,7 @@ __all__ = [
     "deploy",
     "entry_dict",
     "oracle_deployment",
+    "undeploy",
     "vocabulary_doc",
 ]
 
@@ -1164,7 +1166,25 @@ def deploy(
     dep = oracle_deployment().options(num_replicas=num_replicas)
     serve.run(
         dep.bind(database_url, router_name, router_namespace, poll_interval, run_id),
-        name="medimesh-oracle",
+        name=APP_NAME,
         route_prefix="/",
     )
     return f"http://127.0.0.1:{port}"
+
+
+APP_NAME = "medimesh-oracle"
+"""The oracle's Serve application name."""
+
+
+def undeploy() -> None:
+    """Remove the oracle's Serve application; Serve itself stays up (and stops with Ray).
+
+    Not ``serve.shutdown()``: in Ray 2.60 the controller kills itself while the shutdown call
+    is still waiting on it, and because the controller's tasks are retried forever Ray logs
+    ``Task ServeController.graceful_shutdown failed … will be retried`` on every stop. On a
+    shared cluster (``--ray-address``) shutting Serve down would also take other applications
+    with it. A local Ray we started ends with the process, Serve's actors with it.
+    """
+    from ray import serve
+
+    serve.delete(APP_NAME)

@@ -212,9 +212,67 @@ def _config(args: argparse.Namespace) -> Any:
         placement=args.placement,
         keys_dir=args.keys_dir,
         cross_baselines=not getattr(args, "no_cross_baselines", False),
+        **_ray_ports(args),
         **({} if args.round_timeout is None else {"round_timeout_s": args.round_timeout}),
         **server,
     )
+
+
+def _ray_dashboard_args(p: argparse.ArgumentParser, default_on: bool) -> None:
+    """The Ray dashboard and metrics ports of the local Ray we start (not a joined cluster)."""
+    from medimesh.actors.runtime import DASHBOARD_PORT, METRICS_PORT
+
+    if default_on:
+        p.add_argument("--no-ray-dashboard", dest="ray_dashboard", action="store_false",
+                       help="start Ray without its dashboard")
+    else:
+        p.add_argument("--ray-dashboard", action="store_true",
+                       help="also start the Ray dashboard (actors, logs, metrics)")
+    p.set_defaults(ray_dashboard=default_on)
+    p.add_argument("--ray-dashboard-port", type=int, default=DASHBOARD_PORT, metavar="PORT",
+                   help="Ray dashboard port on 127.0.0.1 (default %(default)s; taken: the next "
+                        "free one)")
+    p.add_argument("--ray-metrics-port", type=int, default=METRICS_PORT, metavar="PORT",
+                   help="Prometheus endpoint of Ray's metrics agent, ray_medimesh_* included "
+                        "(default %(default)s; taken: the next free one)")
+
+
+def _ray_ports(args: argparse.Namespace) -> dict[str, Any]:
+    """RunConfig's Ray dashboard fields; a taken port moves to the next free one, said once."""
+    if not hasattr(args, "ray_metrics_port") or args.ray_address or os.environ.get("RAY_ADDRESS"):
+        return {}  # a joined cluster has its own dashboard and ports
+    from medimesh.actors.runtime import free_port
+
+    def pick(what: str, flag: str, wanted: int, avoid: tuple[int, ...] = ()) -> int:
+        got = free_port(wanted, avoid=avoid)
+        if got != wanted:
+            print(f"medimesh: {what} port {wanted} is in use; using {got} ({flag} PORT to "
+                  "choose)", file=sys.stderr, flush=True)
+        return got
+
+    out: dict[str, Any] = {"ray_dashboard": bool(args.ray_dashboard)}
+    taken: tuple[int, ...] = ()
+    if args.ray_dashboard:
+        out["ray_dashboard_port"] = pick("Ray dashboard", "--ray-dashboard-port",
+                                         args.ray_dashboard_port)
+        taken = (out["ray_dashboard_port"],)
+    out["ray_metrics_port"] = pick("Ray metrics", "--ray-metrics-port", args.ray_metrics_port,
+                                   taken)
+    return out
+
+
+def _ray_banner() -> str:
+    """Where to watch the running Ray: its dashboard (if any) and the metrics endpoint."""
+    from medimesh.actors.runtime import ray_endpoints
+
+    urls = ray_endpoints()
+    lines = []
+    if urls["dashboard"]:
+        token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        lines.append(f"ray dashboard: {urls['dashboard']}  (actors, logs, metrics"
+                     + ("; its token: `ray get-auth-token`" if token else "") + ")")
+    lines.append(f"ray metrics: {urls['metrics']}  (ray_medimesh_*: docs/metrics.md)")
+    return "\n".join(lines)
 
 
 DEMO_PACE_S = 2.0
@@ -304,7 +362,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"{args.partition or 'none'}", file=sys.stderr, flush=True)
         if serving:
             assert cfg.database_url is not None
-            _start_services(cfg.database_url, args, fed.router_name(), stops, fed.run_id)
+            _start_services(cfg.database_url, args, fed.router_name(), stops, _ray_banner(),
+                            fed.run_id)
+        elif not args.json:
+            print(_ray_banner(), file=sys.stderr, flush=True)
         history = fed.run(None if args.json else _progress(cfg.rounds))
         final = fed.final_model()
         stats = fed.router_stats()
@@ -358,7 +419,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _start_services(
     database_url: str, args: argparse.Namespace, router_name: str,
-    stops: list[Callable[[], None]], run_id: str | None = None,
+    stops: list[Callable[[], None]], ray_banner: str = "", run_id: str | None = None,
 ) -> None:
     """Deploy the oracle on Ray Serve (serving ``run_id``) and start the UI (a thread here);
     print both URLs."""
@@ -374,16 +435,17 @@ def _start_services(
     print(
         f"\noracle: {url}  (API docs {url}/docs; serving run {run_id or 'newest'})\n"
         f"ui: {ui.url}\n"
-        "training starts now: watch the rounds arrive in the UI. Ctrl-C to stop\n",
+        + (ray_banner + "\n" if ray_banner else "")
+        + "training starts now: watch the rounds arrive in the UI. Ctrl-C to stop\n",
         file=sys.stderr,
         flush=True,
     )
 
 
 def _stop_serve() -> None:
-    from ray import serve
+    from medimesh.actors.oracle import undeploy
 
-    serve.shutdown()  # type: ignore[no-untyped-call]
+    undeploy()
 
 
 def _wait_for_ctrl_c() -> None:
@@ -435,9 +497,7 @@ def _serve_forever(
     except KeyboardInterrupt:
         print("stopping", file=sys.stderr)
     finally:
-        from ray import serve
-
-        serve.shutdown()  # type: ignore[no-untyped-call]
+        _stop_serve()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -470,6 +530,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        if cfg.ray_dashboard:
+            print(_ray_banner(), file=sys.stderr, flush=True)
         history = fed.run(None if args.json else _progress(cfg.rounds))
         final = fed.final_model()
         audit = fed.verify_audit()
@@ -720,6 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--partition", action="append", default=[], metavar="A,B,…",
                       help="fault drill: node names that can only talk among themselves "
                            "(repeat for several groups)")
+    _ray_dashboard_args(demo, default_on=True)
     demo.add_argument("--no-serve", action="store_true",
                       help="exit after training instead of serving the oracle")
     demo.add_argument("--audit-file", default=None,
@@ -753,6 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(train)
     _server_args(train)
     train.add_argument("--out", default=None, help="model directory (default .medimesh/models/…)")
+    _ray_dashboard_args(train, default_on=False)
     train.set_defaults(func=cmd_train)
     ev = sub.add_parser("evaluate", help="score a saved model on a CSV table")
     ev.add_argument("--model", required=True, help="directory written by train")
@@ -856,6 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
     priv.set_defaults(func=cmd_bench)
     rounds = bsub.add_parser("rounds", help="startup and per-round wall time")
     _run_args(rounds, hospitals=10, rounds=30)
+    _ray_dashboard_args(rounds, default_on=False)  # what the dashboard adds to startup
     rounds.set_defaults(func=cmd_bench)
     return parser
 

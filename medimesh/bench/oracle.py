@@ -229,9 +229,8 @@ def _run(
     """The benchmark proper; defaults live on :func:`run_oracle_bench` only."""
     import httpx
     import ray
-    from ray import serve
 
-    from medimesh.actors.oracle import deploy
+    from medimesh.actors.oracle import deploy, undeploy
     from medimesh.store import Store, embedded_server
 
     t_start = time.perf_counter()
@@ -292,7 +291,7 @@ def _run(
         finally:
             with_serve = ray.is_initialized()
             if with_serve:
-                serve.shutdown()  # type: ignore[no-untyped-call]
+                undeploy()  # not serve.shutdown(): see medimesh.actors.oracle.undeploy
             if started_ray:
                 ray.shutdown()
             server.cleanup()
