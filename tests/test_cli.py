@@ -182,7 +182,7 @@ _NOISE = re.compile(
 
 # What `demo --no-serve` itself prints (add a prefix here when the demo gains a line).
 _DEMO_LINES = (
-    "MediMesh demo:", "started in ", "ray dashboard: ", "ray metrics: ", "round ", "    ",
+    "MediMesh demo:", "run ", "started in ", "ray dashboard: ", "ray metrics: ", "round ", "    ",
     "final model ", "router: ", "audit trail: ",
 )
 
