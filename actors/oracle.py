@@ -86,6 +86,9 @@ class OracleConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     router: Any = None
     load_ontology: bool = True
+    # Phenopacket queries: the assay → biomarker mapping file's JSON (medimesh.phenopackets);
+    # give the one the sites trained with, so a phenopacket is encoded alike at both ends.
+    label_codes: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------ state
@@ -122,6 +125,11 @@ class OracleState:
         self._ontology: Any = None
         self._router: Any = config.router
         self._connected = asyncio.Event()
+        self.phenopacket_codes: Any = None
+        if config.label_codes is not None:
+            from medimesh.phenopackets import load_label_codes
+
+            self.phenopacket_codes = load_label_codes(config.label_codes)
 
     # -- lifecycle
 
@@ -323,8 +331,19 @@ class DiagnoseIn(BaseModel):
     # strict: a boolean is not an age (lax mode reads true as 1), as the engine's own check says
     age: float | None = Field(default=None, ge=0.0, le=130.0, allow_inf_nan=False, strict=True)
     sex: Literal["F", "M"] | None = None
+    phenopacket: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "A GA4GH Phenopacket v2 (protobuf JSON form) instead of the other fields: observed "
+            "and excluded phenotypic features, onset age, sex, pathogenic genes from the "
+            "genomic interpretations, mapped measurements (docs/phenopackets.md). Send either "
+            "a phenopacket or the other fields."
+        ),
+    )
 
     def to_request(self) -> PatientRequest:
+        if self.phenopacket is not None:
+            raise ValidationError("phenopacket", "read with _phenopacket_request")
         return PatientRequest(
             symptoms=tuple(self.symptoms),
             biomarkers={
@@ -335,6 +354,25 @@ class DiagnoseIn(BaseModel):
             age=self.age,
             sex=self.sex,
         )
+
+
+def _phenopacket_request(body: DiagnoseIn, codes: Any) -> tuple[PatientRequest, dict[str, Any]]:
+    """The request a phenopacket body stands for, and what the answer says about reading it."""
+    from medimesh.phenopackets import PhenopacketError, convert, parse_phenopacket
+
+    others = body.model_fields_set - {"phenopacket"}
+    if others:
+        raise ValidationError(sorted(others)[0], "send either a phenopacket or the other fields")
+    try:
+        converted = convert(parse_phenopacket(body.phenopacket or {}), codes)
+    except PhenopacketError as exc:
+        raise ValidationError("phenopacket", exc.message) from None
+    info = {
+        "id": converted.id,
+        "unmapped_measurements": converted.unmapped_measurements,
+        "onset_from": converted.onset_source or None,
+    }
+    return converted.request, info
 
 
 # ------------------------------------------------------------------------------- vocabulary
@@ -676,7 +714,10 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         if engine is None:
             raise HTTPException(503, f"no model loaded yet ({state.last_error or 'starting'})")
         try:
-            return engine.diagnose(body.to_request()).to_dict()
+            if body.phenopacket is None:
+                return engine.diagnose(body.to_request()).to_dict()
+            patient, info = _phenopacket_request(body, state.phenopacket_codes)
+            return {**engine.diagnose(patient).to_dict(), "phenopacket": info}
         except ValidationError as exc:
             detail = [
                 {"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}
@@ -955,8 +996,10 @@ def oracle_deployment() -> Any:
             router_name: str | None = None,
             router_namespace: str = "medimesh",
             poll_interval: float = 1.0,
+            label_codes: dict[str, Any] | None = None,
         ) -> None:
-            self._config = OracleConfig(database_url, router_name, router_namespace, poll_interval)
+            self._config = OracleConfig(database_url, router_name, router_namespace, poll_interval,
+                                        label_codes=label_codes)
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             return build_app(self._config)
@@ -971,6 +1014,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         args.get("router_name"),
         args.get("router_namespace", "medimesh"),
         float(args.get("poll_interval", 1.0)),
+        args.get("label_codes"),
     )
 
 
@@ -982,6 +1026,7 @@ def deploy(
     router_namespace: str = "medimesh",
     poll_interval: float = 1.0,
     num_replicas: int = 1,
+    label_codes: dict[str, Any] | None = None,
 ) -> str:
     """Start Serve on 127.0.0.1:``port`` with the oracle at ``/``; returns the base URL.
 
@@ -992,7 +1037,7 @@ def deploy(
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     dep = oracle_deployment().options(num_replicas=num_replicas)
     serve.run(
-        dep.bind(database_url, router_name, router_namespace, poll_interval),
+        dep.bind(database_url, router_name, router_namespace, poll_interval, label_codes),
         name="medimesh-oracle",
         route_prefix="/",
     )

@@ -75,7 +75,10 @@ class RunConfig:
     database_url: str | None = None
     capture_envelopes: int = 0
     spec: dict[str, Any] | None = None
-    csv_sites: tuple[tuple[str, str], ...] = ()
+    csv_sites: tuple[tuple[str, str], ...] = ()  # (name, CSV file or phenopacket directory)
+    # Phenopacket sites: the label/assay code mapping file's JSON (medimesh.phenopackets), None
+    # = the rare panel's built-in ORPHA codes only.
+    label_codes: dict[str, Any] | None = None
     test_fraction: float = 0.3
     skip_bad_rows: bool = False
     pace_s: float = 0.0
@@ -106,12 +109,15 @@ class RunConfig:
             raise ConfigError("--rounds must be at least 1")
         if self.alpha <= 0:
             raise ConfigError("--alpha must be positive")
-        if self.dataset not in ("rare", "sparse", "heart", "csv"):
+        if self.dataset not in ("rare", "sparse", "heart", "csv", "phenopackets"):
             raise ConfigError(
-                f"unknown dataset {self.dataset!r}; expected rare, sparse, heart or csv"
+                f"unknown dataset {self.dataset!r}; expected rare, sparse, heart, csv or "
+                "phenopackets"
             )
         if self.dataset == "csv" and (self.spec is None or not self.csv_sites):
             raise ConfigError("the csv dataset needs --spec and at least one --site NAME=PATH")
+        if self.dataset == "phenopackets" and not self.csv_sites:
+            raise ConfigError("phenopacket sites need at least one --site NAME=DIRECTORY")
         if not 0 <= self.test_fraction < 1:
             raise ConfigError("--test-fraction must be in [0, 1)")
         if self.tolerate is not None and self.tolerate < 0:
@@ -149,7 +155,7 @@ class RunConfig:
 
     @property
     def n_sites(self) -> int:
-        if self.dataset == "csv":
+        if self.dataset in ("csv", "phenopackets"):
             return len(self.csv_sites)
         return 4 if self.dataset == "heart" else self.hospitals
 
@@ -192,6 +198,8 @@ def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
             }
             descs.append(SiteDescriptor("csv", name, params))
         return descs
+    if cfg.dataset == "phenopackets":
+        return _phenopacket_descriptors(cfg)
     from medimesh.data import heart
 
     data_dir = cfg.data_dir or (str(heart.default_data_dir() or ""))
@@ -208,6 +216,31 @@ def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
         )
         for center in heart.CENTERS
     ]
+
+
+def _phenopacket_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
+    """One descriptor per directory of phenopackets: its path and the code mapping, no rows."""
+    from medimesh.phenopackets import PhenopacketError, load_label_codes
+
+    names = [n for n, _ in cfg.csv_sites]
+    if len(set(names)) != len(names):
+        raise ConfigError("site names must be distinct")
+    try:
+        codes = load_label_codes(cfg.label_codes).to_dict()
+    except PhenopacketError as exc:
+        raise ConfigError(str(exc)) from None
+    descs = []
+    for name, path in cfg.csv_sites:
+        if not Path(path).is_dir():
+            raise ConfigError(f"site {name}: {path} is not a directory of phenopackets")
+        params = {
+            "path": str(Path(path).resolve()),
+            "codes": codes,
+            "test_fraction": cfg.test_fraction,
+            "seed": cfg.seed,
+        }
+        descs.append(SiteDescriptor("phenopackets", name, params))
+    return descs
 
 
 def spec_hash(info: DatasetInfo) -> str:

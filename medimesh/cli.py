@@ -69,14 +69,19 @@ def _positive_float(text: str) -> float:
 def _site(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH.csv, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (a CSV file or a directory of "
+                                         f"phenopackets), got {text!r}")
     return name, path
 
 
 def _csv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", default=None, help="feature spec JSON (docs/feature-spec.md)")
-    p.add_argument("--site", type=_site, action="append", default=[], metavar="NAME=PATH.csv",
-                   help="one hospital and its own CSV file (repeat per site)")
+    p.add_argument("--site", type=_site, action="append", default=[], metavar="NAME=PATH",
+                   help="one hospital and its own CSV file, or its own directory of GA4GH "
+                        "phenopackets (rare panel; docs/phenopackets.md); repeat per site")
+    p.add_argument("--label-codes", default=None, metavar="FILE",
+                   help="phenopacket sites: disease-id → class (and assay → biomarker) mapping "
+                        "JSON (default: the panel's ORPHA ids)")
     p.add_argument("--test-fraction", type=float, default=0.3,
                    help="held-out fraction of each CSV site (0: train on every row)")
     p.add_argument("--skip-bad-rows", action="store_true",
@@ -191,6 +196,7 @@ def _config(args: argparse.Namespace) -> Any:
     return RunConfig(
         spec=spec,
         csv_sites=tuple(args.site),
+        label_codes=_label_codes(getattr(args, "label_codes", None)),
         test_fraction=args.test_fraction,
         skip_bad_rows=args.skip_bad_rows,
         dataset=args.dataset,
@@ -210,6 +216,33 @@ def _config(args: argparse.Namespace) -> Any:
         **({} if args.round_timeout is None else {"round_timeout_s": args.round_timeout}),
         **server,
     )
+
+
+def _label_codes(path: str | None) -> dict[str, Any] | None:
+    """The --label-codes file's JSON, or None (checked again, fully, where it is used)."""
+    if path is None:
+        return None
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise MediMeshError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(doc, dict):
+        raise MediMeshError(f"{path}: expected a JSON object")
+    return doc
+
+
+def _site_kind(args: argparse.Namespace) -> str:
+    """train: 'phenopackets' when every --site is a directory, else 'csv' (never mixed)."""
+    dirs = [Path(p).is_dir() for _, p in args.site]
+    if not dirs or not any(dirs):
+        return "csv"
+    if not all(dirs):
+        raise MediMeshError("--site: give either CSV files or directories of phenopackets, "
+                            "not both")
+    if args.spec is not None:
+        raise MediMeshError("phenopacket sites train the rare panel's columns; --spec applies "
+                            "to CSV sites only")
+    return "phenopackets"
 
 
 DEMO_PACE_S = 2.0
@@ -407,11 +440,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_forever(database_url: str, port: int, router_name: str | None) -> None:
+def _serve_forever(
+    database_url: str, port: int, router_name: str | None,
+    label_codes: dict[str, Any] | None = None,
+) -> None:
     """Deploy the oracle on Ray Serve and block until Ctrl-C."""
     from medimesh.actors.oracle import deploy
 
-    url = deploy(database_url, router_name=router_name, port=port)
+    url = deploy(database_url, router_name=router_name, port=port, label_codes=label_codes)
     print(
         f"\noracle: {url}  (API docs {url}/docs; try {url}/network, {url}/rounds)\n"
         "press Ctrl-C to stop",
@@ -436,8 +472,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = _database_url(args.database_url)
     if url is None:
         raise MediMeshError("serve needs a database: --database-url URL or 'embedded'")
+    codes = _label_codes(args.label_codes)
+    if codes is not None:
+        from medimesh.phenopackets import PhenopacketError, load_label_codes
+
+        try:
+            load_label_codes(codes)
+        except PhenopacketError as exc:
+            raise MediMeshError(str(exc)) from None
     ensure_ray()
-    _serve_forever(url, args.port, None)
+    _serve_forever(url, args.port, None, codes)
     return 0
 
 
@@ -447,7 +491,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medimesh.modelfile import save_model
 
     if args.dataset not in ("sparse", "heart"):  # those two: hospitals build their own rows
-        args.dataset = "csv"
+        args.dataset = _site_kind(args)
     cfg = _config(args)
     t0 = time.perf_counter()
     fed = Consortium(cfg)
@@ -489,7 +533,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"model {final['model_hash'][:16]}… written to {path}", file=sys.stderr)
         for site in fed.hospital_info:
-            if site["skipped_rows"] or site["unknown_codes"]:
+            if "phenopackets" in site:
+                r = site["phenopackets"]
+                print(f"  {site['name']}: {r['used']}/{r['files_read']} phenopackets used, "
+                      f"skipped {r['skipped'] or 'none'}, {r['unknown_terms']} unknown term(s)"
+                      + (f", unreadable: {', '.join(r['malformed_files'])}"
+                         if r["malformed_files"] else ""),
+                      file=sys.stderr)
+            elif site["skipped_rows"] or site["unknown_codes"]:
                 print(
                     f"  {site['name']}: {site['skipped_rows']} row(s) skipped, "
                     f"{site['unknown_codes']} unknown code(s) ignored",
@@ -579,11 +630,15 @@ def cmd_data_heart(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score a saved model on a table (an external validation cohort)."""
+    """Score a saved model on a table or a directory of phenopackets (external validation)."""
     from medimesh.metrics import scores
     from medimesh.modelfile import load_model
     from medimesh.spec import encode_csv, load_spec
 
+    if (args.csv is None) == (args.phenopackets is None):
+        raise MediMeshError("evaluate needs exactly one of --csv FILE or --phenopackets DIR")
+    if args.phenopackets is not None:
+        return _evaluate_phenopackets(args)
     saved = load_model(Path(args.model))
     if saved.spec is None:
         raise MediMeshError(f"{args.model}: the model has no feature spec to read a CSV with")
@@ -612,6 +667,51 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         assert isinstance(recalls, list)
         for name, r in zip(saved.classes, recalls, strict=True):
             print(f"  recall {name}: {'n/a' if r is None else f'{r:.3f}'}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_phenopackets(args: argparse.Namespace) -> int:
+    """Score a saved rare-panel model on a directory of phenopackets; files skipped are counted."""
+    from medimesh.data import cohort
+    from medimesh.diagnosis import DiagnosisEngine
+    from medimesh.hpo import HpoAncestors
+    from medimesh.metrics import scores
+    from medimesh.modelfile import load_model
+    from medimesh.phenopackets import PhenopacketError, encode_directory, load_label_codes
+
+    saved = load_model(Path(args.model))
+    feats = cohort.features()
+    if saved.feature_names != tuple(f.name for f in feats) or (
+        saved.classes != cohort.class_names()
+    ):
+        raise MediMeshError(f"{args.model}: not a rare-panel model; phenopackets are read into "
+                            "the rare panel's columns")
+    try:
+        codes = load_label_codes(_label_codes(args.label_codes))
+        engine = DiagnosisEngine(saved, feats, HpoAncestors.load())
+        enc = encode_directory(Path(args.phenopackets), codes, engine.encode, len(feats))
+    except PhenopacketError as exc:
+        raise MediMeshError(str(exc)) from None
+    report = enc.report.to_dict()
+    if len(enc.y) == 0:
+        raise MediMeshError(f"{args.phenopackets}: no usable phenopackets ({report['files_read']} "
+                            f"read, skipped {report['skipped']})")
+    result = {
+        "model_hash": saved.model_hash,
+        "phenopackets": str(args.phenopackets),
+        **scores(saved.predict_proba(enc.x), enc.y),
+        "classes": list(saved.classes),
+        "report": report,
+    }
+    if args.json:
+        emit(json.dumps(result))
+    else:
+        print(f"n {result['n']}  top1 {result['top1']:.3f}  top3 {result['top3']:.3f}  "
+              f"({report['used']}/{report['files_read']} phenopackets used, skipped "
+              f"{report['skipped'] or 'none'}, {report['unknown_terms']} unknown term(s))",
+              file=sys.stderr)
+        for name in report["malformed_files"]:
+            print(f"  unreadable: {name}", file=sys.stderr)
     return 0
 
 
@@ -732,6 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="serve the oracle (Ray Serve) on an existing store")
     serve_p.add_argument("--database-url", default="embedded")
     serve_p.add_argument("--port", type=int, default=8000)
+    serve_p.add_argument("--label-codes", default=None, metavar="FILE",
+                         help="assay → biomarker mapping for phenopacket queries (the file the "
+                              "phenopacket sites trained with; docs/phenopackets.md)")
     serve_p.add_argument("-v", "--verbose", action="store_true")
     serve_p.set_defaults(func=cmd_serve)
     train = sub.add_parser("train", help="federated training on CSV sites, saves the model")
@@ -739,9 +842,14 @@ def build_parser() -> argparse.ArgumentParser:
     _server_args(train)
     train.add_argument("--out", default=None, help="model directory (default .medimesh/models/…)")
     train.set_defaults(func=cmd_train)
-    ev = sub.add_parser("evaluate", help="score a saved model on a CSV table")
+    ev = sub.add_parser("evaluate",
+                        help="score a saved model on a CSV table or a directory of phenopackets")
     ev.add_argument("--model", required=True, help="directory written by train")
-    ev.add_argument("--csv", required=True)
+    ev.add_argument("--csv", default=None, metavar="FILE")
+    ev.add_argument("--phenopackets", default=None, metavar="DIR",
+                    help="a directory of GA4GH phenopackets (rare-panel models)")
+    ev.add_argument("--label-codes", default=None, metavar="FILE",
+                    help="with --phenopackets: disease-id → class mapping (docs/phenopackets.md)")
     ev.add_argument("--skip-bad-rows", action="store_true")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("-v", "--verbose", action="store_true")

@@ -444,6 +444,21 @@ def _diagnose_body(
     return body
 
 
+def _phenopacket_body(phenopacket: Any) -> dict[str, Any]:
+    """``{"phenopacket": …}`` from a parsed JSON object, JSON text or a protobuf message."""
+    if isinstance(phenopacket, str | bytes):
+        doc = json.loads(phenopacket)
+    elif isinstance(phenopacket, Mapping):
+        doc = dict(phenopacket)
+    elif hasattr(phenopacket, "DESCRIPTOR"):  # a phenopackets.Phenopacket message
+        from google.protobuf.json_format import MessageToDict
+
+        doc = MessageToDict(phenopacket)
+    else:
+        raise TypeError("expected a phenopacket as a dict, JSON text or a Phenopacket message")
+    return {"phenopacket": doc}
+
+
 def _audit_params(
     after_seq: int, limit: int, event: str | None, round_: int | None
 ) -> dict[str, Any]:
@@ -527,6 +542,10 @@ class Client:
         """Ranked differential; biomarkers as ``{name: {"value", "unit"}}`` or ``(value, unit)``."""
         return _diagnosis(self._post("/diagnose", _diagnose_body(symptoms, biomarkers, genes,
                                                                  age, sex)))
+
+    def diagnose_phenopacket(self, phenopacket: Any) -> Diagnosis:
+        """Ranked differential for a GA4GH phenopacket (dict, JSON text or protobuf message)."""
+        return _diagnosis(self._post("/diagnose", _phenopacket_body(phenopacket)))
 
     def network(self) -> Network:
         return _network(self._get("/network"))
@@ -659,6 +678,10 @@ class AsyncClient:
     ) -> Diagnosis:
         body = _diagnose_body(symptoms, biomarkers, genes, age, sex)
         return _diagnosis(await self._post("/diagnose", body))
+
+    async def diagnose_phenopacket(self, phenopacket: Any) -> Diagnosis:
+        """Ranked differential for a GA4GH phenopacket (dict, JSON text or protobuf message)."""
+        return _diagnosis(await self._post("/diagnose", _phenopacket_body(phenopacket)))
 
     async def network(self) -> Network:
         return _network(await self._get("/network"))

@@ -1,0 +1,525 @@
+"""GA4GH Phenopackets v2 in, MediMesh patients out: a site format and a query format.
+
+A phenopacket (the GA4GH schema, JSON in the protobuf JSON mapping) is read with the
+``phenopackets`` package (:func:`google.protobuf.json_format.Parse` into
+``phenopackets.Phenopacket``), so a file the schema does not describe is refused, never guessed
+at. :func:`convert` turns one into the oracle's :class:`~medimesh.diagnosis.PatientRequest`
+plus a label; the request is then encoded by the oracle's own encoder
+(:meth:`DiagnosisEngine.encode <medimesh.diagnosis.DiagnosisEngine.encode>`), both when a
+hospital trains on a directory of phenopackets (:func:`encode_directory`) and when
+``/diagnose`` or ``medimesh evaluate --phenopackets`` scores one, so a phenopacket lands in the
+same model columns at training and at query time. See ``docs/phenopackets.md``.
+
+What is read (everything else is ignored):
+
+* ``phenotypicFeatures``: observed terms → ``symptoms``; ``excluded: true`` → ``excluded_symptoms``.
+* onset age: the onset of the (first, non-excluded) disease if it is an age, else the earliest
+  onset among the observed features; an ``Age`` (ISO 8601 duration), an ``AgeRange``
+  (midpoint) or an HPO onset class (midpoint of its HPO definition). Anything else: unknown.
+* ``subject.sex``: MALE → "M", FEMALE → "F", other or unset → unknown.
+* ``interpretations[].diagnosis.genomicInterpretations``: a gene is a finding when the
+  interpretation is not REJECTED and its variant is (likely) pathogenic (ACMG) or its status is
+  CAUSATIVE / CONTRIBUTORY. Any genomic interpretation, or an UNSOLVED interpretation, means
+  genetic testing was done (``sequenced: true``); none says nothing (``sequenced: null``).
+* ``measurements``: only assays named in the mapping's ``assay_codes`` (assay id → panel
+  biomarker), with a quantity in a unit the oracle accepts; the rest are counted as unmapped.
+* the label: ``diseases`` (not excluded) and ``interpretations[].diagnosis.disease`` ids,
+  mapped to class names by :class:`LabelCodes` (built in: the panel's ORPHA ids).
+
+Pure: no Ray, no I/O except the explicit file readers. Reports carry counts and file names of
+unreadable files only - never a term, a value or a label of a patient.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import numpy as np
+
+from medimesh.errors import MediMeshError
+
+__all__ = [
+    "HPO_ONSET_YEARS",
+    "Converted",
+    "DirectoryReport",
+    "EncodedDirectory",
+    "LabelCodes",
+    "PhenopacketError",
+    "convert",
+    "encode_directory",
+    "iso8601_years",
+    "load_label_codes",
+    "panel_label_codes",
+    "parse_phenopacket",
+    "phenopacket_files",
+    "read_phenopacket",
+    "request_encoder",
+]
+
+Encoder = Callable[[Any], tuple[np.ndarray, list[str], dict[str, Any]]]
+
+# Representative age (years) of each HPO onset class: the midpoint of the range its HPO
+# definition gives (hp.obo, 2025 release), a stated assumption for the open-ended ones.
+HPO_ONSET_YEARS: Final[Mapping[str, float]] = {
+    "HP:0030674": 0.0,  # Antenatal onset (before birth): read as 0
+    "HP:0011460": 0.0,  # Embryonal onset
+    "HP:0011461": 0.0,  # Fetal onset
+    "HP:0003577": 0.0,  # Congenital onset (at birth)
+    "HP:0003623": 0.04,  # Neonatal onset (first 28 days)
+    "HP:0003593": 0.5,  # Infantile onset (28 days to 1 year)
+    "HP:0011463": 3.0,  # Childhood onset (1 to 5 years)
+    "HP:0003621": 10.0,  # Juvenile onset (5 to 15 years)
+    "HP:0410280": 7.5,  # Pediatric onset (0 to 15 years)
+    "HP:0011462": 28.0,  # Young adult onset (16 to 40 years)
+    "HP:0003596": 50.0,  # Middle age onset (40 to 60 years)
+    "HP:0003584": 70.0,  # Late onset (after 60 years): assumed 70
+    "HP:0003581": 40.0,  # Adult onset (16 years or later): assumed 40
+}
+
+_DURATION: Final = re.compile(
+    r"P(?!$)(?:(\d+(?:\.\d+)?)Y)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)W)?(?:(\d+(?:\.\d+)?)D)?"
+    r"(?:T(?:\d+(?:\.\d+)?H)?(?:\d+(?:\.\d+)?M)?(?:\d+(?:\.\d+)?S)?)?"
+)
+_PATHOGENIC: Final = frozenset({"PATHOGENIC", "LIKELY_PATHOGENIC"})
+_CAUSAL_STATUS: Final = frozenset({"CAUSATIVE", "CONTRIBUTORY"})
+_PREFIXES: Final[Mapping[str, str]] = {"ORPHANET": "ORPHA", "MIM": "OMIM"}
+
+
+class PhenopacketError(MediMeshError, ValueError):
+    """A phenopacket (or a label-code mapping) cannot be read; ``source`` names the file."""
+
+    def __init__(self, source: str, message: str) -> None:
+        safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        super().__init__(f"{source}: {safe}" if source else safe)
+        self.source = source
+        self.message = safe
+
+
+# ------------------------------------------------------------------------------ label codes
+
+
+def _norm_code(code: str) -> str:
+    """``orphanet:324`` → ``ORPHA:324``; prefixes are case-insensitive, local parts kept."""
+    prefix, sep, local = code.strip().partition(":")
+    if not sep:
+        return code.strip().upper()
+    prefix = prefix.strip().upper()
+    return f"{_PREFIXES.get(prefix, prefix)}:{local.strip()}"
+
+
+@dataclass(frozen=True)
+class LabelCodes:
+    """Disease ids (ORPHA, OMIM, MONDO, …) → class names, and assay ids → biomarkers.
+
+    ``unmapped`` (opt-in) is the class of a phenopacket whose diseases are all outside
+    ``codes`` (e.g. "Other / none of these"); unset, such a file is skipped and counted.
+    """
+
+    codes: Mapping[str, str]
+    classes: tuple[str, ...]
+    unmapped: str | None = None
+    assays: Mapping[str, str] = field(default_factory=dict)
+
+    def label(self, ids: Sequence[str]) -> tuple[str | None, str | None]:
+        """(class, None) or (None, reason) for a phenopacket's disease ids."""
+        if not ids:
+            return None, "no diagnosis"
+        found = {self.codes[c] for c in map(_norm_code, ids) if c in self.codes}
+        if len(found) > 1:
+            return None, "ambiguous diagnosis"
+        if found:
+            return found.pop(), None
+        if self.unmapped is not None:
+            return self.unmapped, None
+        return None, "unmappable disease"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, as a site descriptor ships it (vocabulary, never patient data)."""
+        return {"label_codes": dict(self.codes), "unmapped_disease": self.unmapped,
+                "assay_codes": dict(self.assays), "classes": list(self.classes)}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> LabelCodes:
+        return cls(dict(doc["label_codes"]), tuple(doc["classes"]), doc.get("unmapped_disease"),
+                   dict(doc.get("assay_codes", {})))
+
+
+def panel_label_codes() -> LabelCodes:
+    """The built-in rare panel: its ten ORPHA ids (``rare_panel.json``) → class names.
+
+    The panel carries ORPHA ids only; OMIM or MONDO ids need an explicit mapping file
+    (:func:`load_label_codes`).
+    """
+    from medimesh.data import cohort
+
+    panel = cohort.load_panel()
+    codes = {_norm_code(d["orpha_id"]): d["short_name"] for d in panel["diseases"]}
+    return LabelCodes(codes, cohort.class_names())
+
+
+def load_label_codes(
+    source: Path | str | Mapping[str, Any] | None, base: LabelCodes | None = None
+) -> LabelCodes:
+    """The panel codes (or ``base``) extended by a mapping file; ``None`` → ``base`` as is.
+
+    File format (JSON)::
+
+        {"label_codes": {"OMIM:301500": "Fabry disease", "MONDO:0010526": "Fabry disease"},
+         "unmapped_disease": "Other / none of these",
+         "assay_codes": {"LOINC:2157-6": "ck"}}
+
+    Every class name must be one of the consortium's classes; every key is optional.
+    """
+    base = base or panel_label_codes()
+    if source is None:
+        return base
+    name = "label codes"
+    if isinstance(source, Mapping):
+        doc: Any = source
+    else:
+        path = Path(source)
+        name = path.name
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as exc:
+            raise PhenopacketError(name, f"not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(doc, Mapping):
+        raise PhenopacketError(name, "expected a JSON object")
+    unknown = set(doc) - {"label_codes", "unmapped_disease", "assay_codes"}
+    if unknown:
+        raise PhenopacketError(name, f"unknown key {sorted(unknown)[0]!r} (allowed: "
+                                     "label_codes, unmapped_disease, assay_codes)")
+    codes = dict(base.codes)
+    raw = doc.get("label_codes", {})
+    if not isinstance(raw, Mapping):
+        raise PhenopacketError(name, "label_codes: expected an object {disease id: class}")
+    for code, cls in raw.items():
+        if not isinstance(cls, str) or cls not in base.classes:
+            raise PhenopacketError(
+                name, f"label_codes.{code}: {cls!r} is not a class; expected one of "
+                      f"{list(base.classes)}")
+        if ":" not in str(code):
+            raise PhenopacketError(name, f"label_codes.{code}: expected PREFIX:ID")
+        codes[_norm_code(str(code))] = cls
+    unmapped = doc.get("unmapped_disease", base.unmapped)
+    if unmapped is not None and unmapped not in base.classes:
+        raise PhenopacketError(name, f"unmapped_disease: {unmapped!r} is not a class")
+    assays = dict(base.assays)
+    raw_assays = doc.get("assay_codes", {})
+    if not isinstance(raw_assays, Mapping):
+        raise PhenopacketError(name, "assay_codes: expected an object {assay id: biomarker}")
+    for code, marker in raw_assays.items():
+        if not isinstance(marker, str) or not marker:
+            raise PhenopacketError(name, f"assay_codes.{code}: expected a biomarker name")
+        assays[_norm_code(str(code))] = marker
+    return LabelCodes(codes, base.classes, unmapped, assays)
+
+
+# ---------------------------------------------------------------------------------- parsing
+
+
+def parse_phenopacket(doc: str | bytes | Mapping[str, Any], source: str = "") -> Any:
+    """A ``phenopackets.Phenopacket`` from JSON text or a parsed object; schema-checked.
+
+    Unknown fields, wrong types and bad enum values raise :class:`PhenopacketError`.
+    """
+    import phenopackets
+    from google.protobuf import json_format
+
+    message = phenopackets.Phenopacket()
+    try:
+        if isinstance(doc, str | bytes):
+            json_format.Parse(doc, message)
+        elif isinstance(doc, Mapping):
+            json_format.ParseDict(dict(doc), message)
+        else:
+            raise PhenopacketError(source, "expected a JSON object")
+    except PhenopacketError:
+        raise
+    except json_format.ParseError as exc:
+        raise PhenopacketError(source, f"not a valid phenopacket: {exc}") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise PhenopacketError(source, f"not a valid phenopacket: {exc}") from None
+    return message
+
+
+def read_phenopacket(path: Path) -> Any:
+    """Parse one phenopacket file; any problem is a :class:`PhenopacketError` naming it."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise PhenopacketError(path.name, "not UTF-8 text") from None
+    return parse_phenopacket(text, path.name)
+
+
+def phenopacket_files(directory: Path) -> list[Path]:
+    """The ``*.json`` files under ``directory`` (recursive, hidden files skipped), sorted."""
+    return sorted(
+        p for p in directory.rglob("*.json")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
+
+
+# ------------------------------------------------------------------------------- conversion
+
+
+def iso8601_years(duration: str) -> float | None:
+    """``P3Y6M`` → 3.5; weeks and days count too (365.25-day years); None if unreadable."""
+    m = _DURATION.fullmatch(duration.strip())
+    if m is None:
+        return None
+    y, mo, w, d = (float(g) if g else 0.0 for g in m.groups())
+    return y + mo / 12.0 + (w * 7.0 + d) / 365.25
+
+
+def _age_years(te: Any) -> float | None:
+    """Years from a TimeElement: age, age range (midpoint) or an HPO onset class."""
+    kind = te.WhichOneof("element")
+    if kind == "age":
+        return iso8601_years(te.age.iso8601duration)
+    if kind == "age_range":
+        lo = iso8601_years(te.age_range.start.iso8601duration)
+        hi = iso8601_years(te.age_range.end.iso8601duration)
+        if lo is None or hi is None:
+            return lo if hi is None else hi
+        return (lo + hi) / 2.0
+    if kind == "ontology_class":
+        return HPO_ONSET_YEARS.get(te.ontology_class.id.strip().upper())
+    if kind == "gestational_age":
+        return 0.0
+    return None
+
+
+def _onset(pp: Any) -> tuple[float | None, str]:
+    """Onset age and where it came from ("disease", "feature" or "" when unknown)."""
+    for disease in pp.diseases:
+        if not disease.excluded and disease.HasField("onset"):
+            age = _age_years(disease.onset)
+            if age is not None:
+                return age, "disease"
+    ages = [
+        a for f in pp.phenotypic_features
+        if not f.excluded and f.HasField("onset") and (a := _age_years(f.onset)) is not None
+    ]
+    return (min(ages), "feature") if ages else (None, "")
+
+
+def _gene_findings(pp: Any) -> tuple[list[str], bool | None]:
+    """(pathogenic gene symbols, sequenced?) from the genomic interpretations."""
+    import phenopackets
+
+    genes: list[str] = []
+    tested = False
+    gi_cls = phenopackets.GenomicInterpretation
+    for interp in pp.interpretations:
+        if interp.progress_status == phenopackets.Interpretation.UNSOLVED:
+            tested = True
+        for gi in interp.diagnosis.genomic_interpretations:
+            tested = True
+            if gi.interpretation_status == gi_cls.REJECTED:
+                continue
+            status = gi_cls.InterpretationStatus.Name(gi.interpretation_status)
+            symbol = ""
+            acmg = ""
+            if gi.WhichOneof("call") == "gene":
+                symbol = gi.gene.symbol
+            else:
+                vi = gi.variant_interpretation
+                symbol = vi.variation_descriptor.gene_context.symbol
+                acmg = phenopackets.AcmgPathogenicityClassification.Name(
+                    vi.acmg_pathogenicity_classification
+                )
+            if symbol.strip() and (acmg in _PATHOGENIC or status in _CAUSAL_STATUS):
+                genes.append(symbol.strip())
+    return list(dict.fromkeys(genes)), (True if tested else None)
+
+
+def _disease_ids(pp: Any) -> list[str]:
+    ids = [d.term.id for d in pp.diseases if not d.excluded and d.term.id.strip()]
+    ids += [
+        i.diagnosis.disease.id for i in pp.interpretations if i.diagnosis.disease.id.strip()
+    ]
+    return list(dict.fromkeys(ids))
+
+
+@dataclass(frozen=True)
+class Converted:
+    """One phenopacket as a request, its label (or why none) and what was left out."""
+
+    id: str
+    request: Any  # medimesh.diagnosis.PatientRequest
+    label: str | None
+    problem: str | None
+    unmapped_measurements: int = 0
+    onset_source: str = ""
+
+
+def convert(pp: Any, codes: LabelCodes | None = None) -> Converted:
+    """A parsed phenopacket → :class:`Converted`; ``codes`` None: no label (query time)."""
+    import phenopackets
+
+    from medimesh.diagnosis import Measurement, PatientRequest
+
+    observed: list[str] = []
+    excluded: list[str] = []
+    for f in pp.phenotypic_features:
+        term = f.type.id.strip()
+        if term:
+            (excluded if f.excluded else observed).append(term)
+    sex_name = phenopackets.Sex.Name(pp.subject.sex)
+    sex: Literal["F", "M"] | None = {"MALE": "M", "FEMALE": "F"}.get(sex_name)  # type: ignore[assignment]
+    age, source = _onset(pp)
+    genes, sequenced = _gene_findings(pp)
+    markers: dict[str, Measurement] = {}
+    unmapped = 0
+    assays = codes.assays if codes is not None else {}
+    for m in pp.measurements:
+        name = assays.get(_norm_code(m.assay.id)) if m.assay.id else None
+        if name is None or m.WhichOneof("measurement_value") != "value" or (
+            m.value.WhichOneof("value") != "quantity"
+        ):
+            unmapped += 1
+            continue
+        q = m.value.quantity
+        unit = q.unit.label.strip() or q.unit.id.strip().removeprefix("UCUM:")
+        markers[name] = Measurement(float(q.value), unit)
+    request = PatientRequest(
+        symptoms=tuple(dict.fromkeys(observed)),
+        biomarkers=markers,
+        genes=tuple(genes),
+        age=age,
+        sex=sex,
+        excluded_symptoms=tuple(t for t in dict.fromkeys(excluded) if t not in observed),
+        sequenced=sequenced,
+    )
+    label, problem = (None, None) if codes is None else codes.label(_disease_ids(pp))
+    return Converted(pp.id, request, label, problem, unmapped, source)
+
+
+def request_encoder(ontology: Any = None) -> Encoder:
+    """The oracle's own request encoder, for the rare panel's columns, without a trained model.
+
+    :meth:`DiagnosisEngine.encode` needs the feature layout (and the HPO ontology), not the
+    weights: it is bound to an engine over a blank model, so training rows are encoded by the
+    very function that encodes a query.
+    """
+    from medimesh.data import cohort
+    from medimesh.diagnosis import DiagnosisEngine, saved_model_for
+    from medimesh.model import Model
+
+    feats = cohort.features()
+    classes = cohort.class_names()
+    n, k = len(feats), len(classes)
+    blank = Model(np.zeros((n, k), np.float32), np.zeros(k, np.float32))
+    saved = saved_model_for(blank, feats, classes, np.zeros(n), np.ones(n))
+    return DiagnosisEngine(saved, feats, ontology).encode
+
+
+# ------------------------------------------------------------------------------- directories
+
+
+@dataclass(frozen=True)
+class DirectoryReport:
+    """Counts for one directory of phenopackets: safe to show outside the hospital.
+
+    ``skipped`` counts files per reason; ``malformed`` names (at most ten) unreadable files.
+    """
+
+    files_read: int
+    used: int
+    skipped: Mapping[str, int]
+    unknown_terms: int
+    files_with_unknown_terms: int
+    unmapped_measurements: int
+    onset_unknown: int
+    malformed: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "files_read": self.files_read,
+            "used": self.used,
+            "skipped": dict(self.skipped),
+            "unknown_terms": self.unknown_terms,
+            "files_with_unknown_terms": self.files_with_unknown_terms,
+            "unmapped_measurements": self.unmapped_measurements,
+            "onset_unknown": self.onset_unknown,
+            "malformed_files": list(self.malformed),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedDirectory:
+    """Raw rows (the encoder's layout), class indices into ``codes.classes``, the report."""
+
+    x: np.ndarray
+    y: np.ndarray
+    report: DirectoryReport
+
+
+MAX_NAMED: Final = 10
+
+
+def encode_directory(
+    directory: Path | str, codes: LabelCodes, encode: Encoder, width: int,
+    files: Iterable[Path] | None = None,
+) -> EncodedDirectory:
+    """Read, convert and encode every phenopacket under ``directory``; never raises per file.
+
+    A file is skipped (and counted by reason) when it is not a valid phenopacket
+    ("malformed"), has no usable label ("no diagnosis", "unmappable disease", "ambiguous
+    diagnosis") or fails the oracle's request checks ("invalid", e.g. a unit it does not
+    convert). Unknown HPO terms are dropped from the row and counted.
+    """
+    from medimesh.diagnosis import ValidationError
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PhenopacketError(str(directory), "not a directory")
+    paths = list(files) if files is not None else phenopacket_files(directory)
+    index = {c: i for i, c in enumerate(codes.classes)}
+    rows: list[np.ndarray] = []
+    labels: list[int] = []
+    skipped: Counter[str] = Counter()
+    malformed: list[str] = []
+    unknown_terms = files_unknown = unmapped = onset_unknown = 0
+    for path in paths:
+        try:
+            pp = read_phenopacket(path)
+        except (PhenopacketError, OSError):
+            skipped["malformed"] += 1
+            if len(malformed) < MAX_NAMED:
+                malformed.append(str(path.relative_to(directory)))
+            continue
+        conv = convert(pp, codes)
+        if conv.label is None:
+            skipped[conv.problem or "no diagnosis"] += 1
+            continue
+        try:
+            x, unknown, _mapped = encode(conv.request)
+        except ValidationError:
+            skipped["invalid"] += 1
+            continue
+        rows.append(x)
+        labels.append(index[conv.label])
+        unknown_terms += len(unknown)
+        files_unknown += bool(unknown)
+        unmapped += conv.unmapped_measurements
+        onset_unknown += conv.request.age is None
+    x_all = np.array(rows, dtype=np.float64).reshape(len(rows), width)
+    report = DirectoryReport(
+        files_read=len(paths),
+        used=len(rows),
+        skipped=dict(sorted(skipped.items())),
+        unknown_terms=unknown_terms,
+        files_with_unknown_terms=files_unknown,
+        unmapped_measurements=unmapped,
+        onset_unknown=onset_unknown,
+        malformed=tuple(malformed),
+    )
+    return EncodedDirectory(x_all, np.array(labels, dtype=np.int64), report)
