@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import numpy as np
 
 from medimesh.errors import MediMeshError
+from medimesh.evidence import GENETIC_TESTING_COLUMN, excluded_column, measured_column
 from medimesh.model import Model, model_hash
 
 if TYPE_CHECKING:
@@ -101,23 +102,52 @@ class Measurement:
 
 @dataclass(frozen=True, slots=True)
 class PatientRequest:
-    """What a clinician knows about one patient, in the consortium's vocabulary."""
+    """What a clinician knows about one patient, in the consortium's vocabulary.
+
+    Three states per finding (issue 14): ``symptoms`` are OBSERVED HPO terms,
+    ``excluded_symptoms`` were checked and found ABSENT, any other term is NOT MENTIONED
+    (unknown). A biomarker missing from ``biomarkers`` was NOT MEASURED (never "normal").
+    ``genes`` are reported (likely) pathogenic findings; ``sequenced`` says whether genetic
+    testing was done (``None``: not said, read as "sequenced iff ``genes`` is non-empty"), so
+    ``sequenced=True, genes=()`` means "tested, nothing found"; ``sequenced=False`` with genes
+    is refused. A term both observed and excluded (directly or through the ontology) is read
+    as observed: a specific positive finding outweighs a negative one.
+    """
 
     symptoms: tuple[str, ...] = ()
     biomarkers: Mapping[str, Measurement] = field(default_factory=dict)
     genes: tuple[str, ...] = ()
     age: float | None = None
     sex: Literal["F", "M"] | None = None
+    excluded_symptoms: tuple[str, ...] = ()
+    sequenced: bool | None = None
+
+    @property
+    def genetic_testing_done(self) -> bool:
+        """Whether genetic testing was done: ``sequenced``, or (unsaid) any gene reported."""
+        return bool(self.genes) if self.sequenced is None else self.sequenced
+
+    def check(self) -> None:
+        """Cross-field rules; raises :class:`ValidationError` naming the offending field."""
+        if self.sequenced is not None and not isinstance(self.sequenced, bool):
+            raise ValidationError("sequenced", "expected true, false or null")
+        if self.sequenced is False and self.genes:
+            raise ValidationError(
+                "sequenced", "is false but genes lists findings (a finding needs a test)"
+            )
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> PatientRequest:
         """Parse a JSON-shaped request; type errors raise :class:`ValidationError` with a path."""
         if not isinstance(doc, Mapping):
             raise ValidationError("body", "expected a JSON object")
-        unknown = set(doc) - {"symptoms", "biomarkers", "genes", "age", "sex"}
+        unknown = set(doc) - {
+            "symptoms", "excluded_symptoms", "biomarkers", "genes", "sequenced", "age", "sex"
+        }
         if unknown:
             raise ValidationError(sorted(unknown)[0], "unknown field")
         symptoms = _str_list(doc.get("symptoms", []), "symptoms")
+        excluded = _str_list(doc.get("excluded_symptoms", []), "excluded_symptoms")
         genes = _str_list(doc.get("genes", []), "genes")
         raw = doc.get("biomarkers", {}) or {}
         if not isinstance(raw, Mapping):
@@ -139,7 +169,14 @@ class PatientRequest:
         sex = doc.get("sex")
         if sex not in (None, "F", "M"):
             raise ValidationError("sex", "expected 'F', 'M' or null")
-        return cls(symptoms, markers, genes, None if age is None else float(age), sex)
+        sequenced = doc.get("sequenced")
+        if sequenced is not None and not isinstance(sequenced, bool):
+            raise ValidationError("sequenced", "expected true, false or null")
+        req = cls(
+            symptoms, markers, genes, None if age is None else float(age), sex, excluded, sequenced
+        )
+        req.check()
+        return req
 
 
 def _str_list(value: object, path: str) -> tuple[str, ...]:
@@ -290,6 +327,7 @@ class DiagnosisEngine:
         self._genes = {f.name[5:].upper(): f.name for f in features if f.name.startswith("gene:")}
         w = np.asarray(saved.model.weights, dtype=np.float64)
         self._relative = w - w.mean(axis=1, keepdims=True)
+        self._below = self._descendants()
 
     @property
     def model_hash(self) -> str:
@@ -301,9 +339,17 @@ class DiagnosisEngine:
 
     # -- request -> raw row
 
+    def _resolve(self, term: str) -> str | None:
+        """Primary HPO id of a term (alt ids mapped), or None if the ontology lacks it."""
+        onto = self._ontology
+        if onto is None or term not in onto:
+            return None
+        return onto.resolve(term)
+
     def _symptom_columns(
         self, symptoms: Sequence[str]
     ) -> tuple[set[str], list[str], dict[str, tuple[str, ...]]]:
+        """Observed terms and, by the true-path rule, every panel ancestor of each."""
         present: set[str] = set()
         unknown: list[str] = []
         mapped: dict[str, tuple[str, ...]] = {}
@@ -313,8 +359,8 @@ class DiagnosisEngine:
                 present.add(t)
                 continue
             onto = self._ontology
-            if onto is not None and t in onto:
-                primary = onto.resolve(t)
+            primary = self._resolve(t)
+            if onto is not None and primary is not None:
                 hits = tuple(sorted(a for a in (primary, *onto.ancestors(primary))
                                     if a in self._symptoms))
                 if hits:
@@ -323,6 +369,37 @@ class DiagnosisEngine:
                     continue
             unknown.append(term)
         return present, unknown, mapped
+
+    def _descendants(self) -> dict[str, tuple[str, ...]]:
+        """Panel terms under each HPO term (itself included): what excluding it rules out."""
+        out: dict[str, set[str]] = {}
+        onto = self._ontology
+        for t in self._symptoms:
+            out.setdefault(t, set()).add(t)
+            if onto is not None and t in onto:
+                for a in onto.ancestors(t):
+                    out.setdefault(a, set()).add(t)
+        return {k: tuple(sorted(v)) for k, v in out.items()}
+
+    def _excluded_columns(
+        self, excluded: Sequence[str]
+    ) -> tuple[set[str], list[str], dict[str, tuple[str, ...]]]:
+        """Excluded terms and every panel term below each (absent parent: absent children)."""
+        absent: set[str] = set()
+        unknown: list[str] = []
+        mapped: dict[str, tuple[str, ...]] = {}
+        below = self._below
+        for term in excluded:
+            t = term.strip().upper()
+            primary = t if t in self._symptoms else self._resolve(t)
+            hits = below.get(primary, ()) if primary is not None else ()
+            if not hits:
+                unknown.append(term)
+                continue
+            absent.update(hits)
+            if hits != (t,):
+                mapped[term] = hits
+        return absent, unknown, mapped
 
     def _marker_value(self, name: str, m: Measurement) -> float:
         info = self._markers.get(name)
@@ -347,17 +424,39 @@ class DiagnosisEngine:
         # Lognormal columns are logged: a reported 0 means "below detection", not "missing".
         return max(m.value * factor, 1e-3)
 
+    def _set(self, x: np.ndarray, column: str, value: float) -> None:
+        """Set a column if the model has it (older layouts lack the indicator columns)."""
+        j = self._index.get(column)
+        if j is not None:
+            x[j] = value
+
     def encode(self, req: PatientRequest) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-        """Raw feature row (natural units, NaN = unknown), unknown terms and mapped terms."""
+        """Raw feature row (natural units, NaN = unknown), unknown terms and mapped terms.
+
+        Observed symptoms set their column and their panel ancestors' (true path); excluded
+        symptoms set ``excluded:<term>`` for the term and every panel term below it, unless that
+        term is observed (a specific positive finding outweighs a broader negative one); a term
+        in neither list leaves both 0. Each biomarker sets its value and ``measured:<name>``;
+        a missing one stays NaN (imputed with the training mean) with ``measured`` 0. Genes
+        set ``gene:SYMBOL`` and ``genetic_testing_done`` says whether testing was done.
+        """
+        req.check()
         x = np.zeros(len(self.features), dtype=np.float64)
         present, unknown, mapped = self._symptom_columns(req.symptoms)
+        absent, unknown_excluded, mapped_excluded = self._excluded_columns(req.excluded_symptoms)
+        unknown += unknown_excluded
+        mapped.update(mapped_excluded)
         for t in present:
             x[self._index[t]] = 1.0
+        for t in absent - present:
+            self._set(x, excluded_column(t), 1.0)
         for name in self._markers:
             x[self._index[name]] = np.nan
+            self._set(x, measured_column(name), 0.0)
         for name, m in req.biomarkers.items():
             value = self._marker_value(name, m)
             x[self._index[name]] = value
+            self._set(x, measured_column(name), 1.0)
         for i, g in enumerate(req.genes):
             sym = g.strip().upper().removeprefix("GENE:")
             if not sym:
@@ -367,6 +466,7 @@ class DiagnosisEngine:
                 unknown.append(g)
             else:
                 x[self._index[col]] = 1.0
+        self._set(x, GENETIC_TESTING_COLUMN, float(req.genetic_testing_done))
         if "age_onset_years" in self._index:
             if req.age is None:
                 x[self._index["age_onset_years"]] = np.nan
