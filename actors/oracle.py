@@ -356,19 +356,8 @@ class DiagnoseIn(BaseModel):
     # strict: a boolean is not an age (lax mode reads true as 1), as the engine's own check says
     age: float | None = Field(default=None, ge=0.0, le=130.0, allow_inf_nan=False, strict=True)
     sex: Literal["F", "M"] | None = None
-    phenopacket: dict[str, Any] | None = Field(
-        default=None,
-        description=(
-            "A GA4GH Phenopacket v2 (protobuf JSON form) instead of the other fields: observed "
-            "and excluded phenotypic features, onset age, sex, pathogenic genes from the "
-            "genomic interpretations, mapped measurements (docs/phenopackets.md). Send either "
-            "a phenopacket or the other fields."
-        ),
-    )
 
     def to_request(self) -> PatientRequest:
-        if self.phenopacket is not None:
-            raise ValidationError("phenopacket", "read with _phenopacket_request")
         return PatientRequest(
             symptoms=tuple(self.symptoms),
             biomarkers={
@@ -381,25 +370,6 @@ class DiagnoseIn(BaseModel):
             excluded_symptoms=tuple(self.excluded_symptoms),
             sequenced=self.sequenced,
         )
-
-
-def _phenopacket_request(body: DiagnoseIn, codes: Any) -> tuple[PatientRequest, dict[str, Any]]:
-    """The request a phenopacket body stands for, and what the answer says about reading it."""
-    from medimesh.phenopackets import PhenopacketError, convert, parse_phenopacket
-
-    others = body.model_fields_set - {"phenopacket"}
-    if others:
-        raise ValidationError(sorted(others)[0], "send either a phenopacket or the other fields")
-    try:
-        converted = convert(parse_phenopacket(body.phenopacket or {}), codes)
-    except PhenopacketError as exc:
-        raise ValidationError("phenopacket", exc.message) from None
-    info = {
-        "id": converted.id,
-        "unmapped_measurements": converted.unmapped_measurements,
-        "onset_from": converted.onset_source or None,
-    }
-    return converted.request, info
 
 
 # ------------------------------------------------------------------------------- vocabulary
@@ -741,15 +711,16 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         if engine is None:
             raise HTTPException(503, f"no model loaded yet ({state.last_error or 'starting'})")
         try:
-            if body.phenopacket is None:
-                return engine.diagnose(body.to_request()).to_dict()
-            patient, info = _phenopacket_request(body, state.phenopacket_codes)
-            return {**engine.diagnose(patient).to_dict(), "phenopacket": info}
+            return engine.diagnose(body.to_request()).to_dict()
         except ValidationError as exc:
             detail = [
                 {"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}
             ]
             return JSONResponse({"detail": detail}, status_code=422)  # type: ignore[return-value]
+
+    from medimesh.actors.phenopacket_api import add_phenopacket_route
+
+    add_phenopacket_route(app, st, {413: _ERR, 503: _ERR})
 
     @app.get(
         "/network", summary="Nodes and message counts, AXL-topology-shaped", responses={503: _ERR}

@@ -452,7 +452,7 @@ def _diagnose_body(
 
 
 def _phenopacket_body(phenopacket: Any) -> dict[str, Any]:
-    """``{"phenopacket": …}`` from a parsed JSON object, JSON text or a protobuf message."""
+    """A phenopacket's protobuf JSON form from a parsed object, JSON text or a message."""
     if isinstance(phenopacket, str | bytes):
         doc = json.loads(phenopacket)
     elif isinstance(phenopacket, Mapping):
@@ -463,7 +463,7 @@ def _phenopacket_body(phenopacket: Any) -> dict[str, Any]:
         doc = MessageToDict(phenopacket)
     else:
         raise TypeError("expected a phenopacket as a dict, JSON text or a Phenopacket message")
-    return {"phenopacket": doc}
+    return dict(doc)
 
 
 def _audit_params(
@@ -560,7 +560,7 @@ class Client:
 
     def diagnose_phenopacket(self, phenopacket: Any) -> Diagnosis:
         """Ranked differential for a GA4GH phenopacket (dict, JSON text or protobuf message)."""
-        return _diagnosis(self._post("/diagnose", _phenopacket_body(phenopacket)))
+        return _diagnosis(self._post("/diagnose/phenopacket", _phenopacket_body(phenopacket)))
 
     def network(self) -> Network:
         return _network(self._get("/network"))
@@ -699,7 +699,9 @@ class AsyncClient:
 
     async def diagnose_phenopacket(self, phenopacket: Any) -> Diagnosis:
         """Ranked differential for a GA4GH phenopacket (dict, JSON text or protobuf message)."""
-        return _diagnosis(await self._post("/diagnose", _phenopacket_body(phenopacket)))
+        return _diagnosis(
+            await self._post("/diagnose/phenopacket", _phenopacket_body(phenopacket))
+        )
 
     async def network(self) -> Network:
         return _network(await self._get("/network"))

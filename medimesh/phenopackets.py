@@ -7,15 +7,17 @@ at. :func:`convert` turns one into the oracle's :class:`~medimesh.diagnosis.Pati
 plus a label; the request is then encoded by the oracle's own encoder
 (:meth:`DiagnosisEngine.encode <medimesh.diagnosis.DiagnosisEngine.encode>`), both when a
 hospital trains on a directory of phenopackets (:func:`encode_directory`) and when
-``/diagnose`` or ``medimesh evaluate --phenopackets`` scores one, so a phenopacket lands in the
-same model columns at training and at query time. See ``docs/phenopackets.md``.
+``POST /diagnose/phenopacket`` or ``medimesh evaluate --phenopackets`` scores one, so a
+phenopacket lands in the same model columns at training and at query time. See
+``docs/phenopackets.md``.
 
 What is read (everything else is ignored):
 
 * ``phenotypicFeatures``: observed terms → ``symptoms``; ``excluded: true`` → ``excluded_symptoms``.
 * onset age: the onset of the (first, non-excluded) disease if it is an age, else the earliest
   onset among the observed features; an ``Age`` (ISO 8601 duration), an ``AgeRange``
-  (midpoint) or an HPO onset class (midpoint of its HPO definition). Anything else: unknown.
+  (midpoint) or an HPO onset class (midpoint of its HPO definition). Anything else, or an age
+  outside 0-130 years: unknown.
 * ``subject.sex``: MALE → "M", FEMALE → "F", other or unset → unknown.
 * ``interpretations[].diagnosis.genomicInterpretations``: a gene is a finding when the
   interpretation is not REJECTED and its variant is (likely) pathogenic (ACMG) or its status is
@@ -33,6 +35,7 @@ unreadable files only - never a term, a value or a label of a patient.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -335,8 +338,11 @@ def _gene_findings(pp: Any) -> tuple[list[str], bool | None]:
                 acmg = phenopackets.AcmgPathogenicityClassification.Name(
                     vi.acmg_pathogenicity_classification
                 )
-            if symbol.strip() and (acmg in _PATHOGENIC or status in _CAUSAL_STATUS):
-                genes.append(symbol.strip())
+            symbol = symbol.strip()
+            if symbol.upper().removeprefix("GENE:").strip() and (
+                acmg in _PATHOGENIC or status in _CAUSAL_STATUS
+            ):
+                genes.append(symbol)
     return list(dict.fromkeys(genes)), (True if tested else None)
 
 
@@ -364,7 +370,7 @@ def convert(pp: Any, codes: LabelCodes | None = None) -> Converted:
     """A parsed phenopacket → :class:`Converted`; ``codes`` None: no label (query time)."""
     import phenopackets
 
-    from medimesh.diagnosis import Measurement, PatientRequest
+    from medimesh.diagnosis import MAX_AGE_YEARS, Measurement, PatientRequest
 
     observed: list[str] = []
     excluded: list[str] = []
@@ -375,6 +381,8 @@ def convert(pp: Any, codes: LabelCodes | None = None) -> Converted:
     sex_name = phenopackets.Sex.Name(pp.subject.sex)
     sex: Literal["F", "M"] | None = {"MALE": "M", "FEMALE": "F"}.get(sex_name)  # type: ignore[assignment]
     age, source = _onset(pp)
+    if age is not None and not (math.isfinite(age) and 0.0 <= age <= MAX_AGE_YEARS):
+        age, source = None, ""  # e.g. "P200Y": no usable onset, counted as unknown
     genes, sequenced = _gene_findings(pp)
     markers: dict[str, Measurement] = {}
     unmapped = 0

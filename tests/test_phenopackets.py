@@ -10,6 +10,7 @@ import numpy as np
 import phenopackets as pps
 import pytest
 from google.protobuf.json_format import MessageToDict, MessageToJson
+from pydantic import BaseModel
 
 from medimesh.bench.oracle import train_quick_model
 from medimesh.data import cohort
@@ -263,3 +264,29 @@ def test_training_rows_are_encoded_exactly_as_the_served_engine_encodes_a_query(
     )
     row, _, _ = engine.encode(convert(parse_phenopacket(MessageToDict(pp))).request)
     np.testing.assert_array_equal(enc.x[0], row)
+
+
+def test_the_http_subset_uses_the_protobuf_json_names() -> None:
+    """Every field /diagnose/phenopacket reads is spelled as the Phenopacket JSON spells it."""
+    from medimesh.actors import phenopacket_api as api
+
+    pairs: list[tuple[type[BaseModel], Any]] = [
+        (api.PhenopacketIn, pps.Phenopacket), (api.IndividualIn, pps.Individual),
+        (api.PhenotypicFeatureIn, pps.PhenotypicFeature), (api.DiseaseIn, pps.Disease),
+        (api.OntologyClassIn, pps.OntologyClass), (api.AgeIn, pps.Age),
+        (api.AgeRangeIn, pps.AgeRange), (api.TimeElementIn, pps.TimeElement),
+        (api.GeneDescriptorIn, pps.GeneDescriptor),
+        (api.VariationDescriptorIn, pps.VariationDescriptor),
+        (api.VariantInterpretationIn, pps.VariantInterpretation),
+        (api.GenomicInterpretationIn, pps.GenomicInterpretation), (api.DiagnosisIn, pps.Diagnosis),
+        (api.InterpretationIn, pps.Interpretation), (api.QuantityIn, pps.Quantity),
+        (api.ValueIn, pps.Value), (api.MeasurementIn, pps.Measurement),
+    ]
+    for model, message in pairs:
+        names = {f.json_name for f in message.DESCRIPTOR.fields}
+        for name, info in model.model_fields.items():
+            assert (info.alias or name) in names, (model.__name__, info.alias or name)
+    pp = _packet([_feature(ANGIOKERATOMA, onset="P3Y")], disease_onset="P2Y",
+                 interpretations=[_interpretation(_variant("GLA", pps.PATHOGENIC))])
+    subset = api.PhenopacketIn.model_validate(MessageToDict(pp)).to_json()
+    assert convert(parse_phenopacket(subset)) == convert(pp)
