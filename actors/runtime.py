@@ -187,6 +187,9 @@ def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
             raise ConfigError("site names must be distinct")
         descs = []
         for name, path in cfg.csv_sites:
+            if Path(path).is_dir():  # a directory of phenopackets read into the spec's columns
+                descs.append(_phenopacket_descriptor(cfg, name, path))
+                continue
             if not Path(path).is_file():
                 raise ConfigError(f"site {name}: {path} is not a file")
             params = {
@@ -219,28 +222,49 @@ def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
 
 
 def _phenopacket_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
-    """One descriptor per directory of phenopackets: its path and the code mapping, no rows."""
-    from medimesh.phenopackets import PhenopacketError, load_label_codes
-
+    """Rare-panel consortium of phenopacket directories: one descriptor per directory."""
     names = [n for n, _ in cfg.csv_sites]
     if len(set(names)) != len(names):
         raise ConfigError("site names must be distinct")
+    return [_phenopacket_descriptor(cfg, name, path) for name, path in cfg.csv_sites]
+
+
+def _phenopacket_descriptor(cfg: RunConfig, name: str, path: str) -> SiteDescriptor:
+    """A directory of phenopackets: its path, the code mapping and the spec (if any), no rows."""
+    from medimesh.phenopackets import (
+        PhenopacketError,
+        load_label_codes,
+        panel_label_codes,
+        spec_label_codes,
+    )
+
+    if not Path(path).is_dir():
+        raise ConfigError(f"site {name}: {path} is not a directory of phenopackets")
     try:
-        codes = load_label_codes(cfg.label_codes).to_dict()
+        base = panel_label_codes()
+        if cfg.spec is not None:
+            from medimesh.spec import SpecError, load_spec
+
+            try:
+                base = spec_label_codes(load_spec(cfg.spec).classes)
+            except SpecError as exc:
+                raise ConfigError(str(exc)) from None
+        labels = load_label_codes(cfg.label_codes, base)
+        if cfg.spec is not None:  # a wrong spec_columns mapping fails here, not in an actor
+            from medimesh.phenopackets import spec_encoder
+
+            spec_encoder(load_spec(cfg.spec), labels)
+        codes = labels.to_dict()
     except PhenopacketError as exc:
         raise ConfigError(str(exc)) from None
-    descs = []
-    for name, path in cfg.csv_sites:
-        if not Path(path).is_dir():
-            raise ConfigError(f"site {name}: {path} is not a directory of phenopackets")
-        params = {
-            "path": str(Path(path).resolve()),
-            "codes": codes,
-            "test_fraction": cfg.test_fraction,
-            "seed": cfg.seed,
-        }
-        descs.append(SiteDescriptor("phenopackets", name, params))
-    return descs
+    params = {
+        "path": str(Path(path).resolve()),
+        "codes": codes,
+        "spec": cfg.spec,
+        "test_fraction": cfg.test_fraction,
+        "seed": cfg.seed,
+    }
+    return SiteDescriptor("phenopackets", name, params)
 
 
 def spec_hash(info: DatasetInfo) -> str:

@@ -232,16 +232,14 @@ def _label_codes(path: str | None) -> dict[str, Any] | None:
 
 
 def _site_kind(args: argparse.Namespace) -> str:
-    """train: 'phenopackets' when every --site is a directory, else 'csv' (never mixed)."""
+    """train: 'csv' with --spec (CSV files and phenopacket directories may mix), else
+    'phenopackets' (rare panel) when every --site is a directory of phenopackets."""
     dirs = [Path(p).is_dir() for _, p in args.site]
-    if not dirs or not any(dirs):
+    if args.spec is not None or not any(dirs):
         return "csv"
     if not all(dirs):
-        raise MediMeshError("--site: give either CSV files or directories of phenopackets, "
-                            "not both")
-    if args.spec is not None:
-        raise MediMeshError("phenopacket sites train the rare panel's columns; --spec applies "
-                            "to CSV sites only")
+        raise MediMeshError("--site: CSV files need --spec; without it every site must be a "
+                            "directory of phenopackets (rare panel)")
     return "phenopackets"
 
 
@@ -671,25 +669,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_phenopackets(args: argparse.Namespace) -> int:
-    """Score a saved rare-panel model on a directory of phenopackets; files skipped are counted."""
+    """Score a saved model on a directory of phenopackets; files skipped are counted."""
     from medimesh.data import cohort
     from medimesh.diagnosis import DiagnosisEngine
     from medimesh.hpo import HpoAncestors
     from medimesh.metrics import scores
     from medimesh.modelfile import load_model
-    from medimesh.phenopackets import PhenopacketError, encode_directory, load_label_codes
+    from medimesh.phenopackets import (
+        PhenopacketError,
+        encode_directory,
+        load_label_codes,
+        spec_encoder,
+        spec_label_codes,
+    )
+    from medimesh.spec import load_spec
 
     saved = load_model(Path(args.model))
     feats = cohort.features()
-    if saved.feature_names != tuple(f.name for f in feats) or (
-        saved.classes != cohort.class_names()
-    ):
-        raise MediMeshError(f"{args.model}: not a rare-panel model; phenopackets are read into "
-                            "the rare panel's columns")
     try:
-        codes = load_label_codes(_label_codes(args.label_codes))
-        engine = DiagnosisEngine(saved, feats, HpoAncestors.load())
-        enc = encode_directory(Path(args.phenopackets), codes, engine.encode, len(feats))
+        if saved.spec is not None:  # a CSV-spec model: the spec's own encoders
+            spec = load_spec(saved.spec)
+            codes = load_label_codes(_label_codes(args.label_codes),
+                                     spec_label_codes(spec.classes))
+            encoder, width = spec_encoder(spec, codes), len(spec.column_names())
+        elif saved.feature_names == tuple(f.name for f in feats) and (
+            saved.classes == cohort.class_names()
+        ):
+            codes = load_label_codes(_label_codes(args.label_codes))
+            encoder = DiagnosisEngine(saved, feats, HpoAncestors.load()).encode
+            width = len(feats)
+        else:
+            raise MediMeshError(f"{args.model}: neither a rare-panel model nor one with a "
+                                "feature spec; cannot read phenopackets for it")
+        enc = encode_directory(Path(args.phenopackets), codes, encoder, width)
     except PhenopacketError as exc:
         raise MediMeshError(str(exc)) from None
     report = enc.report.to_dict()

@@ -63,6 +63,8 @@ __all__ = [
     "phenopacket_files",
     "read_phenopacket",
     "request_encoder",
+    "spec_encoder",
+    "spec_label_codes",
 ]
 
 Encoder = Callable[[Any], tuple[np.ndarray, list[str], dict[str, Any]]]
@@ -128,6 +130,8 @@ class LabelCodes:
     classes: tuple[str, ...]
     unmapped: str | None = None
     assays: Mapping[str, str] = field(default_factory=dict)
+    # CSV-spec consortia: which spec feature receives what (see :func:`spec_encoder`).
+    columns: Mapping[str, Any] = field(default_factory=dict)
 
     def label(self, ids: Sequence[str]) -> tuple[str | None, str | None]:
         """(class, None) or (None, reason) for a phenopacket's disease ids."""
@@ -145,12 +149,13 @@ class LabelCodes:
     def to_dict(self) -> dict[str, Any]:
         """JSON form, as a site descriptor ships it (vocabulary, never patient data)."""
         return {"label_codes": dict(self.codes), "unmapped_disease": self.unmapped,
-                "assay_codes": dict(self.assays), "classes": list(self.classes)}
+                "assay_codes": dict(self.assays), "classes": list(self.classes),
+                "spec_columns": dict(self.columns)}
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> LabelCodes:
         return cls(dict(doc["label_codes"]), tuple(doc["classes"]), doc.get("unmapped_disease"),
-                   dict(doc.get("assay_codes", {})))
+                   dict(doc.get("assay_codes", {})), dict(doc.get("spec_columns", {})))
 
 
 def panel_label_codes() -> LabelCodes:
@@ -164,6 +169,11 @@ def panel_label_codes() -> LabelCodes:
     panel = cohort.load_panel()
     codes = {_norm_code(d["orpha_id"]): d["short_name"] for d in panel["diseases"]}
     return LabelCodes(codes, cohort.class_names())
+
+
+def spec_label_codes(classes: Sequence[str]) -> LabelCodes:
+    """A CSV-spec consortium's base: its classes, no built-in codes (give a mapping file)."""
+    return LabelCodes({}, tuple(classes))
 
 
 def load_label_codes(
@@ -194,10 +204,10 @@ def load_label_codes(
             raise PhenopacketError(name, f"not valid JSON: {exc.msg} (line {exc.lineno})") from None
     if not isinstance(doc, Mapping):
         raise PhenopacketError(name, "expected a JSON object")
-    unknown = set(doc) - {"label_codes", "unmapped_disease", "assay_codes"}
+    unknown = set(doc) - {"label_codes", "unmapped_disease", "assay_codes", "spec_columns"}
     if unknown:
         raise PhenopacketError(name, f"unknown key {sorted(unknown)[0]!r} (allowed: "
-                                     "label_codes, unmapped_disease, assay_codes)")
+                                     "label_codes, unmapped_disease, assay_codes, spec_columns)")
     codes = dict(base.codes)
     raw = doc.get("label_codes", {})
     if not isinstance(raw, Mapping):
@@ -221,7 +231,10 @@ def load_label_codes(
         if not isinstance(marker, str) or not marker:
             raise PhenopacketError(name, f"assay_codes.{code}: expected a biomarker name")
         assays[_norm_code(str(code))] = marker
-    return LabelCodes(codes, base.classes, unmapped, assays)
+    columns = doc.get("spec_columns", base.columns)
+    if not isinstance(columns, Mapping):
+        raise PhenopacketError(name, "spec_columns: expected an object")
+    return LabelCodes(codes, base.classes, unmapped, assays, dict(columns))
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -427,6 +440,78 @@ def request_encoder(ontology: Any = None) -> Encoder:
     blank = Model(np.zeros((n, k), np.float32), np.zeros(k, np.float32))
     saved = saved_model_for(blank, feats, classes, np.zeros(n), np.ones(n))
     return DiagnosisEngine(saved, feats, ontology).encode
+
+
+_SPEC_KEYS: Final = {"symptoms": "codes", "genes": "codes", "age": "numeric",
+                     "sex": "categorical"}
+
+
+def spec_encoder(spec: Any, codes: LabelCodes, ontology: Any = None) -> Encoder:
+    """For a CSV-spec consortium: a request → the spec's columns, through the spec's own CSV
+    encoders (:func:`medimesh.spec.row_encoder`), as if the phenopacket were a CSV row.
+
+    ``codes.columns`` (the mapping file's ``spec_columns``) names the spec feature for each
+    part: ``symptoms`` (a codes feature; excluded terms go to its ``excluded_column``),
+    ``genes`` (a codes feature of gene symbols), ``age`` (numeric, years), ``sex`` (categorical;
+    ``sex_levels`` maps "M"/"F" to its levels, default the same letters). ``assay_codes`` map
+    assays to numeric features; a value in a unit other than the feature's ``unit`` is invalid.
+    A spec feature nothing maps to reads as an empty cell (missing).
+    """
+    from medimesh.diagnosis import ValidationError
+    from medimesh.spec import CategoricalFeature, CodesFeature, NumericFeature, RowError
+    from medimesh.spec import row_encoder as spec_rows
+
+    by_name = {f.name: f for f in spec.features}
+    kinds = {CodesFeature: "codes", NumericFeature: "numeric", CategoricalFeature: "categorical"}
+    cols = dict(codes.columns)
+    sex_levels = cols.pop("sex_levels", {"M": "M", "F": "F"})
+    for key, target in cols.items():
+        want = _SPEC_KEYS.get(key)
+        if want is None:
+            raise PhenopacketError("spec_columns", f"unknown key {key!r} (allowed: "
+                                   f"{', '.join(sorted(_SPEC_KEYS))}, sex_levels)")
+        feature = by_name.get(target)
+        if feature is None or kinds[type(feature)] != want:
+            raise PhenopacketError("spec_columns", f"{key}: {target!r} is not a {want} feature "
+                                                   "of the spec")
+    for assay, target in codes.assays.items():
+        if not isinstance(by_name.get(target), NumericFeature):
+            raise PhenopacketError("assay_codes", f"{assay}: {target!r} is not a numeric "
+                                                  "feature of the spec")
+    if not isinstance(sex_levels, Mapping) or ("sex" in cols and any(
+        v not in by_name[cols["sex"]].levels for v in sex_levels.values()
+    )):
+        raise PhenopacketError("spec_columns", "sex_levels: expected {M: level, F: level} with "
+                                               "levels of the sex feature")
+    encode_row = spec_rows(spec, ontology)
+
+    def encode(req: Any) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+        cells: dict[str, str] = {}
+        if "symptoms" in cols:
+            f = by_name[cols["symptoms"]]
+            cells[f.name] = f.separator.join(req.symptoms)
+            if f.excluded_column is not None:
+                cells[f.excluded_column] = f.separator.join(req.excluded_symptoms)
+        if "genes" in cols:
+            f = by_name[cols["genes"]]
+            cells[f.name] = f.separator.join(req.genes)
+        if "age" in cols and req.age is not None:
+            cells[cols["age"]] = repr(float(req.age))
+        if "sex" in cols and req.sex is not None:
+            cells[cols["sex"]] = str(sex_levels.get(req.sex, ""))
+        for name, m in req.biomarkers.items():
+            unit = by_name[name].unit
+            if unit is not None and m.unit.strip() != unit:
+                raise ValidationError(f"biomarkers.{name}.unit",
+                                      f"unit {m.unit!r} not accepted; use {unit}")
+            cells[name] = repr(float(m.value))
+        try:
+            row, unknown = encode_row(cells)
+        except RowError as exc:
+            raise ValidationError(exc.column or "row", exc.message) from None
+        return row, sorted(unknown), {}
+
+    return encode
 
 
 # ------------------------------------------------------------------------------- directories

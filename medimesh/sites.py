@@ -55,7 +55,9 @@ class DatasetInfo:
 
 def dataset_info(kind: str, params: dict[str, Any] | None = None) -> DatasetInfo:
     params = params or {}
-    if kind in ("rare", "phenopackets"):  # phenopacket sites read into the rare panel's columns
+    if kind == "phenopackets":  # the consortium's spec columns, else the rare panel's
+        kind = "csv" if params.get("spec") is not None else "rare"
+    if kind == "rare":
         from medimesh.data import cohort
 
         feats = cohort.features()
@@ -165,20 +167,35 @@ def _load_csv_site(desc: SiteDescriptor) -> LocalData:
 
 
 def _load_phenopacket_site(desc: SiteDescriptor) -> LocalData:
-    """Read this site's own directory of GA4GH phenopackets into the rare panel's columns.
+    """Read this site's own directory of GA4GH phenopackets into the consortium's columns.
 
-    Each file goes through the oracle's request encoder (``medimesh.phenopackets``), so a
-    phenopacket trains exactly the columns it would set as a query. Only counts leave.
+    Rare panel: each file goes through the oracle's request encoder, so a phenopacket trains
+    exactly the columns it would set as a query. With a CSV spec: through the spec's own CSV
+    encoders (``medimesh.phenopackets.spec_encoder``). Only counts leave.
     """
-    from medimesh.data import cohort
     from medimesh.hpo import HpoAncestors
-    from medimesh.phenopackets import LabelCodes, encode_directory, request_encoder
-    from medimesh.spec import split_site
+    from medimesh.phenopackets import (
+        LabelCodes,
+        PhenopacketError,
+        encode_directory,
+        request_encoder,
+        spec_encoder,
+    )
+    from medimesh.spec import load_spec, split_site
 
     p = desc.params
     codes = LabelCodes.from_dict(p["codes"])
-    width = len(cohort.features())
-    enc = encode_directory(Path(p["path"]), codes, request_encoder(HpoAncestors.load()), width)
+    try:
+        if p.get("spec") is not None:
+            spec = load_spec(p["spec"])
+            encoder, width = spec_encoder(spec, codes), len(spec.column_names())
+        else:
+            from medimesh.data import cohort
+
+            encoder, width = request_encoder(HpoAncestors.load()), len(cohort.features())
+        enc = encode_directory(Path(p["path"]), codes, encoder, width)
+    except PhenopacketError as exc:
+        raise ConfigError(f"{desc.name}: {exc}") from None
     report = enc.report.to_dict()
     if len(enc.y) == 0:
         raise ConfigError(f"{desc.name}: no usable phenopackets in {Path(p['path']).name} "

@@ -8,6 +8,8 @@ an unmappable disease and an unreadable file mixed in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -151,14 +153,20 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def trained(consortium: dict[str, Any]) -> dict[str, Any]:
-    """`medimesh train --site NAME=DIR …` on real Ray, a short run."""
+def trained(consortium: dict[str, Any], ray_session: None) -> dict[str, Any]:
+    """`medimesh train --site NAME=DIR …` on the session's real Ray, a short run."""
+    from medimesh.cli import build_parser
+
     d = consortium["dir"]
     sites = [a for s in SITES for a in ("--site", f"{s}={d / s}")]
-    out = _medimesh("train", *sites, "--label-codes", str(d / "codes.json"), "--rounds", "6",
-                    "--out", str(d / "model"), "--json")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return dict(json.loads(out.stdout))
+    args = build_parser().parse_args([
+        "train", *sites, "--label-codes", str(d / "codes.json"), "--rounds", "5",
+        "--out", str(d / "model"), "--json",
+    ])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert args.func(args) == 0
+    return dict(json.loads(out.getvalue()))
 
 
 def test_train_reads_each_directory_inside_its_hospital_and_reports_counts(
@@ -244,3 +252,60 @@ def test_the_live_oracle_diagnoses_a_phenopacket(
         with pytest.raises(ValidationFailed) as bad:
             client.diagnose_phenopacket({"subject": {"sex": "BOTH"}})
         assert bad.value.field == "subject.sex"
+
+
+def test_a_csv_spec_consortium_mixes_csv_sites_and_phenopacket_directories(
+    consortium: dict[str, Any], ray_session: None
+) -> None:
+    """With --spec, phenopacket directories land in the spec's columns next to a CSV site."""
+    from medimesh.actors.runtime import Consortium, RunConfig
+    from medimesh.data.cohort import load_panel
+    from medimesh.model import TrainConfig
+
+    d = consortium["dir"]
+    feats = cohort.features()
+    classes = list(cohort.class_names())
+    terms = [f.name for f in feats if f.name.startswith("HP:")]
+    genes = [f.name[5:] for f in feats if f.name.startswith("gene:")]
+    spec = {
+        "label": "diagnosis",
+        "classes": classes,
+        "features": [
+            {"name": "hpo", "type": "codes", "vocabulary": terms, "excluded_column": "absent"},
+            {"name": "genes", "type": "codes", "vocabulary": genes},
+            {"name": "onset", "type": "numeric", "unit": "years"},
+            {"name": "sex", "type": "categorical", "levels": ["F", "M"]},
+        ],
+    }
+    mapping = {
+        "label_codes": {**{dd["orpha_id"]: dd["short_name"] for dd in load_panel()["diseases"]},
+                        **consortium["mapping"]["label_codes"]},
+        "spec_columns": {"symptoms": "hpo", "genes": "genes", "age": "onset", "sex": "sex"},
+    }
+    site = cohort.make_site(cohort.CohortConfig(n_hospitals=4, seed=5, min_site_size=80,
+                                                max_site_size=140), 2)
+    lines = ["diagnosis,hpo,absent,genes,onset,sex"]
+    for row, y in zip(np.vstack([site.x_train, site.x_test]),
+                      np.concatenate([site.y_train, site.y_test]), strict=True):
+        b = request_from_row(row, feats)
+        age = f"{min(b['age'], 90.0)!r}" if "age" in b else ""
+        lines.append(",".join([classes[int(y)], "|".join(b["symptoms"]),
+                               "|".join(b["excluded_symptoms"]), "|".join(b["genes"]), age,
+                               b.get("sex", "")]))
+    (d / "east.csv").write_text("\n".join(lines) + "\n")
+    cfg = RunConfig(dataset="csv", spec=spec, label_codes=mapping, rounds=3,
+                    csv_sites=(("north", str(d / "north")), ("south", str(d / "south")),
+                               ("east", str(d / "east.csv"))),
+                    train=TrainConfig(epochs=10))
+    fed = Consortium(cfg)
+    try:
+        fed.start()
+        history = fed.run()
+        info = {s["name"]: s for s in fed.hospital_info}
+    finally:
+        fed.shutdown()
+    assert info["north"]["phenopackets"]["skipped"] == {"unmappable disease": 1}
+    assert info["south"]["phenopackets"]["malformed_files"] == ["broken.json"]
+    assert "phenopackets" not in info["east"] and info["east"]["skipped_rows"] == 0
+    assert fed.info.feature_names[:len(terms)] == tuple(terms)
+    assert history[-1]["top3"] > 0.6, history[-1]

@@ -290,3 +290,75 @@ def test_the_http_subset_uses_the_protobuf_json_names() -> None:
                  interpretations=[_interpretation(_variant("GLA", pps.PATHOGENIC))])
     subset = api.PhenopacketIn.model_validate(MessageToDict(pp)).to_json()
     assert convert(parse_phenopacket(subset)) == convert(pp)
+
+
+# --------------------------------------------------------------------- CSV-spec consortia
+
+SPEC = {
+    "label": "diagnosis",
+    "classes": ["Fabry disease", "Wilson disease", "other"],
+    "features": [
+        {"name": "hpo", "type": "codes", "vocabulary": [ANGIOKERATOMA, PROTEINURIA, "HP:0001250"],
+         "excluded_column": "hpo_absent"},
+        {"name": "genes", "type": "codes", "vocabulary": ["GLA", "ATP7B"]},
+        {"name": "onset", "type": "numeric", "unit": "years"},
+        {"name": "sex", "type": "categorical", "levels": ["female", "male"]},
+        {"name": "ck", "type": "numeric", "unit": "U/L", "transform": "log"},
+    ],
+}
+SPEC_CODES = {
+    "label_codes": {"OMIM:301500": "Fabry disease", "ORPHA:324": "Fabry disease"},
+    "unmapped_disease": "other",
+    "assay_codes": {"LOINC:2157-6": "ck"},
+    "spec_columns": {"symptoms": "hpo", "genes": "genes", "age": "onset", "sex": "sex",
+                     "sex_levels": {"M": "male", "F": "female"}},
+}
+
+
+def test_a_phenopacket_sets_the_same_spec_columns_as_the_equivalent_csv_row(
+    tmp_path: Path,
+) -> None:
+    """CSV-spec consortia: a phenopacket and the CSV row saying the same encode alike."""
+    from medimesh.phenopackets import spec_encoder, spec_label_codes
+    from medimesh.spec import encode_csv, load_spec
+
+    spec = load_spec(SPEC)
+    codes = load_label_codes(SPEC_CODES, spec_label_codes(spec.classes))
+    ck = pps.Measurement(
+        assay=pps.OntologyClass(id="LOINC:2157-6"),
+        value=pps.Value(quantity=pps.Quantity(unit=pps.OntologyClass(label="U/L"), value=700.0)),
+    )
+    pp = _packet([_feature(ANGIOKERATOMA), _feature(PROTEINURIA, excluded=True),
+                  _feature("HP:9999999")],
+                 disease="OMIM:301500", disease_onset="P9Y",
+                 interpretations=[_interpretation(_variant("GLA", pps.PATHOGENIC))],
+                 measurements=[ck])
+    (tmp_path / "pp").mkdir()
+    _write(tmp_path / "pp", "p.json", pp)
+    _write(tmp_path / "pp", "q.json", _packet([_feature(ANGIOKERATOMA)], disease="MONDO:0000001",
+                                              sex=pps.Sex.FEMALE))
+    enc = encode_directory(tmp_path / "pp", codes, spec_encoder(spec, codes),
+                           len(spec.column_names()))
+    (tmp_path / "site.csv").write_text(
+        "diagnosis,hpo,hpo_absent,genes,onset,sex,ck\n"
+        f"Fabry disease,{ANGIOKERATOMA}|HP:9999999,{PROTEINURIA},GLA,9.0,male,700.0\n"
+        f"other,{ANGIOKERATOMA},,,,female,\n"
+    )
+    csv = encode_csv(tmp_path / "site.csv", spec)
+    np.testing.assert_array_equal(enc.x, csv.x)
+    assert enc.y.tolist() == csv.y.tolist() == [0, 2]
+    assert enc.report.unknown_terms == 1 and enc.report.used == 2
+
+
+def test_a_spec_mapping_naming_a_wrong_feature_is_refused() -> None:
+    """spec_columns must name features of the right type, assay codes numeric ones."""
+    from medimesh.phenopackets import spec_encoder, spec_label_codes
+    from medimesh.spec import load_spec
+
+    spec = load_spec(SPEC)
+    base = spec_label_codes(spec.classes)
+    for bad in ({"spec_columns": {"symptoms": "onset"}}, {"spec_columns": {"age": "nope"}},
+                {"spec_columns": {"weight": "onset"}}, {"assay_codes": {"X:1": "sex"}},
+                {"spec_columns": {"sex": "sex", "sex_levels": {"M": "m"}}}):
+        with pytest.raises(PhenopacketError):
+            spec_encoder(spec, load_label_codes(bad, base))
