@@ -362,3 +362,56 @@ def test_a_spec_mapping_naming_a_wrong_feature_is_refused() -> None:
                 {"spec_columns": {"sex": "sex", "sex_levels": {"M": "m"}}}):
         with pytest.raises(PhenopacketError):
             spec_encoder(spec, load_label_codes(bad, base))
+
+
+# ------------------------------------------------------------------ the HTTP query format
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("phenotypicFeatures", 0, "type", "id"), "HP:\udfff"),  # lone surrogate
+        (("phenotypicFeatures", 0, "excluded"), "yes"),
+        (("phenotypicFeatures", 0, "type", "id"), 1),
+        (("subject", "sex"), "BOTH"),
+        (("measurements", 0, "value", "quantity", "value"), float("nan")),
+        (("measurements", 0, "value", "quantity", "value"), True),
+        (("phenotypicFeatures",), {"\udc00": float("nan")}),
+    ],
+)
+def test_the_phenopacket_endpoint_refuses_hostile_values(
+    live_oracle: str, path: tuple[str | int, ...], value: Any
+) -> None:
+    """A value of the wrong type where MediMesh reads: a clean 422, never a 5xx."""
+    import httpx
+
+    doc: Any = MessageToDict(_packet(
+        [_feature(ANGIOKERATOMA)],
+        measurements=[pps.Measurement(assay=pps.OntologyClass(id="LOINC:2157-6"), value=pps.Value(
+            quantity=pps.Quantity(unit=pps.OntologyClass(label="U/L"), value=1.0)))],
+    ))
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    raw = json.dumps(doc, allow_nan=True).encode()
+    r = httpx.post(f"{live_oracle}/diagnose/phenopacket", content=raw,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+
+
+def test_the_phenopacket_endpoint_ignores_what_it_does_not_read(live_oracle: str) -> None:
+    """Fields outside the read subset (metaData, biosamples, unknown keys) do not matter."""
+    import httpx
+
+    pp = _packet([_feature(ANGIOKERATOMA), _feature(PROTEINURIA, excluded=True)])
+    plain = httpx.post(f"{live_oracle}/diagnose/phenopacket", json=MessageToDict(pp))
+    extra = {**MessageToDict(pp), "biosamples": [{"id": "b1"}], "x-local": {"\udc00": 1},
+             "metaData": "not even an object"}
+    noisy = httpx.post(f"{live_oracle}/diagnose/phenopacket",
+                       content=json.dumps(extra).encode(),
+                       headers={"Content-Type": "application/json"})
+    assert plain.status_code == noisy.status_code == 200, noisy.text
+    assert plain.json()["differential"] == noisy.json()["differential"]
+    assert plain.json()["phenopacket"] == {"id": "pp-1", "unmapped_measurements": 0,
+                                           "onset_from": None}
