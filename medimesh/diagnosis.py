@@ -349,25 +349,26 @@ class DiagnosisEngine:
     def _symptom_columns(
         self, symptoms: Sequence[str]
     ) -> tuple[set[str], list[str], dict[str, tuple[str, ...]]]:
-        """Observed terms and, by the true-path rule, every panel ancestor of each."""
+        """Observed terms and, by the true-path rule, every panel ancestor of each (with an
+        ontology; a term outside the panel counts through its panel ancestors)."""
         present: set[str] = set()
         unknown: list[str] = []
         mapped: dict[str, tuple[str, ...]] = {}
         for term in symptoms:
             t = term.strip().upper()
-            if t in self._symptoms:
-                present.add(t)
-                continue
             onto = self._ontology
-            primary = self._resolve(t)
-            if onto is not None and primary is not None:
-                hits = tuple(sorted(a for a in (primary, *onto.ancestors(primary))
-                                    if a in self._symptoms))
-                if hits:
-                    present.update(hits)
-                    mapped[term] = hits
-                    continue
-            unknown.append(term)
+            primary = t if t in self._symptoms else self._resolve(t)
+            if primary is None:
+                unknown.append(term)
+                continue
+            above = onto.ancestors(primary) if onto is not None and primary in onto else ()
+            hits = tuple(sorted(a for a in (primary, *above) if a in self._symptoms))
+            if not hits:
+                unknown.append(term)
+                continue
+            present.update(hits)
+            if t not in self._symptoms:  # a panel term's implied ancestors go unsaid
+                mapped[term] = hits
         return present, unknown, mapped
 
     def _descendants(self) -> dict[str, tuple[str, ...]]:
@@ -397,7 +398,7 @@ class DiagnosisEngine:
                 unknown.append(term)
                 continue
             absent.update(hits)
-            if hits != (t,):
+            if t not in self._symptoms:
                 mapped[term] = hits
         return absent, unknown, mapped
 
