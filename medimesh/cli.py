@@ -635,6 +635,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if (args.csv is None) == (args.phenopackets is None):
         raise MediMeshError("evaluate needs exactly one of --csv FILE or --phenopackets DIR")
+    if (args.model is None) == (args.api is None) or (args.api and args.csv):
+        raise MediMeshError("evaluate needs --model DIR (or, with --phenopackets, --api URL)")
     if args.phenopackets is not None:
         return _evaluate_phenopackets(args)
     saved = load_model(Path(args.model))
@@ -673,7 +675,6 @@ def _evaluate_phenopackets(args: argparse.Namespace) -> int:
     from medimesh.data import cohort
     from medimesh.diagnosis import DiagnosisEngine
     from medimesh.hpo import HpoAncestors
-    from medimesh.metrics import scores
     from medimesh.modelfile import load_model
     from medimesh.phenopackets import (
         PhenopacketError,
@@ -684,8 +685,10 @@ def _evaluate_phenopackets(args: argparse.Namespace) -> int:
     )
     from medimesh.spec import load_spec
 
-    saved = load_model(Path(args.model))
     feats = cohort.features()
+    if args.api is not None:
+        return _evaluate_served(args)
+    saved = load_model(Path(args.model))
     try:
         if saved.spec is not None:  # a CSV-spec model: the spec's own encoders
             spec = load_spec(saved.spec)
@@ -708,11 +711,62 @@ def _evaluate_phenopackets(args: argparse.Namespace) -> int:
     if len(enc.y) == 0:
         raise MediMeshError(f"{args.phenopackets}: no usable phenopackets ({report['files_read']} "
                             f"read, skipped {report['skipped']})")
+    proba = saved.predict_proba(enc.x)
+    return _phenopacket_scores(args, saved.model_hash, proba, enc.y, saved.classes, report)
+
+
+def _evaluate_served(args: argparse.Namespace) -> int:
+    """Score the oracle at ``--api`` on a directory: each file is read and converted here (for
+    its label) and its request answered by ``POST /diagnose``; its probabilities are scored."""
+    import numpy as np
+
+    from medimesh.client import Client, ValidationFailed
+    from medimesh.data import cohort
+    from medimesh.diagnosis import ValidationError
+    from medimesh.phenopackets import PhenopacketError, encode_directory, load_label_codes
+
+    classes = cohort.class_names()
+    index = {c: i for i, c in enumerate(classes)}
+    hashes: set[str] = set()
+    with Client(args.api) as client:
+
+        def answer(req: Any) -> tuple[Any, list[str], dict[str, Any]]:
+            try:
+                d = client.diagnose(
+                    req.symptoms, {k: (m.value, m.unit) for k, m in req.biomarkers.items()},
+                    req.genes, req.age, req.sex, req.excluded_symptoms, req.sequenced,
+                )
+            except ValidationFailed as exc:
+                raise ValidationError(exc.field, str(exc)) from None
+            hashes.add(d.model_hash)
+            row = np.zeros(len(classes))
+            for c in d.differential:
+                row[index[c.name]] = c.probability
+            return row, list(d.unknown_terms), {}
+
+        try:
+            codes = load_label_codes(_label_codes(args.label_codes))
+            enc = encode_directory(Path(args.phenopackets), codes, answer, len(classes))
+        except PhenopacketError as exc:
+            raise MediMeshError(str(exc)) from None
+    report = enc.report.to_dict()
+    if len(enc.y) == 0:
+        raise MediMeshError(f"{args.phenopackets}: no usable phenopackets ({report['files_read']} "
+                            f"read, skipped {report['skipped']})")
+    return _phenopacket_scores(args, ",".join(sorted(hashes)), enc.x, enc.y, classes, report)
+
+
+def _phenopacket_scores(
+    args: argparse.Namespace, model_hash: str, proba: Any, y: Any, classes: Sequence[str],
+    report: dict[str, Any],
+) -> int:
+    from medimesh.metrics import scores
+
     result = {
-        "model_hash": saved.model_hash,
+        "model_hash": model_hash,
         "phenopackets": str(args.phenopackets),
-        **scores(saved.predict_proba(enc.x), enc.y),
-        "classes": list(saved.classes),
+        **scores(proba, y),
+        "classes": list(classes),
         "report": report,
     }
     if args.json:
@@ -856,7 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     ev = sub.add_parser("evaluate",
                         help="score a saved model on a CSV table or a directory of phenopackets")
-    ev.add_argument("--model", required=True, help="directory written by train")
+    ev.add_argument("--model", default=None, help="directory written by train")
+    ev.add_argument("--api", default=None, metavar="URL",
+                    help="with --phenopackets: score the model a running oracle serves instead")
     ev.add_argument("--csv", default=None, metavar="FILE")
     ev.add_argument("--phenopackets", default=None, metavar="DIR",
                     help="a directory of GA4GH phenopackets (rare-panel models)")

@@ -169,6 +169,17 @@ def trained(consortium: dict[str, Any], ray_session: None) -> dict[str, Any]:
     return dict(json.loads(out.getvalue()))
 
 
+def _evaluate_in_process(*argv: str) -> dict[str, Any]:
+    """`medimesh evaluate … --json` in this process (no Ray needed); its JSON answer."""
+    from medimesh.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", *argv, "--json"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert args.func(args) == 0
+    return dict(json.loads(out.getvalue()))
+
+
 def test_train_reads_each_directory_inside_its_hospital_and_reports_counts(
     consortium: dict[str, Any], trained: dict[str, Any]
 ) -> None:
@@ -252,6 +263,16 @@ def test_the_live_oracle_diagnoses_a_phenopacket(
         with pytest.raises(ValidationFailed) as bad:
             client.diagnose_phenopacket({"subject": {"sex": "BOTH"}})
         assert bad.value.field == "subject.sex"
+        # `evaluate --api`: the served model scores the held-out directory as the saved one does
+        served, local_eval = (
+            _evaluate_in_process(*how, "--phenopackets", str(d / "heldout"),
+                                 "--label-codes", str(d / "codes.json"))
+            for how in (("--api", base), ("--model", str(d / "model")))
+        )
+        assert served["model_hash"] == saved.model_hash
+        assert served["report"] == local_eval["report"]
+        for key in ("n", "top1", "top3", "per_class_recall"):
+            assert served[key] == pytest.approx(local_eval[key]), key
 
 
 def test_a_csv_spec_consortium_mixes_csv_sites_and_phenopacket_directories(
