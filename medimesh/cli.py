@@ -601,6 +601,33 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_phenopackets(args: argparse.Namespace) -> int:
+    """Write the synthetic rare cohort as one directory of phenopackets per site; print `train`."""
+    import shlex
+
+    from medimesh.data.cohort import CohortConfig
+    from medimesh.phenopackets import write_cohort
+
+    try:
+        config = CohortConfig(n_hospitals=args.hospitals, seed=args.seed)
+    except ValueError as exc:
+        raise MediMeshError(f"rare cohort: {exc}") from None
+    codes, sites = write_cohort(Path(args.out), config)
+    command = ["medimesh", "train", "--label-codes", str(codes)]
+    for name, path, _ in sites:
+        command += ["--site", f"{name}={path}"]
+    line = shlex.join(command)
+    print(f"wrote {sum(n for _, _, n in sites)} phenopackets in {len(sites)} site folders and "
+          f"{codes} to {args.out}; train with:", file=sys.stderr)
+    if args.json:
+        emit(json.dumps({"label_codes": str(codes), "train_command": line,
+                         "sites": [{"name": n, "path": str(p), "files": k}
+                                   for n, p, k in sites]}))
+    else:
+        emit(line)
+    return 0
+
+
 def cmd_data_heart(args: argparse.Namespace) -> int:
     """Write the four heart centres as CSV sites plus spec.json; print the `train` command."""
     import shlex
@@ -933,6 +960,15 @@ def build_parser() -> argparse.ArgumentParser:
     dsp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     dsp.add_argument("-v", "--verbose", action="store_true")
     dsp.set_defaults(func=cmd_data)
+    dpp = dsub.add_parser("phenopackets",
+                          help="the rare cohort as GA4GH phenopackets (docs/phenopackets.md)")
+    dpp.add_argument("--out", required=True, metavar="DIR",
+                     help="folder for one phenopacket folder per site + codes.json")
+    dpp.add_argument("--hospitals", type=_positive_int, default=4)
+    dpp.add_argument("--seed", type=int, default=0)
+    dpp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    dpp.add_argument("-v", "--verbose", action="store_true")
+    dpp.set_defaults(func=cmd_data_phenopackets)
     dhe = dsub.add_parser("heart", help="the four UCI heart centres as CSV sites (docs/heart.md)")
     dhe.add_argument("--out", required=True, metavar="DIR", help="folder for spec.json + CSVs")
     dhe.add_argument("--data-dir", default=None, help="heart data folder (default ../shared/…)")

@@ -65,6 +65,8 @@ __all__ = [
     "request_encoder",
     "spec_encoder",
     "spec_label_codes",
+    "to_phenopacket",
+    "write_cohort",
 ]
 
 Encoder = Callable[[Any], tuple[np.ndarray, list[str], dict[str, Any]]]
@@ -616,3 +618,107 @@ def encode_directory(
         malformed=tuple(malformed),
     )
     return EncodedDirectory(x_all, np.array(labels, dtype=np.int64), report)
+
+
+# ------------------------------------------------------------------- synthetic phenopackets
+
+#: The disease term given to synthetic "Other / none of these" patients ("disease", MONDO's
+#: root: not a panel disease); ``write_cohort``'s mapping file sends it to the Other class.
+SYNTHETIC_OTHER: Final = "MONDO:0000001"
+#: Local assay codes of the synthetic cohort's biomarkers (not LOINC): ``MEDIMESH:<name>``.
+ASSAY_PREFIX: Final = "MEDIMESH:"
+
+
+def _iso_age(years: float) -> str:
+    months = round(years * 12)
+    return f"P{months // 12}Y{months % 12}M"
+
+
+def to_phenopacket(pid: str, body: Mapping[str, Any], disease: str) -> Any:
+    """A ``phenopackets.Phenopacket`` for a ``/diagnose``-shaped body and a disease id.
+
+    Observed and excluded features, the onset as the disease's onset age, sex, biomarkers as
+    measurements with ``MEDIMESH:<name>`` assays, and the genes as pathogenic variant calls of a
+    solved interpretation (``sequenced`` with no gene: an unsolved one, i.e. tested, nothing
+    found).
+    """
+    import phenopackets as pps
+
+    sex = {"M": pps.Sex.MALE, "F": pps.Sex.FEMALE}.get(body.get("sex") or "",
+                                                        pps.Sex.UNKNOWN_SEX)
+    pp = pps.Phenopacket(id=pid, subject=pps.Individual(id=f"{pid}-subject", sex=sex))
+    for term in body.get("symptoms", []):
+        pp.phenotypic_features.append(pps.PhenotypicFeature(type=pps.OntologyClass(id=term)))
+    for term in body.get("excluded_symptoms", []):
+        pp.phenotypic_features.append(
+            pps.PhenotypicFeature(type=pps.OntologyClass(id=term), excluded=True)
+        )
+    d = pps.Disease(term=pps.OntologyClass(id=disease))
+    if body.get("age") is not None:
+        d.onset.CopyFrom(pps.TimeElement(age=pps.Age(iso8601duration=_iso_age(body["age"]))))
+    pp.diseases.append(d)
+    for name, m in body.get("biomarkers", {}).items():
+        pp.measurements.append(pps.Measurement(
+            assay=pps.OntologyClass(id=f"{ASSAY_PREFIX}{name}", label=name),
+            value=pps.Value(quantity=pps.Quantity(
+                unit=pps.OntologyClass(id=f"UCUM:{m['unit']}", label=m["unit"]),
+                value=float(m["value"]),
+            )),
+        ))
+    genes = list(body.get("genes", []))
+    if genes or body.get("sequenced"):
+        calls = [
+            pps.GenomicInterpretation(
+                subject_or_biosample_id=f"{pid}-subject",
+                interpretation_status=pps.GenomicInterpretation.CAUSATIVE,
+                variant_interpretation=pps.VariantInterpretation(
+                    acmg_pathogenicity_classification=pps.PATHOGENIC,
+                    variation_descriptor=pps.VariationDescriptor(
+                        id=f"{pid}-{g}", gene_context=pps.GeneDescriptor(value_id=g, symbol=g)
+                    ),
+                ),
+            )
+            for g in genes
+        ]
+        status = pps.Interpretation.SOLVED if genes else pps.Interpretation.UNSOLVED
+        pp.interpretations.append(pps.Interpretation(
+            id=f"{pid}-interpretation", progress_status=status,
+            diagnosis=pps.Diagnosis(disease=pps.OntologyClass(id=disease),
+                                    genomic_interpretations=calls),
+        ))
+    pp.meta_data.CopyFrom(pps.MetaData(created_by="medimesh data phenopackets",
+                                       phenopacket_schema_version="2.0"))
+    return pp
+
+
+def write_cohort(out_dir: Path, config: Any) -> tuple[Path, list[tuple[str, Path, int]]]:
+    """The synthetic rare cohort (``cohort.CohortConfig``) as one directory of phenopackets per
+    site (train and test rows alike) plus ``codes.json``; returns (codes path, sites)."""
+    from google.protobuf.json_format import MessageToJson
+
+    from medimesh.bench.oracle import request_from_row
+    from medimesh.data import cohort
+
+    feats = cohort.features()
+    classes = cohort.class_names()
+    orpha = {d["short_name"]: d["orpha_id"] for d in cohort.load_panel()["diseases"]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sites: list[tuple[str, Path, int]] = []
+    for i in range(config.n_hospitals):
+        site = cohort.make_site(config, i)
+        folder = out_dir / site.name
+        folder.mkdir(exist_ok=True)
+        rows = np.vstack([site.x_train, site.x_test])
+        ys = np.concatenate([site.y_train, site.y_test])
+        for j, (row, y) in enumerate(zip(rows, ys, strict=True)):
+            body = request_from_row(row, feats)
+            disease = orpha.get(classes[int(y)], SYNTHETIC_OTHER)
+            pp = to_phenopacket(f"{site.name}-{j:04d}", body, disease)
+            (folder / f"{site.name}-{j:04d}.json").write_text(MessageToJson(pp) + "\n")
+        sites.append((site.name, folder, len(ys)))
+    codes = out_dir / "codes.json"
+    codes.write_text(json.dumps({
+        "unmapped_disease": classes[-1],
+        "assay_codes": {f"{ASSAY_PREFIX}{f.name}": f.name for f in feats if f.kind == "lognormal"},
+    }, indent=1) + "\n")
+    return codes, sites

@@ -1,8 +1,9 @@
 """A consortium of phenopacket directories trains, evaluates and is queried end to end.
 
-The phenopackets are written by the ``phenopackets`` library itself (``Phenopacket`` objects,
-``MessageToJson``) from synthetic rare-cohort patients, with excluded features, unknown terms,
-an unmappable disease and an unreadable file mixed in.
+The phenopackets are written by the ``phenopackets`` library itself (``Phenopacket`` objects
+built by :func:`medimesh.phenopackets.to_phenopacket`, ``MessageToJson``) from synthetic
+rare-cohort patients, with excluded features, unknown terms, OMIM ids, an unmappable disease
+and an unreadable file mixed in.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from typing import Any
 
 import httpx
 import numpy as np
-import phenopackets as pps
 import pytest
 from google.protobuf.json_format import MessageToDict, MessageToJson
 
 from medimesh.bench.oracle import publish_model, request_from_row
 from medimesh.data import cohort
+from medimesh.phenopackets import ASSAY_PREFIX, to_phenopacket
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("north", "south", "east")
@@ -45,63 +46,15 @@ def _medimesh(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _age(years: float) -> str:
-    # The generator's lognormal onset tail passes 130 years now and then, which the oracle
-    # refuses as an age ("invalid"); a phenopacket from a clinic would not say that.
-    months = round(min(years, 90.0) * 12)
-    return f"P{months // 12}Y{months % 12}M"
-
-
 def phenopacket_for(
     pid: str, body: dict[str, Any], disease: str, excluded: list[str], unknown: bool
 ) -> Any:
-    """One synthetic patient as a GA4GH phenopacket, built with the library's own classes."""
-    sex = {"M": pps.Sex.MALE, "F": pps.Sex.FEMALE}.get(body.get("sex", ""), pps.Sex.UNKNOWN_SEX)
-    pp = pps.Phenopacket(id=pid, subject=pps.Individual(id=f"{pid}-subject", sex=sex))
-    for term in [*body["symptoms"], *([UNKNOWN] if unknown else [])]:
-        pp.phenotypic_features.append(pps.PhenotypicFeature(type=pps.OntologyClass(id=term)))
-    for term in dict.fromkeys([*body.get("excluded_symptoms", []), *excluded]):
-        pp.phenotypic_features.append(
-            pps.PhenotypicFeature(type=pps.OntologyClass(id=term), excluded=True)
-        )
-    d = pps.Disease(term=pps.OntologyClass(id=disease))
-    if "age" in body:
-        d.onset.CopyFrom(pps.TimeElement(age=pps.Age(iso8601duration=_age(body["age"]))))
-    pp.diseases.append(d)
-    for name, m in body["biomarkers"].items():
-        pp.measurements.append(pps.Measurement(
-            assay=pps.OntologyClass(id=f"LAB:{name}", label=name),
-            value=pps.Value(quantity=pps.Quantity(
-                unit=pps.OntologyClass(id=f"UCUM:{m['unit']}", label=m["unit"]),
-                value=m["value"],
-            )),
-        ))
-    if body.get("sequenced") and not body["genes"]:  # tested, nothing found
-        pp.interpretations.append(pps.Interpretation(
-            id=f"{pid}-interpretation", progress_status=pps.Interpretation.UNSOLVED,
-        ))
-    if body["genes"]:
-        calls = [
-            pps.GenomicInterpretation(
-                subject_or_biosample_id=f"{pid}-subject",
-                interpretation_status=pps.GenomicInterpretation.CAUSATIVE,
-                variant_interpretation=pps.VariantInterpretation(
-                    acmg_pathogenicity_classification=pps.PATHOGENIC,
-                    variation_descriptor=pps.VariationDescriptor(
-                        id=f"{pid}-{g}", gene_context=pps.GeneDescriptor(value_id=g, symbol=g)
-                    ),
-                ),
-            )
-            for g in body["genes"]
-        ]
-        pp.interpretations.append(pps.Interpretation(
-            id=f"{pid}-interpretation", progress_status=pps.Interpretation.SOLVED,
-            diagnosis=pps.Diagnosis(disease=pps.OntologyClass(id=disease),
-                                    genomic_interpretations=calls),
-        ))
-    pp.meta_data.CopyFrom(pps.MetaData(created_by="medimesh-test",
-                                       phenopacket_schema_version="2.0.2"))
-    return pp
+    """One synthetic patient, plus extra excluded terms and maybe a term HPO does not know."""
+    noisy = {**body,
+             "symptoms": [*body["symptoms"], *([UNKNOWN] if unknown else [])],
+             "excluded_symptoms": list(dict.fromkeys([*body.get("excluded_symptoms", []),
+                                                      *excluded]))}
+    return to_phenopacket(pid, noisy, disease)
 
 
 def _codes_for(classes: tuple[str, ...]) -> dict[str, str]:
@@ -146,7 +99,8 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "label_codes": {OMIM["Fabry disease"]: "Fabry disease",
                         OMIM["Wilson disease"]: "Wilson disease",
                         OTHER_CODE: classes[-1]},
-        "assay_codes": {f"LAB:{f.name}": f.name for f in feats if f.kind == "lognormal"},
+        "assay_codes": {f"{ASSAY_PREFIX}{f.name}": f.name for f in feats
+                        if f.kind == "lognormal"},
     }
     (out / "codes.json").write_text(json.dumps(mapping))
     return {"dir": out, "written": written, "mapping": mapping}

@@ -415,3 +415,21 @@ def test_the_phenopacket_endpoint_ignores_what_it_does_not_read(live_oracle: str
     assert plain.json()["differential"] == noisy.json()["differential"]
     assert plain.json()["phenopacket"] == {"id": "pp-1", "unmapped_measurements": 0,
                                            "onset_from": None}
+
+
+def test_cohort_rows_written_as_phenopackets_encode_back_to_the_same_rows(tmp_path: Path) -> None:
+    """`medimesh data phenopackets`: each file re-reads as its generator row (age to a month)."""
+    from medimesh.phenopackets import write_cohort
+
+    cfg = cohort.CohortConfig(n_hospitals=2, seed=3, min_site_size=20, max_site_size=30)
+    codes_path, sites = write_cohort(tmp_path, cfg)
+    feats = cohort.features()
+    age = [f.name for f in feats].index("age_onset_years")
+    site = cohort.make_site(cfg, 0)
+    rows = np.vstack([site.x_train, site.x_test])
+    enc = encode_directory(sites[0][1], load_label_codes(codes_path),
+                           request_encoder(HpoAncestors.load()), len(feats))
+    assert enc.report.used == enc.report.files_read == len(rows) == sites[0][2]
+    assert enc.y.tolist() == np.concatenate([site.y_train, site.y_test]).tolist()
+    np.testing.assert_array_equal(np.delete(enc.x, age, axis=1), np.delete(rows, age, axis=1))
+    np.testing.assert_allclose(enc.x[:, age], rows[:, age], atol=1 / 24)
