@@ -433,3 +433,35 @@ def test_cohort_rows_written_as_phenopackets_encode_back_to_the_same_rows(tmp_pa
     assert enc.y.tolist() == np.concatenate([site.y_train, site.y_test]).tolist()
     np.testing.assert_array_equal(np.delete(enc.x, age, axis=1), np.delete(rows, age, axis=1))
     np.testing.assert_allclose(enc.x[:, age], rows[:, age], atol=1 / 24)
+
+
+# ------------------------------------------------------------------------ command line
+
+
+def test_site_and_mapping_mistakes_stop_in_the_driver_with_one_line(tmp_path: Path) -> None:
+    """Mixed sites without a spec, a bad mapping, a wrong spec column: errors before Ray."""
+    from medimesh.actors.runtime import RunConfig, site_descriptors
+    from medimesh.cli import _site_kind, build_parser, cmd_evaluate
+    from medimesh.errors import ConfigError, MediMeshError
+
+    (tmp_path / "pp").mkdir()
+    (tmp_path / "a.csv").write_text("diagnosis\n")
+    mixed = build_parser().parse_args(
+        ["train", "--site", f"a={tmp_path / 'a.csv'}", "--site", f"b={tmp_path / 'pp'}"])
+    with pytest.raises(MediMeshError, match="need --spec"):
+        _site_kind(mixed)
+    dirs = build_parser().parse_args(["train", "--site", f"b={tmp_path / 'pp'}"])
+    assert _site_kind(dirs) == "phenopackets"
+    bad = RunConfig(dataset="phenopackets", csv_sites=(("b", str(tmp_path / "pp")),),
+                    label_codes={"label_codes": {"OMIM:301500": "Fabry"}})
+    with pytest.raises(ConfigError, match="not a class"):
+        site_descriptors(bad)
+    wrong = RunConfig(dataset="csv", spec=SPEC, csv_sites=(("b", str(tmp_path / "pp")),),
+                      label_codes={"spec_columns": {"symptoms": "onset"}})
+    with pytest.raises(ConfigError, match="not a codes feature"):
+        site_descriptors(wrong)
+    ok = RunConfig(dataset="csv", spec=SPEC, csv_sites=(("b", str(tmp_path / "pp")),),
+                   label_codes=SPEC_CODES)
+    assert [d.kind for d in site_descriptors(ok)] == ["phenopackets"]
+    with pytest.raises(MediMeshError, match="--model"):
+        cmd_evaluate(build_parser().parse_args(["evaluate", "--phenopackets", str(tmp_path)]))
