@@ -8,7 +8,9 @@ symptoms, named biomarkers with units, ``gene:SYMBOL`` findings, age of onset an
 HPO ids and genes are reported back rather than refused (a clinician's list is rarely a subset
 of the panel), but a wrong unit or an unknown biomarker is an error naming the field: a value
 silently read in the wrong unit would be worse than no answer. Missing biomarkers stay NaN and
-are imputed by the model's standardization (the global mean, i.e. no evidence either way).
+are imputed by the model's standardization (the global mean) with their ``measured:`` indicator
+0, so "not measured" is never read as "normal"; symptoms are observed, excluded or not mentioned,
+and genetic testing is done or not (issue 14; column names in :mod:`medimesh.evidence`).
 
 Explanations are exact for a linear model: with standardized inputs ``z``, the logit of class
 ``c`` is ``b[c] + Σ_j w[j,c]·z[j]``, so ``z[j]·(w[j,c] − mean_c' w[j,c'])`` is how much finding
