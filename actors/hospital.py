@@ -69,7 +69,8 @@ class Hospital(Node):
         if not known:
             raise ConfigError(f"unknown behaviour {behaviour!r}")
         data = load_site(descriptor)  # built here, inside the hospital's own process
-        self._data_notes = {"skipped_rows": data.skipped_rows, "unknown_codes": data.unknown_codes}
+        self._data_notes = {"skipped_rows": data.skipped_rows, "unknown_codes": data.unknown_codes,
+                            **data.notes}
         info = dataset_info(descriptor.kind, descriptor.params)
         self._rng = np.random.default_rng(int(self.peer_id[:8], 16))
         if behaviour == "label_flip":

@@ -104,6 +104,9 @@ class OracleConfig:
     router: Any = None
     load_ontology: bool = True
     run_id: str | None = None
+    # Phenopacket queries: the assay → biomarker mapping file's JSON (medimesh.phenopackets);
+    # give the one the sites trained with, so a phenopacket is encoded alike at both ends.
+    label_codes: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,11 @@ class OracleState:
         self._ontology: Any = None
         self._router: Any = config.router
         self._connected = asyncio.Event()
+        self.phenopacket_codes: Any = None
+        if config.label_codes is not None:
+            from medimesh.phenopackets import load_label_codes
+
+            self.phenopacket_codes = load_label_codes(config.label_codes)
 
     @property
     def engine(self) -> DiagnosisEngine | None:
@@ -825,6 +833,10 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             ]
             return JSONResponse({"detail": detail}, status_code=422)  # type: ignore[return-value]
 
+    from medimesh.actors.phenopacket_api import add_phenopacket_route
+
+    add_phenopacket_route(app, st, {413: _ERR, 503: _ERR})
+
     @app.get(
         "/network", summary="Nodes and message counts, AXL-topology-shaped", responses={503: _ERR}
     )
@@ -1150,9 +1162,11 @@ def oracle_deployment() -> Any:
             router_namespace: str = "medimesh",
             poll_interval: float = 1.0,
             run_id: str | None = None,
+            label_codes: dict[str, Any] | None = None,
         ) -> None:
             self._config = OracleConfig(
-                database_url, router_name, router_namespace, poll_interval, run_id=run_id
+                database_url, router_name, router_namespace, poll_interval, run_id=run_id,
+                label_codes=label_codes,
             )
 
         def __serve_build_asgi_app__(self) -> FastAPI:
@@ -1169,6 +1183,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         args.get("router_namespace", "medimesh"),
         float(args.get("poll_interval", 1.0)),
         args.get("run_id"),
+        args.get("label_codes"),
     )
 
 
@@ -1181,6 +1196,7 @@ def deploy(
     poll_interval: float = 1.0,
     num_replicas: int = 1,
     run_id: str | None = None,
+    label_codes: dict[str, Any] | None = None,
 ) -> str:
     """Start Serve on 127.0.0.1:``port`` with the oracle at ``/``; returns the base URL.
     ``run_id``: the run to serve (None: the newest run with a model).
@@ -1192,7 +1208,7 @@ def deploy(
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     dep = oracle_deployment().options(num_replicas=num_replicas)
     serve.run(
-        dep.bind(database_url, router_name, router_namespace, poll_interval, run_id),
+        dep.bind(database_url, router_name, router_namespace, poll_interval, run_id, label_codes),
         name=APP_NAME,
         route_prefix="/",
     )

@@ -82,7 +82,10 @@ class RunConfig:
     database_url: str | None = None
     capture_envelopes: int = 0
     spec: dict[str, Any] | None = None
-    csv_sites: tuple[tuple[str, str], ...] = ()
+    csv_sites: tuple[tuple[str, str], ...] = ()  # (name, CSV file or phenopacket directory)
+    # Phenopacket sites: the label/assay code mapping file's JSON (medimesh.phenopackets), None
+    # = the rare panel's built-in ORPHA codes only.
+    label_codes: dict[str, Any] | None = None
     test_fraction: float = 0.3
     skip_bad_rows: bool = False
     pace_s: float = 0.0
@@ -123,12 +126,15 @@ class RunConfig:
             raise ConfigError("--rounds must be at least 1")
         if self.alpha <= 0:
             raise ConfigError("--alpha must be positive")
-        if self.dataset not in ("rare", "sparse", "heart", "csv"):
+        if self.dataset not in ("rare", "sparse", "heart", "csv", "phenopackets"):
             raise ConfigError(
-                f"unknown dataset {self.dataset!r}; expected rare, sparse, heart or csv"
+                f"unknown dataset {self.dataset!r}; expected rare, sparse, heart, csv or "
+                "phenopackets"
             )
         if self.dataset == "csv" and (self.spec is None or not self.csv_sites):
             raise ConfigError("the csv dataset needs --spec and at least one --site NAME=PATH")
+        if self.dataset == "phenopackets" and not self.csv_sites:
+            raise ConfigError("phenopacket sites need at least one --site NAME=DIRECTORY")
         if not 0 <= self.test_fraction < 1:
             raise ConfigError("--test-fraction must be in [0, 1)")
         if self.tolerate is not None and self.tolerate < 0:
@@ -171,7 +177,7 @@ class RunConfig:
 
     @property
     def n_sites(self) -> int:
-        if self.dataset == "csv":
+        if self.dataset in ("csv", "phenopackets"):
             return len(self.csv_sites)
         return 4 if self.dataset == "heart" else self.hospitals
 
@@ -203,6 +209,9 @@ def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
             raise ConfigError("site names must be distinct")
         descs = []
         for name, path in cfg.csv_sites:
+            if Path(path).is_dir():  # a directory of phenopackets read into the spec's columns
+                descs.append(_phenopacket_descriptor(cfg, name, path))
+                continue
             if not Path(path).is_file():
                 raise ConfigError(f"site {name}: {path} is not a file")
             params = {
@@ -214,6 +223,8 @@ def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
             }
             descs.append(SiteDescriptor("csv", name, params))
         return descs
+    if cfg.dataset == "phenopackets":
+        return _phenopacket_descriptors(cfg)
     from medimesh.data import heart
 
     data_dir = cfg.data_dir or (str(heart.default_data_dir() or ""))
@@ -230,6 +241,52 @@ def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
         )
         for center in heart.CENTERS
     ]
+
+
+def _phenopacket_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
+    """Rare-panel consortium of phenopacket directories: one descriptor per directory."""
+    names = [n for n, _ in cfg.csv_sites]
+    if len(set(names)) != len(names):
+        raise ConfigError("site names must be distinct")
+    return [_phenopacket_descriptor(cfg, name, path) for name, path in cfg.csv_sites]
+
+
+def _phenopacket_descriptor(cfg: RunConfig, name: str, path: str) -> SiteDescriptor:
+    """A directory of phenopackets: its path, the code mapping and the spec (if any), no rows."""
+    from medimesh.phenopackets import (
+        PhenopacketError,
+        load_label_codes,
+        panel_label_codes,
+        spec_label_codes,
+    )
+
+    if not Path(path).is_dir():
+        raise ConfigError(f"site {name}: {path} is not a directory of phenopackets")
+    try:
+        base = panel_label_codes()
+        if cfg.spec is not None:
+            from medimesh.spec import SpecError, load_spec
+
+            try:
+                base = spec_label_codes(load_spec(cfg.spec).classes)
+            except SpecError as exc:
+                raise ConfigError(str(exc)) from None
+        labels = load_label_codes(cfg.label_codes, base)
+        if cfg.spec is not None:  # a wrong spec_columns mapping fails here, not in an actor
+            from medimesh.phenopackets import spec_encoder
+
+            spec_encoder(load_spec(cfg.spec), labels)
+        codes = labels.to_dict()
+    except PhenopacketError as exc:
+        raise ConfigError(str(exc)) from None
+    params = {
+        "path": str(Path(path).resolve()),
+        "codes": codes,
+        "spec": cfg.spec,
+        "test_fraction": cfg.test_fraction,
+        "seed": cfg.seed,
+    }
+    return SiteDescriptor("phenopackets", name, params)
 
 
 def spec_hash(info: DatasetInfo) -> str:

@@ -69,14 +69,19 @@ def _positive_float(text: str) -> float:
 def _site(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH.csv, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (a CSV file or a directory of "
+                                         f"phenopackets), got {text!r}")
     return name, path
 
 
 def _csv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", default=None, help="feature spec JSON (docs/feature-spec.md)")
-    p.add_argument("--site", type=_site, action="append", default=[], metavar="NAME=PATH.csv",
-                   help="one hospital and its own CSV file (repeat per site)")
+    p.add_argument("--site", type=_site, action="append", default=[], metavar="NAME=PATH",
+                   help="one hospital and its own CSV file, or its own directory of GA4GH "
+                        "phenopackets (rare panel; docs/phenopackets.md); repeat per site")
+    p.add_argument("--label-codes", default=None, metavar="FILE",
+                   help="phenopacket sites: disease-id → class (and assay → biomarker) mapping "
+                        "JSON (default: the panel's ORPHA ids)")
     p.add_argument("--test-fraction", type=float, default=0.3,
                    help="held-out fraction of each CSV site (0: train on every row)")
     p.add_argument("--skip-bad-rows", action="store_true",
@@ -195,6 +200,7 @@ def _config(args: argparse.Namespace) -> Any:
     return RunConfig(
         spec=spec,
         csv_sites=tuple(args.site),
+        label_codes=_label_codes(getattr(args, "label_codes", None)),
         test_fraction=args.test_fraction,
         skip_bad_rows=args.skip_bad_rows,
         dataset=args.dataset,
@@ -273,6 +279,31 @@ def _ray_banner() -> str:
                      + ("; its token: `ray get-auth-token`" if token else "") + ")")
     lines.append(f"ray metrics: {urls['metrics']}  (ray_medimesh_*: docs/metrics.md)")
     return "\n".join(lines)
+
+
+def _label_codes(path: str | None) -> dict[str, Any] | None:
+    """The --label-codes file's JSON, or None (checked again, fully, where it is used)."""
+    if path is None:
+        return None
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise MediMeshError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(doc, dict):
+        raise MediMeshError(f"{path}: expected a JSON object")
+    return doc
+
+
+def _site_kind(args: argparse.Namespace) -> str:
+    """train: 'csv' with --spec (CSV files and phenopacket directories may mix), else
+    'phenopackets' (rare panel) when every --site is a directory of phenopackets."""
+    dirs = [Path(p).is_dir() for _, p in args.site]
+    if args.spec is not None or not any(dirs):
+        return "csv"
+    if not all(dirs):
+        raise MediMeshError("--site: CSV files need --spec; without it every site must be a "
+                            "directory of phenopackets (rare panel)")
+    return "phenopackets"
 
 
 DEMO_PACE_S = 2.0
@@ -478,12 +509,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _serve_forever(
-    database_url: str, port: int, router_name: str | None, run_id: str | None = None
+    database_url: str, port: int, router_name: str | None, run_id: str | None = None,
+    label_codes: dict[str, Any] | None = None,
 ) -> None:
     """Deploy the oracle on Ray Serve and block until Ctrl-C."""
     from medimesh.actors.oracle import deploy
 
-    url = deploy(database_url, router_name=router_name, port=port, run_id=run_id)
+    url = deploy(database_url, router_name=router_name, port=port, run_id=run_id,
+                 label_codes=label_codes)
     print(
         f"\noracle: {url}  (API docs {url}/docs; try {url}/runs, {url}/rounds)\n"
         f"serving run {run_id or 'newest (follows new runs)'}\n"
@@ -507,8 +540,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = _database_url(args.database_url)
     if url is None:
         raise MediMeshError("serve needs a database: --database-url URL or 'embedded'")
+    codes = _label_codes(args.label_codes)
+    if codes is not None:
+        from medimesh.phenopackets import PhenopacketError, load_label_codes
+
+        try:
+            load_label_codes(codes)
+        except PhenopacketError as exc:
+            raise MediMeshError(str(exc)) from None
     ensure_ray()
-    _serve_forever(url, args.port, None, args.run)
+    _serve_forever(url, args.port, None, args.run, codes)
     return 0
 
 
@@ -518,7 +559,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medimesh.modelfile import save_model
 
     if args.dataset not in ("sparse", "heart"):  # those two: hospitals build their own rows
-        args.dataset = "csv"
+        args.dataset = _site_kind(args)
     cfg = _config(args)
     t0 = time.perf_counter()
     fed = Consortium(cfg)
@@ -563,7 +604,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"model {final['model_hash'][:16]}… written to {path}", file=sys.stderr)
         for site in fed.hospital_info:
-            if site["skipped_rows"] or site["unknown_codes"]:
+            if "phenopackets" in site:
+                r = site["phenopackets"]
+                print(f"  {site['name']}: {r['used']}/{r['files_read']} phenopackets used, "
+                      f"skipped {r['skipped'] or 'none'}, {r['unknown_terms']} unknown term(s)"
+                      + (f", unreadable: {', '.join(r['malformed_files'])}"
+                         if r["malformed_files"] else ""),
+                      file=sys.stderr)
+            elif site["skipped_rows"] or site["unknown_codes"]:
                 print(
                     f"  {site['name']}: {site['skipped_rows']} row(s) skipped, "
                     f"{site['unknown_codes']} unknown code(s) ignored",
@@ -626,6 +674,33 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_phenopackets(args: argparse.Namespace) -> int:
+    """Write the synthetic rare cohort as one directory of phenopackets per site; print `train`."""
+    import shlex
+
+    from medimesh.data.cohort import CohortConfig
+    from medimesh.phenopackets import write_cohort
+
+    try:
+        config = CohortConfig(n_hospitals=args.hospitals, seed=args.seed)
+    except ValueError as exc:
+        raise MediMeshError(f"rare cohort: {exc}") from None
+    codes, sites = write_cohort(Path(args.out), config)
+    command = ["medimesh", "train", "--label-codes", str(codes)]
+    for name, path, _ in sites:
+        command += ["--site", f"{name}={path}"]
+    line = shlex.join(command)
+    print(f"wrote {sum(n for _, _, n in sites)} phenopackets in {len(sites)} site folders and "
+          f"{codes} to {args.out}; train with:", file=sys.stderr)
+    if args.json:
+        emit(json.dumps({"label_codes": str(codes), "train_command": line,
+                         "sites": [{"name": n, "path": str(p), "files": k}
+                                   for n, p, k in sites]}))
+    else:
+        emit(line)
+    return 0
+
+
 def cmd_data_heart(args: argparse.Namespace) -> int:
     """Write the four heart centres as CSV sites plus spec.json; print the `train` command."""
     import shlex
@@ -653,11 +728,17 @@ def cmd_data_heart(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score a saved model on a table (an external validation cohort)."""
+    """Score a saved model on a table or a directory of phenopackets (external validation)."""
     from medimesh.metrics import scores
     from medimesh.modelfile import load_model
     from medimesh.spec import encode_csv, load_spec
 
+    if (args.csv is None) == (args.phenopackets is None):
+        raise MediMeshError("evaluate needs exactly one of --csv FILE or --phenopackets DIR")
+    if (args.model is None) == (args.api is None) or (args.api and args.csv):
+        raise MediMeshError("evaluate needs --model DIR (or, with --phenopackets, --api URL)")
+    if args.phenopackets is not None:
+        return _evaluate_phenopackets(args)
     saved = load_model(Path(args.model))
     if saved.spec is None:
         raise MediMeshError(f"{args.model}: the model has no feature spec to read a CSV with")
@@ -686,6 +767,117 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         assert isinstance(recalls, list)
         for name, r in zip(saved.classes, recalls, strict=True):
             print(f"  recall {name}: {'n/a' if r is None else f'{r:.3f}'}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_phenopackets(args: argparse.Namespace) -> int:
+    """Score a saved model on a directory of phenopackets; files skipped are counted."""
+    from medimesh.data import cohort
+    from medimesh.diagnosis import DiagnosisEngine
+    from medimesh.hpo import HpoAncestors
+    from medimesh.modelfile import load_model
+    from medimesh.phenopackets import (
+        PhenopacketError,
+        encode_directory,
+        load_label_codes,
+        spec_encoder,
+        spec_label_codes,
+    )
+    from medimesh.spec import load_spec
+
+    feats = cohort.features()
+    if args.api is not None:
+        return _evaluate_served(args)
+    saved = load_model(Path(args.model))
+    try:
+        if saved.spec is not None:  # a CSV-spec model: the spec's own encoders
+            spec = load_spec(saved.spec)
+            codes = load_label_codes(_label_codes(args.label_codes),
+                                     spec_label_codes(spec.classes))
+            encoder, width = spec_encoder(spec, codes), len(spec.column_names())
+        elif saved.feature_names == tuple(f.name for f in feats) and (
+            saved.classes == cohort.class_names()
+        ):
+            codes = load_label_codes(_label_codes(args.label_codes))
+            encoder = DiagnosisEngine(saved, feats, HpoAncestors.load()).encode
+            width = len(feats)
+        else:
+            raise MediMeshError(f"{args.model}: neither a rare-panel model nor one with a "
+                                "feature spec; cannot read phenopackets for it")
+        enc = encode_directory(Path(args.phenopackets), codes, encoder, width)
+    except PhenopacketError as exc:
+        raise MediMeshError(str(exc)) from None
+    report = enc.report.to_dict()
+    if len(enc.y) == 0:
+        raise MediMeshError(f"{args.phenopackets}: no usable phenopackets ({report['files_read']} "
+                            f"read, skipped {report['skipped']})")
+    proba = saved.predict_proba(enc.x)
+    return _phenopacket_scores(args, saved.model_hash, proba, enc.y, saved.classes, report)
+
+
+def _evaluate_served(args: argparse.Namespace) -> int:
+    """Score the oracle at ``--api`` on a directory: each file is read and converted here (for
+    its label) and its request answered by ``POST /diagnose``; its probabilities are scored."""
+    import numpy as np
+
+    from medimesh.client import Client, ValidationFailed
+    from medimesh.data import cohort
+    from medimesh.diagnosis import ValidationError
+    from medimesh.phenopackets import PhenopacketError, encode_directory, load_label_codes
+
+    classes = cohort.class_names()
+    index = {c: i for i, c in enumerate(classes)}
+    hashes: set[str] = set()
+    with Client(args.api) as client:
+
+        def answer(req: Any) -> tuple[Any, list[str], dict[str, Any]]:
+            try:
+                d = client.diagnose(
+                    req.symptoms, {k: (m.value, m.unit) for k, m in req.biomarkers.items()},
+                    req.genes, req.age, req.sex, req.excluded_symptoms, req.sequenced,
+                )
+            except ValidationFailed as exc:
+                raise ValidationError(exc.field, str(exc)) from None
+            hashes.add(d.model_hash)
+            row = np.zeros(len(classes))
+            for c in d.differential:
+                row[index[c.name]] = c.probability
+            return row, list(d.unknown_terms), {}
+
+        try:
+            codes = load_label_codes(_label_codes(args.label_codes))
+            enc = encode_directory(Path(args.phenopackets), codes, answer, len(classes))
+        except PhenopacketError as exc:
+            raise MediMeshError(str(exc)) from None
+    report = enc.report.to_dict()
+    if len(enc.y) == 0:
+        raise MediMeshError(f"{args.phenopackets}: no usable phenopackets ({report['files_read']} "
+                            f"read, skipped {report['skipped']})")
+    return _phenopacket_scores(args, ",".join(sorted(hashes)), enc.x, enc.y, classes, report)
+
+
+def _phenopacket_scores(
+    args: argparse.Namespace, model_hash: str, proba: Any, y: Any, classes: Sequence[str],
+    report: dict[str, Any],
+) -> int:
+    from medimesh.metrics import scores
+
+    result = {
+        "model_hash": model_hash,
+        "phenopackets": str(args.phenopackets),
+        **scores(proba, y),
+        "classes": list(classes),
+        "report": report,
+    }
+    if args.json:
+        emit(json.dumps(result))
+    else:
+        print(f"n {result['n']}  top1 {result['top1']:.3f}  top3 {result['top3']:.3f}  "
+              f"({report['used']}/{report['files_read']} phenopackets used, skipped "
+              f"{report['skipped'] or 'none'}, {report['unknown_terms']} unknown term(s))",
+              file=sys.stderr)
+        for name in report["malformed_files"]:
+            print(f"  unreadable: {name}", file=sys.stderr)
     return 0
 
 
@@ -810,6 +1002,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--run", default=None, metavar="RUN_ID",
                          help="serve this run's model (default: the newest run with a model; "
                               "GET /runs lists them)")
+    serve_p.add_argument("--label-codes", default=None, metavar="FILE",
+                         help="assay → biomarker mapping for phenopacket queries (the file the "
+                              "phenopacket sites trained with; docs/phenopackets.md)")
     serve_p.add_argument("-v", "--verbose", action="store_true")
     serve_p.set_defaults(func=cmd_serve)
     train = sub.add_parser("train", help="federated training on CSV sites, saves the model")
@@ -818,9 +1013,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="model directory (default .medimesh/models/…)")
     _ray_dashboard_args(train, default_on=False)
     train.set_defaults(func=cmd_train)
-    ev = sub.add_parser("evaluate", help="score a saved model on a CSV table")
-    ev.add_argument("--model", required=True, help="directory written by train")
-    ev.add_argument("--csv", required=True)
+    ev = sub.add_parser("evaluate",
+                        help="score a saved model on a CSV table or a directory of phenopackets")
+    ev.add_argument("--model", default=None, help="directory written by train")
+    ev.add_argument("--api", default=None, metavar="URL",
+                    help="with --phenopackets: score the model a running oracle serves instead")
+    ev.add_argument("--csv", default=None, metavar="FILE")
+    ev.add_argument("--phenopackets", default=None, metavar="DIR",
+                    help="a directory of GA4GH phenopackets (rare-panel models)")
+    ev.add_argument("--label-codes", default=None, metavar="FILE",
+                    help="with --phenopackets: disease-id → class mapping (docs/phenopackets.md)")
     ev.add_argument("--skip-bad-rows", action="store_true")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("-v", "--verbose", action="store_true")
@@ -836,6 +1038,15 @@ def build_parser() -> argparse.ArgumentParser:
     dsp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     dsp.add_argument("-v", "--verbose", action="store_true")
     dsp.set_defaults(func=cmd_data)
+    dpp = dsub.add_parser("phenopackets",
+                          help="the rare cohort as GA4GH phenopackets (docs/phenopackets.md)")
+    dpp.add_argument("--out", required=True, metavar="DIR",
+                     help="folder for one phenopacket folder per site + codes.json")
+    dpp.add_argument("--hospitals", type=_positive_int, default=4)
+    dpp.add_argument("--seed", type=int, default=0)
+    dpp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    dpp.add_argument("-v", "--verbose", action="store_true")
+    dpp.set_defaults(func=cmd_data_phenopackets)
     dhe = dsub.add_parser("heart", help="the four UCI heart centres as CSV sites (docs/heart.md)")
     dhe.add_argument("--out", required=True, metavar="DIR", help="folder for spec.json + CSVs")
     dhe.add_argument("--data-dir", default=None, help="heart data folder (default ../shared/…)")

@@ -516,6 +516,21 @@ def _diagnose_body(
     return body
 
 
+def _phenopacket_body(phenopacket: Any) -> dict[str, Any]:
+    """A phenopacket's protobuf JSON form from a parsed object, JSON text or a message."""
+    if isinstance(phenopacket, str | bytes):
+        doc = json.loads(phenopacket)
+    elif isinstance(phenopacket, Mapping):
+        doc = dict(phenopacket)
+    elif hasattr(phenopacket, "DESCRIPTOR"):  # a phenopackets.Phenopacket message
+        from google.protobuf.json_format import MessageToDict
+
+        doc = MessageToDict(phenopacket)
+    else:
+        raise TypeError("expected a phenopacket as a dict, JSON text or a Phenopacket message")
+    return dict(doc)
+
+
 def _audit_params(
     after_seq: int, limit: int, event: str | None, round_: int | None
 ) -> dict[str, Any]:
@@ -607,6 +622,10 @@ class Client:
         body = _diagnose_body(symptoms, biomarkers, genes, age, sex, excluded_symptoms,
                               sequenced)
         return _diagnosis(self._post("/diagnose", body))
+
+    def diagnose_phenopacket(self, phenopacket: Any) -> Diagnosis:
+        """Ranked differential for a GA4GH phenopacket (dict, JSON text or protobuf message)."""
+        return _diagnosis(self._post("/diagnose/phenopacket", _phenopacket_body(phenopacket)))
 
     def network(self) -> Network:
         return _network(self._get("/network"))
@@ -751,6 +770,12 @@ class AsyncClient:
         body = _diagnose_body(symptoms, biomarkers, genes, age, sex, excluded_symptoms,
                               sequenced)
         return _diagnosis(await self._post("/diagnose", body))
+
+    async def diagnose_phenopacket(self, phenopacket: Any) -> Diagnosis:
+        """Ranked differential for a GA4GH phenopacket (dict, JSON text or protobuf message)."""
+        return _diagnosis(
+            await self._post("/diagnose/phenopacket", _phenopacket_body(phenopacket))
+        )
 
     async def network(self) -> Network:
         return _network(await self._get("/network"))

@@ -6,7 +6,7 @@ hospital builds its data inside its own process by calling :func:`load_site`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ __all__ = ["DatasetInfo", "LocalData", "SiteDescriptor", "dataset_info", "load_s
 
 @dataclass(frozen=True, slots=True)
 class SiteDescriptor:
-    """How to build one site's data: ``kind`` is rare, sparse, heart or csv; params JSON-able."""
+    """How to build one site's data: ``kind`` is rare, sparse, heart, csv or phenopackets;
+    params JSON-able."""
 
     kind: str
     name: str
@@ -38,6 +39,8 @@ class LocalData:
     y_test: np.ndarray
     skipped_rows: int = 0
     unknown_codes: int = 0
+    # Counts about the site's own files (e.g. a phenopacket directory's report); never rows.
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,8 @@ class DatasetInfo:
 
 def dataset_info(kind: str, params: dict[str, Any] | None = None) -> DatasetInfo:
     params = params or {}
+    if kind == "phenopackets":  # the consortium's spec columns, else the rare panel's
+        kind = "csv" if params.get("spec") is not None else "rare"
     if kind == "rare":
         from medimesh.data import cohort
 
@@ -96,7 +101,9 @@ def dataset_info(kind: str, params: dict[str, Any] | None = None) -> DatasetInfo
             log_mask=spec.log_mask(),
             scale_mask=spec.scale_mask(),
         )
-    raise ConfigError(f"unknown dataset {kind!r}; expected 'rare', 'sparse', 'heart' or 'csv'")
+    raise ConfigError(
+        f"unknown dataset {kind!r}; expected 'rare', 'sparse', 'heart', 'csv' or 'phenopackets'"
+    )
 
 
 def load_site(desc: SiteDescriptor) -> LocalData:
@@ -125,8 +132,11 @@ def load_site(desc: SiteDescriptor) -> LocalData:
         return LocalData(desc.name, h.x_train, h.y_train, h.x_test, h.y_test)
     if desc.kind == "csv":
         return _load_csv_site(desc)
+    if desc.kind == "phenopackets":
+        return _load_phenopacket_site(desc)
     raise ConfigError(
-        f"unknown dataset {desc.kind!r}; expected 'rare', 'sparse', 'heart' or 'csv'"
+        f"unknown dataset {desc.kind!r}; expected 'rare', 'sparse', 'heart', 'csv' or "
+        "'phenopackets'"
     )
 
 
@@ -153,4 +163,52 @@ def _load_csv_site(desc: SiteDescriptor) -> LocalData:
         site.y[test],
         skipped_rows=len(site.skipped),
         unknown_codes=sum(site.unknown_codes.values()),
+    )
+
+
+def _load_phenopacket_site(desc: SiteDescriptor) -> LocalData:
+    """Read this site's own directory of GA4GH phenopackets into the consortium's columns.
+
+    Rare panel: each file goes through the oracle's request encoder, so a phenopacket trains
+    exactly the columns it would set as a query. With a CSV spec: through the spec's own CSV
+    encoders (``medimesh.phenopackets.spec_encoder``). Only counts leave.
+    """
+    from medimesh.hpo import HpoAncestors
+    from medimesh.phenopackets import (
+        LabelCodes,
+        PhenopacketError,
+        encode_directory,
+        request_encoder,
+        spec_encoder,
+    )
+    from medimesh.spec import load_spec, split_site
+
+    p = desc.params
+    codes = LabelCodes.from_dict(p["codes"])
+    try:
+        if p.get("spec") is not None:
+            spec = load_spec(p["spec"])
+            encoder, width = spec_encoder(spec, codes), len(spec.column_names())
+        else:
+            from medimesh.data import cohort
+
+            encoder, width = request_encoder(HpoAncestors.load()), len(cohort.features())
+        enc = encode_directory(Path(p["path"]), codes, encoder, width)
+    except PhenopacketError as exc:
+        raise ConfigError(f"{desc.name}: {exc}") from None
+    report = enc.report.to_dict()
+    if len(enc.y) == 0:
+        raise ConfigError(f"{desc.name}: no usable phenopackets in {Path(p['path']).name} "
+                          f"({report['files_read']} read, skipped {report['skipped']})")
+    fraction = float(p.get("test_fraction", 0.3))
+    if fraction <= 0:
+        train = np.arange(len(enc.y))
+        test = np.zeros(0, dtype=np.int64)
+    else:
+        train, test = split_site(enc.y, fraction, int(p.get("seed", 0)))
+    return LocalData(
+        desc.name, enc.x[train], enc.y[train], enc.x[test], enc.y[test],
+        skipped_rows=report["files_read"] - report["used"],
+        unknown_codes=report["unknown_terms"],
+        notes={"phenopackets": report},
     )

@@ -42,6 +42,7 @@ __all__ = [
     "SpecError",
     "encode_csv",
     "load_spec",
+    "row_encoder",
     "split_site",
 ]
 
@@ -806,3 +807,33 @@ def split_site(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarr
         test_parts.append(idx[:k])
         train_parts.append(idx[k:])
     return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(test_parts))
+
+
+# ------------------------------------------------------------------------- rows from elsewhere
+
+
+def row_encoder(
+    spec: FeatureSpec, ontology: HpoAncestors | None = None
+) -> Callable[[Mapping[str, str]], tuple[np.ndarray, set[str]]]:
+    """Encode rows that come from elsewhere than a CSV file (e.g. a phenopacket) exactly as
+    :func:`encode_csv` encodes a CSV row: ``{CSV column: cell}`` in, (matrix row, unknown codes)
+    out. A column the mapping lacks reads as an empty cell; a bad cell raises :class:`RowError`
+    (file "row", line 0). The label column is not read."""
+    if ontology is None and any(
+        isinstance(f, CodesFeature) and f.expand == "hpo-ancestors" for f in spec.features
+    ):
+        ontology = HpoAncestors.load()
+    encoders = _encoders(spec, ontology)
+    width = len(spec.column_names())
+
+    def encode(cells: Mapping[str, str]) -> tuple[np.ndarray, set[str]]:
+        values = [0.0] * width
+        unknown: set[str] = set()
+        for column, enc in encoders:
+            try:
+                enc(cells.get(column, "").strip(), values, unknown)
+            except _CellError as exc:
+                raise RowError("row", 0, exc.column, exc.message) from None
+        return np.array(values, dtype=np.float64), unknown
+
+    return encode
