@@ -46,6 +46,7 @@ from medimesh.diagnosis import (
     ValidationError,
     saved_model_for,
 )
+from medimesh.explain import TrainingProfile
 from medimesh.store import Store, StoredModel, StoreError, StoreUnavailable, verify
 
 __all__ = [
@@ -103,7 +104,7 @@ def _engine_from(stored: StoredModel, state: dict[str, Any]) -> DiagnosisEngine:
         np.asarray(state["std"], dtype=float),
         round_=stored.round,
     )
-    return DiagnosisEngine(saved, cohort.features())
+    return DiagnosisEngine(saved, cohort.features(), profile=TrainingProfile.from_state(state))
 
 
 class OracleState:
@@ -208,7 +209,9 @@ class OracleState:
             self.last_error = f"model {latest.model_hash[:12]}… not servable: {exc}"
             return False
         if self._ontology is not None:
-            engine = DiagnosisEngine(engine.saved, engine.features, self._ontology)
+            engine = DiagnosisEngine(
+                engine.saved, engine.features, self._ontology, profile=engine.profile
+            )
         self.engine = engine  # the atomic swap: one reference assignment
         self.swaps += 1
         self.last_error = None

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
+from medimesh import explain
 from medimesh.errors import MediMeshError
 from medimesh.model import Model, model_hash
 
@@ -39,6 +40,7 @@ __all__ = [
     "Candidate",
     "Diagnosis",
     "DiagnosisEngine",
+    "EvidenceGroup",
     "Finding",
     "Measurement",
     "PatientRequest",
@@ -53,6 +55,10 @@ DISCLAIMER: Final = (
 )
 TOP_CANDIDATES: Final = 3
 TOP_FINDINGS: Final = 5
+NEXT_TESTS: Final = 5
+SYMPTOM_SHORTLIST: Final = 15  # symptoms scored exactly after the screen
+MIN_SHARE: Final = 0.01  # shares below this (odds ×0.99–×1.01) are not listed
+LAB_PROBES: Final = explain.LAB_PROBES
 MAX_AGE_YEARS: Final = 130.0
 
 # (unit of the feature, unit given) -> multiply the given value by this factor.
@@ -158,14 +164,24 @@ def _str_list(value: object, path: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    """One of the patient's findings and how far it pushes a candidate (logit units)."""
+    """One model input and its exact share of a candidate's log-odds (see medimesh.explain).
+
+    ``contribution`` is the share in logit units against the average training patient;
+    ``odds`` says it as a factor (``×2.4``, ``÷3``), ``effect`` in words; ``status`` is how the
+    input was given (observed, not mentioned, measured, not measured, …) and ``display`` the
+    value as a person writes it (``5,200 nmol/h/mL``, ``not measured``).
+    """
 
     feature: str
     label: str
-    value: float | bool | str
+    value: float | bool | str | None
     unit: str
     contribution: float
     flag: str = ""  # "high" / "low" / "normal" for biomarkers with a reference range
+    status: str = ""
+    display: str = ""
+    odds: str = ""
+    effect: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -175,30 +191,83 @@ class Finding:
             "unit": self.unit,
             "contribution": self.contribution,
             "flag": self.flag,
+            "status": self.status,
+            "display": self.display,
+            "odds": self.odds,
+            "effect": self.effect,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EvidenceGroup:
+    """The summed share of every input with one status (e.g. all symptoms not mentioned)."""
+
+    status: str
+    label: str
+    count: int
+    contribution: float
+    odds: str
+    effect: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "label": self.label,
+            "count": self.count,
+            "contribution": self.contribution,
+            "odds": self.odds,
+            "effect": self.effect,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """One diagnosis in the differential; findings are filled for the top candidates."""
+    """One diagnosis in the differential; the evidence is filled for the top candidates.
+
+    ``findings`` (kept for older clients): the patient's reported findings that support it.
+    ``evidence_for`` / ``evidence_against``: the inputs that raise / lower its odds most, of
+    any status (a symptom not mentioned, a lab not measured, no genetic test).
+    ``baseline``: its log-odds for the average training patient, before any of this patient's
+    inputs; ``baseline + Σ all shares`` is its log-odds against the average class.
+    """
 
     rank: int
     name: str
     probability: float
     findings: tuple[Finding, ...] = ()
+    evidence_for: tuple[Finding, ...] = ()
+    evidence_against: tuple[Finding, ...] = ()
+    groups: tuple[EvidenceGroup, ...] = ()
+    baseline: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "rank": self.rank,
             "name": self.name,
             "probability": self.probability,
             "findings": [f.to_dict() for f in self.findings],
         }
+        if self.baseline is not None:
+            out |= {
+                "evidence_for": [f.to_dict() for f in self.evidence_for],
+                "evidence_against": [f.to_dict() for f in self.evidence_against],
+                "groups": [g.to_dict() for g in self.groups],
+                "baseline": {
+                    "contribution": self.baseline,
+                    "odds": explain.fmt_odds(self.baseline),
+                    "effect": explain.baseline_words(self.name, self.baseline),
+                },
+            }
+        return out
 
 
 @dataclass(frozen=True, slots=True)
 class Diagnosis:
-    """The oracle's answer: every class ranked, the model that said so, and what was ignored."""
+    """The oracle's answer: every class ranked, the model that said so, and what was ignored.
+
+    ``out_of_distribution`` says whether (and why) the query is unlike the training data;
+    ``next_tests`` the evidence that would most change the ranking (medimesh.explain).
+    """
 
     differential: tuple[Candidate, ...]
     model_hash: str
@@ -207,6 +276,10 @@ class Diagnosis:
     mapped_terms: Mapping[str, tuple[str, ...]]
     imputed: tuple[str, ...]
     disclaimer: str = DISCLAIMER
+    out_of_distribution: explain.OutOfDistribution = field(
+        default_factory=explain.OutOfDistribution
+    )
+    next_tests: tuple[explain.NextTest, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -217,6 +290,8 @@ class Diagnosis:
             "mapped_terms": {k: list(v) for k, v in self.mapped_terms.items()},
             "imputed": list(self.imputed),
             "disclaimer": self.disclaimer,
+            "out_of_distribution": self.out_of_distribution.to_dict(),
+            "next_tests": [t.to_dict() for t in self.next_tests],
         }
 
 
@@ -277,6 +352,7 @@ class DiagnosisEngine:
         saved: SavedModel,
         features: tuple[FeatureInfo, ...],
         ontology: HpoAncestors | None = None,
+        profile: explain.TrainingProfile | None = None,
     ) -> None:
         names = tuple(f.name for f in features)
         if saved.feature_names != names:
@@ -288,8 +364,9 @@ class DiagnosisEngine:
         self._symptoms = {f.name for f in features if f.name.startswith("HP:")}
         self._markers = {f.name: f for f in features if f.kind == "lognormal"}
         self._genes = {f.name[5:].upper(): f.name for f in features if f.name.startswith("gene:")}
-        w = np.asarray(saved.model.weights, dtype=np.float64)
-        self._relative = w - w.mean(axis=1, keepdims=True)
+        self.profile = profile or explain.TrainingProfile()
+        self._z_ref = explain.reference_inputs(saved.mean, saved.scale_mask)
+        self._symptom_mask = explain.symptom_mask(names)
 
     @property
     def model_hash(self) -> str:
@@ -383,17 +460,22 @@ class DiagnosisEngine:
     # -- scoring
 
     def diagnose(self, request: PatientRequest) -> Diagnosis:
-        """Rank every class and explain the top three; raises :class:`ValidationError`."""
+        """Rank every class, explain the top three, flag an unusual query, suggest tests.
+
+        Raises :class:`ValidationError`.
+        """
         x, unknown, mapped = self.encode(request)
         z = self.saved.prepare(x[None, :])[0]
         proba = self.saved.predict_proba(x[None, :])[0]
         order = np.argsort(-proba, kind="stable")
+        status = self._statuses(request, x)
         candidates = []
         for rank, c in enumerate(order, start=1):
-            findings = self._explain(x, z, int(c)) if rank <= TOP_CANDIDATES else ()
-            candidates.append(
-                Candidate(rank, self.saved.classes[int(c)], float(proba[c]), findings)
-            )
+            name = self.saved.classes[int(c)]
+            if rank <= TOP_CANDIDATES:
+                candidates.append(self._explain(x, z, int(c), rank, float(proba[c]), status))
+            else:
+                candidates.append(Candidate(rank, name, float(proba[c])))
         imputed = tuple(n for n in self._markers if n not in request.biomarkers)
         return Diagnosis(
             differential=tuple(candidates),
@@ -402,27 +484,228 @@ class DiagnosisEngine:
             unknown_terms=tuple(unknown),
             mapped_terms=mapped,
             imputed=imputed,
+            out_of_distribution=self._ood(request, x, z, unknown),
+            next_tests=explain.rank_tests(
+                self._probes(request, x), proba, self.saved.classes, top=NEXT_TESTS
+            ),
         )
 
-    def _explain(self, x: np.ndarray, z: np.ndarray, c: int) -> tuple[Finding, ...]:
-        contrib = z * self._relative[:, c]
-        known = ~np.isnan(x)
-        # A finding the patient reported: a present symptom/gene, a measured biomarker, age, sex.
-        reported = known & ((x != 0) | np.array([f.kind != "binary" for f in self.features]))
-        idx = [int(j) for j in np.argsort(-contrib) if reported[j] and contrib[j] > 0]
-        return tuple(self._finding(j, float(x[j]), float(contrib[j])) for j in idx[:TOP_FINDINGS])
+    # -- explanation
 
-    def _finding(self, j: int, raw: float, contribution: float) -> Finding:
+    def _statuses(self, request: PatientRequest, x: np.ndarray) -> list[explain.Status]:
+        """How each column was given, in the request's terms (drives the words shown)."""
+        sequenced = bool(request.genes)
+        out: list[explain.Status] = []
+        for j, f in enumerate(self.features):
+            v = x[j]
+            if f.name.startswith("HP:"):
+                out.append("observed" if v > 0 else "not_mentioned")
+            elif f.name in self._markers:
+                out.append("not_measured" if np.isnan(v) else "measured")
+            elif f.name.startswith("gene:"):
+                out.append("variant" if v > 0 else "no_variant" if sequenced else "not_sequenced")
+            elif f.name in ("age_onset_years", "sex_male"):
+                out.append("unknown" if np.isnan(v) else "given")
+            else:
+                out.append("encoding")
+        return out
+
+    def _explain(
+        self, x: np.ndarray, z: np.ndarray, c: int, rank: int, p: float,
+        status: Sequence[explain.Status],
+    ) -> Candidate:
+        w, b = self.saved.model.weights, self.saved.model.bias
+        baseline, shares = explain.candidate_shares(z, self._z_ref, w, b, c)
+        name = self.saved.classes[c]
+        # Reported findings that support it (the answer's original ``findings`` list).
+        reported = [j for j in np.argsort(-shares, kind="stable")
+                    if status[j] in ("observed", "measured", "variant", "given")
+                    and shares[j] > 0]
+        big = [j for j in np.argsort(-np.abs(shares), kind="stable")
+               if abs(shares[j]) >= MIN_SHARE]
+        pro = [j for j in big if shares[j] > 0][:TOP_FINDINGS]
+        con = [j for j in big if shares[j] < 0][:TOP_FINDINGS]
+        groups: dict[str, list[int]] = {}
+        for j, st in enumerate(status):
+            groups.setdefault(st, []).append(j)
+        summary = tuple(
+            explain_group(name, st, idx, float(shares[idx].sum()))
+            for st, idx in groups.items()
+            if abs(float(shares[idx].sum())) >= MIN_SHARE
+        )
+
+        def finding(j: int) -> Finding:
+            return self._finding(int(j), float(x[j]), float(shares[j]), status[j], name)
+
+        return Candidate(
+            rank, name, p,
+            findings=tuple(finding(j) for j in reported[:TOP_FINDINGS]),
+            evidence_for=tuple(finding(j) for j in pro),
+            evidence_against=tuple(finding(j) for j in con),
+            groups=tuple(sorted(summary, key=lambda g: -abs(g.contribution))),
+            baseline=round(baseline, 4),
+        )
+
+    def _finding(
+        self, j: int, raw: float, contribution: float, status: explain.Status = "observed",
+        candidate: str = "",
+    ) -> Finding:
         f = self.features[j]
-        value: float | bool | str
+        value: float | bool | str | None
         flag = ""
-        if f.name == "sex_male":
+        label = f.label.removesuffix(f" ({f.unit})") if f.unit else f.label
+        if status in ("not_mentioned", "not_measured", "not_sequenced", "unknown", "excluded"):
+            value = None if status != "excluded" else False
+            display = STATUS_WORDS[status]
+        elif f.name == "sex_male":
             value = "M" if raw == 1.0 else "F"
+            display = "male" if raw == 1.0 else "female"
         elif f.kind == "binary":
-            value = True
+            value = bool(raw > 0)
+            display = STATUS_WORDS[status]
         else:
             value = raw
+            display = f"{explain.fmt_number(raw)} {f.unit}".strip()
             if f.reference_range is not None:
                 lo, hi = f.reference_range
                 flag = "low" if raw < lo else "high" if raw > hi else "normal"
-        return Finding(f.name, f.label, value, f.unit, round(contribution, 4), flag)
+                display += f" ({flag})"
+        return Finding(
+            f.name, label, value, f.unit, round(contribution, 4), flag, status, display,
+            explain.fmt_odds(contribution), explain.effect_words(candidate, contribution),
+        )
+
+    # -- out of distribution
+
+    def _ood(
+        self, request: PatientRequest, x: np.ndarray, z: np.ndarray, unknown: Sequence[str]
+    ) -> explain.OutOfDistribution:
+        extreme = [
+            (f.name, f.label.removesuffix(f" ({f.unit})"), float(z[j]), float(x[j]), f.unit)
+            for j, f in enumerate(self.features)
+            if self.saved.scale_mask[j] and not np.isnan(x[j])
+        ]
+        n_found = int(explain.count_findings(x, self._symptom_mask)[0])
+        return explain.check_ood(
+            n_findings=n_found,
+            profile=self.profile,
+            extreme=extreme,
+            n_unknown=len(unknown),
+            n_terms=len(request.symptoms) + len(request.genes),
+        )
+
+    # -- next tests
+
+    def _symptom_shortlist(self, x: np.ndarray) -> list[int]:
+        """Symptom columns not observed, screened to the few whose presence could matter most.
+
+        Screening sets one column to 1 in model space (``p' ∝ p·exp(w[j])``), which is how the
+        encoding reads a newly observed panel term; the shortlist is then scored exactly
+        through :meth:`encode`. It keeps ``SYMPTOM_SHORTLIST`` terms (by their screened swing).
+        """
+        cols = np.flatnonzero(self._symptom_mask & (np.nan_to_num(x) == 0))
+        if len(cols) == 0:
+            return []
+        z = self.saved.prepare(x[None, :])[0]
+        w = np.asarray(self.saved.model.weights, dtype=np.float64)
+        logits = z @ w + np.asarray(self.saved.model.bias, dtype=np.float64)
+        dz = np.where(self.saved.scale_mask[cols], 1.0 / self.saved.std[cols], 1.0)
+        shifted = logits[None, :] + dz[:, None] * w[cols]
+        shifted -= shifted.max(axis=1, keepdims=True)
+        p1 = np.exp(shifted)
+        p1 /= p1.sum(axis=1, keepdims=True)
+        p0 = np.exp(logits - logits.max())
+        p0 /= p0.sum()
+        a, b = np.argsort(-p0, kind="stable")[:2]
+        swing = np.abs((p1[:, a] - p1[:, b]) - (p0[a] - p0[b]))
+        keep = np.argsort(-swing, kind="stable")[:SYMPTOM_SHORTLIST]
+        return [int(cols[i]) for i in keep]
+
+    def _probes(self, request: PatientRequest, x: np.ndarray) -> list[explain.Probe]:
+        """Every test not yet done, each answer encoded as a clinician would enter it."""
+        specs: list[tuple[str, str, str, str, list[str], list[np.ndarray], list[float | None]]]
+        specs = []
+        for j in self._symptom_shortlist(x):
+            f = self.features[j]
+            present = self.encode(replace(request, symptoms=(*request.symptoms, f.name)))[0]
+            specs.append(("symptom", f.name, f.label, f"Ask about or look for: {f.label}",
+                          ["if present", "if absent"], [present, x], [None, None]))
+        mean, std = self.saved.mean, self.saved.std
+        for name, f in self._markers.items():
+            if name in request.biomarkers:
+                continue
+            j = self._index[name]
+            answers: list[str] = []
+            rows: list[np.ndarray] = []
+            values: list[float | None] = []
+            for k, words in LAB_PROBES:
+                v = float(np.exp(mean[j] + k * std[j]))
+                where = "training mean" if k == 0 else f"training mean {'+' if k > 0 else '−'} " \
+                    f"{abs(k):g} SD"
+                answers.append(f"if {words} (≈ {explain.fmt_number(v)} {f.unit}, {where})")
+                biomarkers = {**request.biomarkers, name: Measurement(v, f.unit)}
+                rows.append(self.encode(replace(request, biomarkers=biomarkers))[0])
+                values.append(v)
+            label = f.label.removesuffix(f" ({f.unit})")
+            specs.append(("biomarker", name, label, f"Measure {label} ({f.unit})", answers,
+                          rows, values))
+        if not request.genes and self._genes:
+            answers, rows = [], []
+            for sym in sorted(self._genes):
+                answers.append(f"if a pathogenic {sym} variant is found")
+                rows.append(self.encode(replace(request, genes=(sym,)))[0])
+            answers.append("if nothing is found")
+            rows.append(x)
+            nothing: list[float | None] = [None] * len(rows)
+            panel = ", ".join(sorted(self._genes))
+            specs.append(("genetic_test", "genes", "Genetic testing",
+                          f"Genetic testing (panel of {len(self._genes)} genes: {panel})",
+                          answers, rows, nothing))
+        if not specs:
+            return []
+        proba = self.saved.predict_proba(np.vstack([r for s in specs for r in s[5]]))
+        probes, at = [], 0
+        for kind, feature, label, question, answers, rows, values in specs:
+            probes.append(explain.Probe(
+                kind, feature, label, question, tuple(answers),  # type: ignore[arg-type]
+                proba[at:at + len(rows)], tuple(values),
+            ))
+            at += len(rows)
+        return probes
+
+
+STATUS_WORDS: Final[Mapping[str, str]] = {
+    "observed": "observed",
+    "excluded": "absent (excluded)",
+    "not_mentioned": "not mentioned",
+    "measured": "measured",
+    "not_measured": "not measured",
+    "variant": "pathogenic variant reported",
+    "no_variant": "no variant reported",
+    "not_sequenced": "no genetic test",
+    "given": "given",
+    "unknown": "not given",
+    "encoding": "model input",
+}
+
+GROUP_WORDS: Final[Mapping[str, str]] = {
+    "observed": "observed symptoms",
+    "excluded": "symptoms marked absent",
+    "not_mentioned": "symptoms not mentioned (this model reads them as absent)",
+    "measured": "measured labs",
+    "not_measured": "labs not measured (no evidence either way)",
+    "variant": "reported gene variants",
+    "no_variant": "genes without a reported variant",
+    "not_sequenced": "genes, with no genetic test (this model reads them as negative)",
+    "given": "age and sex",
+    "unknown": "age or sex not given",
+    "encoding": "other model inputs",
+}
+
+
+def explain_group(candidate: str, status: str, idx: Sequence[int], share: float) -> EvidenceGroup:
+    """All inputs with one status, summed: how much the silence (or the labs) weigh."""
+    return EvidenceGroup(
+        status, GROUP_WORDS.get(status, status), len(idx), round(share, 4),
+        explain.fmt_odds(share), explain.effect_words(candidate, share),
+    )
