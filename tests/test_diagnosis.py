@@ -175,3 +175,23 @@ def test_mismatched_model_is_refused() -> None:
         saved_model_for(
             init_model(3, 11), feats, cohort.class_names(), np.zeros(3), np.ones(3)
         )
+
+
+def test_evidence_groups_add_up_to_the_log_odds(engine: DiagnosisEngine) -> None:
+    """baseline + Σ group shares = each explained candidate's logit minus the mean logit."""
+    req = PatientRequest(symptoms=("HP:0001014", "HP:0000966", "HP:0000093"))
+    d = engine.diagnose(req)
+    x, _, _ = engine.encode(req)
+    z = engine.saved.prepare(x[None, :])[0]
+    w = np.asarray(engine.saved.model.weights, dtype=float)
+    logits = z @ w + np.asarray(engine.saved.model.bias, dtype=float)
+    for c in d.differential[:3]:
+        k = engine.saved.classes.index(c.name)
+        assert c.baseline is not None
+        total = c.baseline + sum(g.contribution for g in c.groups)
+        # groups below 0.01 are left out, rounding to 4 places: a loose but real bound
+        assert total == pytest.approx(logits[k] - logits.mean(), abs=0.05)
+        assert c.evidence_against and all(f.contribution < 0 for f in c.evidence_against)
+        assert all(f.contribution > 0 for f in c.evidence_for)
+    statuses = {g.status for g in d.differential[0].groups}
+    assert "not_mentioned" in statuses  # the silence is shown, not hidden in the bias
