@@ -241,24 +241,20 @@ class Candidate:
     baseline: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+        return {
             "rank": self.rank,
             "name": self.name,
             "probability": self.probability,
             "findings": [f.to_dict() for f in self.findings],
+            "evidence_for": [f.to_dict() for f in self.evidence_for],
+            "evidence_against": [f.to_dict() for f in self.evidence_against],
+            "groups": [g.to_dict() for g in self.groups],
+            "baseline": None if self.baseline is None else {
+                "contribution": self.baseline,
+                "odds": explain.fmt_odds(self.baseline),
+                "effect": explain.baseline_words(self.name, self.baseline),
+            },
         }
-        if self.baseline is not None:
-            out |= {
-                "evidence_for": [f.to_dict() for f in self.evidence_for],
-                "evidence_against": [f.to_dict() for f in self.evidence_against],
-                "groups": [g.to_dict() for g in self.groups],
-                "baseline": {
-                    "contribution": self.baseline,
-                    "odds": explain.fmt_odds(self.baseline),
-                    "effect": explain.baseline_words(self.name, self.baseline),
-                },
-            }
-        return out
 
 
 @dataclass(frozen=True, slots=True)
