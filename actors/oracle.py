@@ -309,20 +309,45 @@ class DiagnoseIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
+            # Said in the schema, so a schema-valid body is never refused: a gene finding
+            # needs a genetic test (the engine's 422 names ``sequenced``).
+            "not": {
+                "required": ["sequenced", "genes"],
+                "properties": {"sequenced": {"const": False}, "genes": {"minItems": 1}},
+            },
             "examples": [
                 {
                     "symptoms": ["HP:0001744", "HP:0002240"],
+                    "excluded_symptoms": ["HP:0001250"],
                     "biomarkers": {"chitotriosidase": {"value": 5200, "unit": "nmol/h/mL"}},
                     "genes": ["GBA1"],
+                    "sequenced": True,
                     "age": 12,
                     "sex": "F",
                 }
             ]
         },
     )
-    symptoms: list[Term] = Field(default_factory=list, max_length=256)
-    biomarkers: Biomarkers = Field(default_factory=Biomarkers)  # type: ignore[valid-type]
-    genes: list[Term] = Field(default_factory=list, max_length=64)
+    symptoms: list[Term] = Field(
+        default_factory=list, max_length=256, description="HPO ids OBSERVED in the patient"
+    )
+    excluded_symptoms: list[Term] = Field(
+        default_factory=list,
+        max_length=256,
+        description="HPO ids checked and found ABSENT; a term in neither list is unknown",
+    )
+    biomarkers: Biomarkers = Field(  # type: ignore[valid-type]
+        default_factory=Biomarkers, description="measured labs; a missing one = not measured"
+    )
+    genes: list[Term] = Field(
+        default_factory=list, max_length=64, description="reported (likely) pathogenic findings"
+    )
+    sequenced: bool | None = Field(
+        default=None,
+        strict=True,
+        description="genetic testing done? null: true iff genes is non-empty; "
+        "true with no genes: tested, nothing found; false with genes: 422",
+    )
     # strict: a boolean is not an age (lax mode reads true as 1), as the engine's own check says
     age: float | None = Field(default=None, ge=0.0, le=130.0, allow_inf_nan=False, strict=True)
     sex: Literal["F", "M"] | None = None
@@ -337,6 +362,8 @@ class DiagnoseIn(BaseModel):
             genes=tuple(self.genes),
             age=self.age,
             sex=self.sex,
+            excluded_symptoms=tuple(self.excluded_symptoms),
+            sequenced=self.sequenced,
         )
 
 

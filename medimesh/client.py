@@ -533,6 +533,8 @@ def _diagnose_body(
     genes: Iterable[str],
     age: float | None,
     sex: str | None,
+    excluded_symptoms: Iterable[str] = (),
+    sequenced: bool | None = None,
 ) -> dict[str, Any]:
     markers: dict[str, Any] = {}
     for name, m in (biomarkers or {}).items():
@@ -543,6 +545,11 @@ def _diagnose_body(
             markers[name] = {"value": value, "unit": unit}
     body: dict[str, Any] = {"symptoms": list(symptoms), "biomarkers": markers,
                             "genes": list(genes)}
+    excluded = list(excluded_symptoms)
+    if excluded:
+        body["excluded_symptoms"] = excluded
+    if sequenced is not None:
+        body["sequenced"] = sequenced
     if age is not None:
         body["age"] = age
     if sex is not None:
@@ -629,10 +636,18 @@ class Client:
         genes: Iterable[str] = (),
         age: float | None = None,
         sex: str | None = None,
+        excluded_symptoms: Iterable[str] = (),
+        sequenced: bool | None = None,
     ) -> Diagnosis:
-        """Ranked differential; biomarkers as ``{name: {"value", "unit"}}`` or ``(value, unit)``."""
-        return _diagnosis(self._post("/diagnose", _diagnose_body(symptoms, biomarkers, genes,
-                                                                 age, sex)))
+        """Ranked differential; biomarkers as ``{name: {"value", "unit"}}`` or ``(value, unit)``.
+
+        ``symptoms`` are observed, ``excluded_symptoms`` checked and absent (any other term is
+        unknown); a biomarker left out was not measured; ``sequenced`` says whether genetic
+        testing was done (``None``: iff ``genes`` is non-empty).
+        """
+        body = _diagnose_body(symptoms, biomarkers, genes, age, sex, excluded_symptoms,
+                              sequenced)
+        return _diagnosis(self._post("/diagnose", body))
 
     def network(self) -> Network:
         return _network(self._get("/network"))
@@ -762,8 +777,11 @@ class AsyncClient:
         genes: Iterable[str] = (),
         age: float | None = None,
         sex: str | None = None,
+        excluded_symptoms: Iterable[str] = (),
+        sequenced: bool | None = None,
     ) -> Diagnosis:
-        body = _diagnose_body(symptoms, biomarkers, genes, age, sex)
+        body = _diagnose_body(symptoms, biomarkers, genes, age, sex, excluded_symptoms,
+                              sequenced)
         return _diagnosis(await self._post("/diagnose", body))
 
     async def network(self) -> Network:

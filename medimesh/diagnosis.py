@@ -26,6 +26,7 @@ import numpy as np
 
 from medimesh import explain
 from medimesh.errors import MediMeshError
+from medimesh.evidence import GENETIC_TESTING_COLUMN, excluded_column, measured_column
 from medimesh.model import Model, model_hash
 
 if TYPE_CHECKING:
@@ -107,23 +108,52 @@ class Measurement:
 
 @dataclass(frozen=True, slots=True)
 class PatientRequest:
-    """What a clinician knows about one patient, in the consortium's vocabulary."""
+    """What a clinician knows about one patient, in the consortium's vocabulary.
+
+    Three states per finding (issue 14): ``symptoms`` are OBSERVED HPO terms,
+    ``excluded_symptoms`` were checked and found ABSENT, any other term is NOT MENTIONED
+    (unknown). A biomarker missing from ``biomarkers`` was NOT MEASURED (never "normal").
+    ``genes`` are reported (likely) pathogenic findings; ``sequenced`` says whether genetic
+    testing was done (``None``: not said, read as "sequenced iff ``genes`` is non-empty"), so
+    ``sequenced=True, genes=()`` means "tested, nothing found"; ``sequenced=False`` with genes
+    is refused. A term both observed and excluded (directly or through the ontology) is read
+    as observed: a specific positive finding outweighs a negative one.
+    """
 
     symptoms: tuple[str, ...] = ()
     biomarkers: Mapping[str, Measurement] = field(default_factory=dict)
     genes: tuple[str, ...] = ()
     age: float | None = None
     sex: Literal["F", "M"] | None = None
+    excluded_symptoms: tuple[str, ...] = ()
+    sequenced: bool | None = None
+
+    @property
+    def genetic_testing_done(self) -> bool:
+        """Whether genetic testing was done: ``sequenced``, or (unsaid) any gene reported."""
+        return bool(self.genes) if self.sequenced is None else self.sequenced
+
+    def check(self) -> None:
+        """Cross-field rules; raises :class:`ValidationError` naming the offending field."""
+        if self.sequenced is not None and not isinstance(self.sequenced, bool):
+            raise ValidationError("sequenced", "expected true, false or null")
+        if self.sequenced is False and self.genes:
+            raise ValidationError(
+                "sequenced", "is false but genes lists findings (a finding needs a test)"
+            )
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> PatientRequest:
         """Parse a JSON-shaped request; type errors raise :class:`ValidationError` with a path."""
         if not isinstance(doc, Mapping):
             raise ValidationError("body", "expected a JSON object")
-        unknown = set(doc) - {"symptoms", "biomarkers", "genes", "age", "sex"}
+        unknown = set(doc) - {
+            "symptoms", "excluded_symptoms", "biomarkers", "genes", "sequenced", "age", "sex"
+        }
         if unknown:
             raise ValidationError(sorted(unknown)[0], "unknown field")
         symptoms = _str_list(doc.get("symptoms", []), "symptoms")
+        excluded = _str_list(doc.get("excluded_symptoms", []), "excluded_symptoms")
         genes = _str_list(doc.get("genes", []), "genes")
         raw = doc.get("biomarkers", {}) or {}
         if not isinstance(raw, Mapping):
@@ -145,7 +175,14 @@ class PatientRequest:
         sex = doc.get("sex")
         if sex not in (None, "F", "M"):
             raise ValidationError("sex", "expected 'F', 'M' or null")
-        return cls(symptoms, markers, genes, None if age is None else float(age), sex)
+        sequenced = doc.get("sequenced")
+        if sequenced is not None and not isinstance(sequenced, bool):
+            raise ValidationError("sequenced", "expected true, false or null")
+        req = cls(
+            symptoms, markers, genes, None if age is None else float(age), sex, excluded, sequenced
+        )
+        req.check()
+        return req
 
 
 def _str_list(value: object, path: str) -> tuple[str, ...]:
@@ -363,6 +400,11 @@ class DiagnosisEngine:
         self.profile = profile or explain.TrainingProfile()
         self._z_ref = explain.reference_inputs(saved.mean, saved.scale_mask)
         self._symptom_mask = explain.symptom_mask(names)
+        self._below = self._descendants()
+        # One explanation row ("item") per thing a clinician enters: a symptom is its observed
+        # and its excluded column, a lab its value and its measured indicator.
+        self._items = explain.items_of(names)
+        self._item_matrix = explain.item_matrix(self._items, len(names))
 
     @property
     def model_hash(self) -> str:
@@ -374,9 +416,17 @@ class DiagnosisEngine:
 
     # -- request -> raw row
 
+    def _resolve(self, term: str) -> str | None:
+        """Primary HPO id of a term (alt ids mapped), or None if the ontology lacks it."""
+        onto = self._ontology
+        if onto is None or term not in onto:
+            return None
+        return onto.resolve(term)
+
     def _symptom_columns(
         self, symptoms: Sequence[str]
     ) -> tuple[set[str], list[str], dict[str, tuple[str, ...]]]:
+        """Observed terms and, by the true-path rule, every panel ancestor of each."""
         present: set[str] = set()
         unknown: list[str] = []
         mapped: dict[str, tuple[str, ...]] = {}
@@ -386,8 +436,8 @@ class DiagnosisEngine:
                 present.add(t)
                 continue
             onto = self._ontology
-            if onto is not None and t in onto:
-                primary = onto.resolve(t)
+            primary = self._resolve(t)
+            if onto is not None and primary is not None:
                 hits = tuple(sorted(a for a in (primary, *onto.ancestors(primary))
                                     if a in self._symptoms))
                 if hits:
@@ -396,6 +446,37 @@ class DiagnosisEngine:
                     continue
             unknown.append(term)
         return present, unknown, mapped
+
+    def _descendants(self) -> dict[str, tuple[str, ...]]:
+        """Panel terms under each HPO term (itself included): what excluding it rules out."""
+        out: dict[str, set[str]] = {}
+        onto = self._ontology
+        for t in self._symptoms:
+            out.setdefault(t, set()).add(t)
+            if onto is not None and t in onto:
+                for a in onto.ancestors(t):
+                    out.setdefault(a, set()).add(t)
+        return {k: tuple(sorted(v)) for k, v in out.items()}
+
+    def _excluded_columns(
+        self, excluded: Sequence[str]
+    ) -> tuple[set[str], list[str], dict[str, tuple[str, ...]]]:
+        """Excluded terms and every panel term below each (absent parent: absent children)."""
+        absent: set[str] = set()
+        unknown: list[str] = []
+        mapped: dict[str, tuple[str, ...]] = {}
+        below = self._below
+        for term in excluded:
+            t = term.strip().upper()
+            primary = t if t in self._symptoms else self._resolve(t)
+            hits = below.get(primary, ()) if primary is not None else ()
+            if not hits:
+                unknown.append(term)
+                continue
+            absent.update(hits)
+            if hits != (t,):
+                mapped[term] = hits
+        return absent, unknown, mapped
 
     def _marker_value(self, name: str, m: Measurement) -> float:
         info = self._markers.get(name)
@@ -420,17 +501,39 @@ class DiagnosisEngine:
         # Lognormal columns are logged: a reported 0 means "below detection", not "missing".
         return max(m.value * factor, 1e-3)
 
+    def _set(self, x: np.ndarray, column: str, value: float) -> None:
+        """Set a column if the model has it (older layouts lack the indicator columns)."""
+        j = self._index.get(column)
+        if j is not None:
+            x[j] = value
+
     def encode(self, req: PatientRequest) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-        """Raw feature row (natural units, NaN = unknown), unknown terms and mapped terms."""
+        """Raw feature row (natural units, NaN = unknown), unknown terms and mapped terms.
+
+        Observed symptoms set their column and their panel ancestors' (true path); excluded
+        symptoms set ``excluded:<term>`` for the term and every panel term below it, unless that
+        term is observed (a specific positive finding outweighs a broader negative one); a term
+        in neither list leaves both 0. Each biomarker sets its value and ``measured:<name>``;
+        a missing one stays NaN (imputed with the training mean) with ``measured`` 0. Genes
+        set ``gene:SYMBOL`` and ``genetic_testing_done`` says whether testing was done.
+        """
+        req.check()
         x = np.zeros(len(self.features), dtype=np.float64)
         present, unknown, mapped = self._symptom_columns(req.symptoms)
+        absent, unknown_excluded, mapped_excluded = self._excluded_columns(req.excluded_symptoms)
+        unknown += unknown_excluded
+        mapped.update(mapped_excluded)
         for t in present:
             x[self._index[t]] = 1.0
+        for t in absent - present:
+            self._set(x, excluded_column(t), 1.0)
         for name in self._markers:
             x[self._index[name]] = np.nan
+            self._set(x, measured_column(name), 0.0)
         for name, m in req.biomarkers.items():
             value = self._marker_value(name, m)
             x[self._index[name]] = value
+            self._set(x, measured_column(name), 1.0)
         for i, g in enumerate(req.genes):
             sym = g.strip().upper().removeprefix("GENE:")
             if not sym:
@@ -440,6 +543,7 @@ class DiagnosisEngine:
                 unknown.append(g)
             else:
                 x[self._index[col]] = 1.0
+        self._set(x, GENETIC_TESTING_COLUMN, float(req.genetic_testing_done))
         if "age_onset_years" in self._index:
             if req.age is None:
                 x[self._index["age_onset_years"]] = np.nan
@@ -489,17 +593,21 @@ class DiagnosisEngine:
     # -- explanation
 
     def _statuses(self, request: PatientRequest, x: np.ndarray) -> list[explain.Status]:
-        """How each column was given, in the request's terms (drives the words shown)."""
-        sequenced = bool(request.genes)
+        """How each item was given, in the request's terms (drives the words shown)."""
+        tested = request.genetic_testing_done
         out: list[explain.Status] = []
-        for j, f in enumerate(self.features):
-            v = x[j]
+        for primary, cols in self._items:
+            f = self.features[primary]
+            v = x[primary]
             if f.name.startswith("HP:"):
-                out.append("observed" if v > 0 else "not_mentioned")
+                excluded = any(x[j] > 0 for j in cols if j != primary)
+                out.append("observed" if v > 0 else "excluded" if excluded else "not_mentioned")
             elif f.name in self._markers:
                 out.append("not_measured" if np.isnan(v) else "measured")
             elif f.name.startswith("gene:"):
-                out.append("variant" if v > 0 else "no_variant" if sequenced else "not_sequenced")
+                out.append("variant" if v > 0 else "no_variant" if tested else "not_sequenced")
+            elif f.name == GENETIC_TESTING_COLUMN:
+                out.append("sequenced" if v > 0 else "not_sequenced")
             elif f.name in ("age_onset_years", "sex_male"):
                 out.append("unknown" if np.isnan(v) else "given")
             else:
@@ -511,33 +619,35 @@ class DiagnosisEngine:
         status: Sequence[explain.Status],
     ) -> Candidate:
         w, b = self.saved.model.weights, self.saved.model.bias
-        baseline, shares = explain.candidate_shares(z, self._z_ref, w, b, c)
+        baseline, column_shares = explain.candidate_shares(z, self._z_ref, w, b, c)
+        shares = self._item_matrix @ column_shares
         name = self.saved.classes[c]
         # Reported findings that support it (the answer's original ``findings`` list).
-        reported = [j for j in np.argsort(-shares, kind="stable")
-                    if status[j] in ("observed", "measured", "variant", "given")
-                    and shares[j] > 0]
-        big = [j for j in np.argsort(-np.abs(shares), kind="stable")
-               if abs(shares[j]) >= MIN_SHARE]
-        pro = [j for j in big if shares[j] > 0][:TOP_FINDINGS]
-        con = [j for j in big if shares[j] < 0][:TOP_FINDINGS]
+        reported = [i for i in np.argsort(-shares, kind="stable")
+                    if status[i] in ("observed", "measured", "variant", "given")
+                    and shares[i] > 0]
+        big = [i for i in np.argsort(-np.abs(shares), kind="stable")
+               if abs(shares[i]) >= MIN_SHARE]
+        pro = [i for i in big if shares[i] > 0][:TOP_FINDINGS]
+        con = [i for i in big if shares[i] < 0][:TOP_FINDINGS]
         groups: dict[str, list[int]] = {}
-        for j, st in enumerate(status):
-            groups.setdefault(st, []).append(j)
+        for i, st in enumerate(status):
+            groups.setdefault(st, []).append(i)
         summary = tuple(
             explain_group(name, st, idx, float(shares[idx].sum()))
             for st, idx in groups.items()
             if abs(float(shares[idx].sum())) >= MIN_SHARE
         )
 
-        def finding(j: int) -> Finding:
-            return self._finding(int(j), float(x[j]), float(shares[j]), status[j], name)
+        def finding(i: int) -> Finding:
+            j = self._items[i][0]
+            return self._finding(j, float(x[j]), float(shares[i]), status[i], name)
 
         return Candidate(
             rank, name, p,
-            findings=tuple(finding(j) for j in reported[:TOP_FINDINGS]),
-            evidence_for=tuple(finding(j) for j in pro),
-            evidence_against=tuple(finding(j) for j in con),
+            findings=tuple(finding(i) for i in reported[:TOP_FINDINGS]),
+            evidence_for=tuple(finding(i) for i in pro),
+            evidence_against=tuple(finding(i) for i in con),
             groups=tuple(sorted(summary, key=lambda g: -abs(g.contribution))),
             baseline=round(baseline, 4),
         )
@@ -550,7 +660,8 @@ class DiagnosisEngine:
         value: float | bool | str | None
         flag = ""
         label = f.label.removesuffix(f" ({f.unit})") if f.unit else f.label
-        if status in ("not_mentioned", "not_measured", "not_sequenced", "unknown", "excluded"):
+        if status in ("not_mentioned", "not_measured", "not_sequenced", "unknown", "excluded",
+                      "sequenced"):
             value = None if status != "excluded" else False
             display = STATUS_WORDS[status]
         elif f.name == "sex_male":
@@ -587,35 +698,45 @@ class DiagnosisEngine:
             profile=self.profile,
             extreme=extreme,
             n_unknown=len(unknown),
-            n_terms=len(request.symptoms) + len(request.genes),
+            n_terms=len(request.symptoms) + len(request.excluded_symptoms) + len(request.genes),
         )
 
     # -- next tests
 
     def _symptom_shortlist(self, x: np.ndarray) -> list[int]:
-        """Symptom columns not observed, screened to the few whose presence could matter most.
+        """Symptoms not mentioned, screened to the few whose answer could matter most.
 
-        Screening sets one column to 1 in model space (``p' ∝ p·exp(w[j])``), which is how the
-        encoding reads a newly observed panel term; the shortlist is then scored exactly
-        through :meth:`encode`. It keeps ``SYMPTOM_SHORTLIST`` terms (by their screened swing).
+        The screen moves one column in model space (``p' ∝ p·exp(Δz·w[j])``): the term's own
+        column for "present", its ``excluded:`` column for "absent", which is how the encoding
+        reads a newly answered panel term (ignoring ontology neighbours); the shortlist is then
+        scored exactly through :meth:`encode`. It keeps ``SYMPTOM_SHORTLIST`` terms.
         """
-        cols = np.flatnonzero(self._symptom_mask & (np.nan_to_num(x) == 0))
-        if len(cols) == 0:
+        xz = np.nan_to_num(x)
+        pairs = [
+            (j, self._index.get(excluded_column(self.features[j].name)))
+            for j in np.flatnonzero(self._symptom_mask & (xz == 0))
+        ]
+        pairs = [(j, e) for j, e in pairs if e is None or xz[e] == 0]
+        if not pairs:
             return []
         z = self.saved.prepare(x[None, :])[0]
         w = np.asarray(self.saved.model.weights, dtype=np.float64)
         logits = z @ w + np.asarray(self.saved.model.bias, dtype=np.float64)
-        dz = np.where(self.saved.scale_mask[cols], 1.0 / self.saved.std[cols], 1.0)
-        shifted = logits[None, :] + dz[:, None] * w[cols]
-        shifted -= shifted.max(axis=1, keepdims=True)
-        p1 = np.exp(shifted)
-        p1 /= p1.sum(axis=1, keepdims=True)
-        p0 = np.exp(logits - logits.max())
-        p0 /= p0.sum()
+        p0 = explain.softmax(logits[None, :])[0]
         a, b = np.argsort(-p0, kind="stable")[:2]
-        swing = np.abs((p1[:, a] - p1[:, b]) - (p0[a] - p0[b]))
-        keep = np.argsort(-swing, kind="stable")[:SYMPTOM_SHORTLIST]
-        return [int(cols[i]) for i in keep]
+
+        def swings(cols: np.ndarray) -> np.ndarray:
+            dz = np.where(self.saved.scale_mask[cols], 1.0 / self.saved.std[cols], 1.0)
+            p1 = explain.softmax(logits[None, :] + dz[:, None] * w[cols])
+            return np.asarray(np.abs((p1[:, a] - p1[:, b]) - (p0[a] - p0[b])))
+
+        present = swings(np.array([j for j, _ in pairs]))
+        have = np.array([e is not None for _, e in pairs])
+        absent = np.zeros(len(pairs))
+        if have.any():
+            absent[have] = swings(np.array([e for _, e in pairs if e is not None]))
+        keep = np.argsort(-np.maximum(present, absent), kind="stable")[:SYMPTOM_SHORTLIST]
+        return [int(pairs[i][0]) for i in keep]
 
     def _probes(self, request: PatientRequest, x: np.ndarray) -> list[explain.Probe]:
         """Every test not yet done, each answer encoded as a clinician would enter it."""
@@ -624,8 +745,11 @@ class DiagnosisEngine:
         for j in self._symptom_shortlist(x):
             f = self.features[j]
             present = self.encode(replace(request, symptoms=(*request.symptoms, f.name)))[0]
+            absent = self.encode(
+                replace(request, excluded_symptoms=(*request.excluded_symptoms, f.name))
+            )[0]
             specs.append(("symptom", f.name, f.label, f"Ask about or look for: {f.label}",
-                          ["if present", "if absent"], [present, x], [None, None]))
+                          ["if present", "if absent"], [present, absent], [None, None]))
         mean, std = self.saved.mean, self.saved.std
         for name, f in self._markers.items():
             if name in request.biomarkers:
@@ -645,13 +769,13 @@ class DiagnosisEngine:
             label = f.label.removesuffix(f" ({f.unit})")
             specs.append(("biomarker", name, label, f"Measure {label} ({f.unit})", answers,
                           rows, values))
-        if not request.genes and self._genes:
+        if not request.genetic_testing_done and self._genes:
             answers, rows = [], []
             for sym in sorted(self._genes):
                 answers.append(f"if a pathogenic {sym} variant is found")
-                rows.append(self.encode(replace(request, genes=(sym,)))[0])
+                rows.append(self.encode(replace(request, genes=(sym,), sequenced=True))[0])
             answers.append("if nothing is found")
-            rows.append(x)
+            rows.append(self.encode(replace(request, sequenced=True))[0])
             nothing: list[float | None] = [None] * len(rows)
             panel = ", ".join(sorted(self._genes))
             specs.append(("genetic_test", "genes", "Genetic testing",
@@ -677,8 +801,9 @@ STATUS_WORDS: Final[Mapping[str, str]] = {
     "measured": "measured",
     "not_measured": "not measured",
     "variant": "pathogenic variant reported",
-    "no_variant": "no variant reported",
+    "no_variant": "tested, no variant",
     "not_sequenced": "no genetic test",
+    "sequenced": "genetic testing done",
     "given": "given",
     "unknown": "not given",
     "encoding": "model input",
@@ -687,12 +812,13 @@ STATUS_WORDS: Final[Mapping[str, str]] = {
 GROUP_WORDS: Final[Mapping[str, str]] = {
     "observed": "observed symptoms",
     "excluded": "symptoms marked absent",
-    "not_mentioned": "symptoms not mentioned (this model reads them as absent)",
+    "not_mentioned": "symptoms not mentioned",
     "measured": "measured labs",
-    "not_measured": "labs not measured (no evidence either way)",
+    "not_measured": "labs not measured",
     "variant": "reported gene variants",
-    "no_variant": "genes without a reported variant",
-    "not_sequenced": "genes, with no genetic test (this model reads them as negative)",
+    "no_variant": "genes tested without a finding",
+    "not_sequenced": "no genetic testing",
+    "sequenced": "genetic testing done",
     "given": "age and sex",
     "unknown": "age or sex not given",
     "encoding": "other model inputs",

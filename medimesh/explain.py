@@ -63,9 +63,12 @@ __all__ = [
     "fmt_odds",
     "fmt_pct",
     "gap_swing",
+    "item_matrix",
+    "items_of",
     "outcome_words",
     "rank_tests",
     "reference_inputs",
+    "softmax",
     "symptom_mask",
 ]
 
@@ -88,8 +91,11 @@ MIN_SWING: Final = 0.01  # tests that cannot move the gap by one point are not s
 
 Status = Literal[
     "observed", "excluded", "not_mentioned", "measured", "not_measured", "variant",
-    "no_variant", "not_sequenced", "given", "unknown", "encoding",
+    "no_variant", "not_sequenced", "sequenced", "given", "unknown", "encoding",
 ]
+
+# Indicator columns that belong to another column's explanation row (medimesh.evidence).
+_PARTNER_PREFIXES: Final = ("excluded:", "measured:")
 
 
 # ------------------------------------------------------------------------------- formatting
@@ -169,6 +175,32 @@ def candidate_shares(
     rel = w[:, c] - w.mean(axis=1)
     baseline = float(b[c] - b.mean() + z_ref @ rel)
     return baseline, (z - z_ref) * rel
+
+
+def items_of(feature_names: Sequence[str]) -> list[tuple[int, list[int]]]:
+    """Explanation rows: (primary column, all its columns) — a symptom with its
+    ``excluded:`` column, a lab with its ``measured:`` indicator, anything else alone."""
+    index = {n: j for j, n in enumerate(feature_names)}
+    items: dict[int, list[int]] = {}
+    for j, n in enumerate(feature_names):
+        owner = next((n.removeprefix(p) for p in _PARTNER_PREFIXES if n.startswith(p)), None)
+        primary = index.get(owner, j) if owner is not None else j
+        items.setdefault(primary, []).append(j)
+    return sorted(items.items())
+
+
+def item_matrix(items: Sequence[tuple[int, list[int]]], n_columns: int) -> np.ndarray:
+    """0/1 matrix summing column shares into item shares."""
+    m = np.zeros((len(items), n_columns))
+    for i, (_, cols) in enumerate(items):
+        m[i, cols] = 1.0
+    return m
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
 
 
 # ----------------------------------------------------------------------- training aggregates

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Final, Literal, TypeAlias
 
 import numpy as np
 
+from medimesh import evidence
 from medimesh.errors import MediMeshError
 from medimesh.hpo import HpoAncestors
 
@@ -93,9 +94,12 @@ class NumericFeature:
     missing_values: tuple[float | str, ...] = ()
     transform: Literal["log"] | None = None
     unit: str | None = None
+    measured_indicator: bool = False
 
     def columns(self) -> tuple[str, ...]:
-        """Matrix column names produced by this feature."""
+        """Matrix column names produced by this feature (the value, then ``measured:name``)."""
+        if self.measured_indicator:
+            return (self.name, evidence.measured_column(self.name))
         return (self.name,)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,6 +113,8 @@ class NumericFeature:
             out["transform"] = self.transform
         if self.unit is not None:
             out["unit"] = self.unit
+        if self.measured_indicator:
+            out["measured_indicator"] = True
         return out
 
 
@@ -138,20 +144,27 @@ class CategoricalFeature:
 
 @dataclass(frozen=True)
 class CodesFeature:
-    """A separator-joined list of codes; one 0/1 indicator column per vocabulary code."""
+    """A separator-joined list of codes; one 0/1 indicator column per vocabulary code.
+
+    With ``excluded_column``, a second CSV column lists codes checked and found ABSENT; they set
+    one ``excluded:<code>`` column per vocabulary code, so "absent" and "not mentioned" differ.
+    """
 
     type: ClassVar[str] = "codes"
     name: str
     vocabulary: tuple[str, ...]
     separator: str = "|"
     expand: Literal["hpo-ancestors"] | None = None
+    excluded_column: str | None = None
 
     def columns(self) -> tuple[str, ...]:
-        """Matrix column names produced by this feature (the codes themselves)."""
-        return self.vocabulary
+        """Matrix column names: the codes, then ``excluded:<code>`` with ``excluded_column``."""
+        if self.excluded_column is None:
+            return self.vocabulary
+        return (*self.vocabulary, *(evidence.excluded_column(c) for c in self.vocabulary))
 
     def to_dict(self) -> dict[str, Any]:
-        """Canonical JSON form (``expand`` omitted when unset)."""
+        """Canonical JSON form (``expand`` and ``excluded_column`` omitted when unset)."""
         out: dict[str, Any] = {
             "name": self.name,
             "type": self.type,
@@ -160,6 +173,8 @@ class CodesFeature:
         }
         if self.expand is not None:
             out["expand"] = self.expand
+        if self.excluded_column is not None:
+            out["excluded_column"] = self.excluded_column
         return out
 
 
@@ -182,19 +197,33 @@ class FeatureSpec:
         """True for columns to log-transform (see :func:`medimesh.features.log_transform`)."""
         return np.array(
             [
-                isinstance(f, NumericFeature) and f.transform == "log"
+                isinstance(f, NumericFeature) and f.transform == "log" and i == 0
                 for f in self.features
-                for _ in f.columns()
+                for i, _ in enumerate(f.columns())
             ],
             dtype=bool,
         )
 
     def scale_mask(self) -> np.ndarray:
-        """True for numeric columns (standardized); False for 0/1 indicator columns."""
+        """True for numeric value columns (standardized); False for 0/1 indicator columns
+        (one-hot levels, codes, ``excluded:`` and ``measured:`` indicators)."""
         return np.array(
-            [isinstance(f, NumericFeature) for f in self.features for _ in f.columns()],
+            [
+                isinstance(f, NumericFeature) and i == 0
+                for f in self.features
+                for i, _ in enumerate(f.columns())
+            ],
             dtype=bool,
         )
+
+    def csv_columns(self) -> tuple[str, ...]:
+        """CSV columns a site file must have: the label, each feature's, excluded-code lists."""
+        out = [self.label]
+        for f in self.features:
+            out.append(f.name)
+            if isinstance(f, CodesFeature) and f.excluded_column is not None:
+                out.append(f.excluded_column)
+        return tuple(out)
 
     def to_dict(self) -> dict[str, Any]:
         """Canonical JSON form; ``load_spec(spec.to_dict()) == spec``."""
@@ -297,7 +326,9 @@ def _not_missing_token(value: str, path: str) -> None:
 
 
 def _parse_numeric(obj: Mapping[str, Any], path: str) -> NumericFeature:
-    _check_keys(obj, path, ("name", "type"), ("missing_values", "transform", "unit"))
+    _check_keys(
+        obj, path, ("name", "type"), ("missing_values", "transform", "unit", "measured_indicator")
+    )
     name = _string(obj["name"], f"{path}.name")
     raw_missing = obj.get("missing_values", [])
     if not isinstance(raw_missing, list):
@@ -325,7 +356,10 @@ def _parse_numeric(obj: Mapping[str, Any], path: str) -> NumericFeature:
     unit = obj.get("unit")
     if unit is not None:
         unit = _string(unit, f"{path}.unit")
-    return NumericFeature(name, tuple(missing), transform, unit)
+    measured = obj.get("measured_indicator", False)
+    if not isinstance(measured, bool):
+        raise SpecError(f"{path}.measured_indicator", "must be true or false")
+    return NumericFeature(name, tuple(missing), transform, unit, measured)
 
 
 def _parse_categorical(obj: Mapping[str, Any], path: str) -> CategoricalFeature:
@@ -343,7 +377,9 @@ def _parse_categorical(obj: Mapping[str, Any], path: str) -> CategoricalFeature:
 
 
 def _parse_codes(obj: Mapping[str, Any], path: str) -> CodesFeature:
-    _check_keys(obj, path, ("name", "type", "vocabulary"), ("separator", "expand"))
+    _check_keys(
+        obj, path, ("name", "type", "vocabulary"), ("separator", "expand", "excluded_column")
+    )
     name = _string(obj["name"], f"{path}.name")
     separator = obj.get("separator", "|")
     if not isinstance(separator, str) or not separator:
@@ -358,7 +394,12 @@ def _parse_codes(obj: Mapping[str, Any], path: str) -> CodesFeature:
         raise SpecError(
             f"{path}.expand", f"{expand!r} is not supported; use 'hpo-ancestors' or omit"
         )
-    return CodesFeature(name, vocabulary, separator, expand)
+    excluded = obj.get("excluded_column")
+    if excluded is not None:
+        excluded = _string(excluded, f"{path}.excluded_column")
+        if excluded == name:
+            raise SpecError(f"{path}.excluded_column", "must differ from the feature's column")
+    return CodesFeature(name, vocabulary, separator, expand, excluded)
 
 
 _PARSERS: Final[dict[str, Callable[[Mapping[str, Any], str], Feature]]] = {
@@ -398,14 +439,19 @@ def _parse_spec(doc: Any) -> FeatureSpec:
                 f"unknown type {kind!r}; expected one of {', '.join(sorted(_PARSERS))}",
             )
         feature = parser(raw, path)
-        if feature.name == label:
-            raise SpecError(f"{path}.name", f"{feature.name!r} is the label column")
-        if feature.name in names:
-            raise SpecError(
-                f"{path}.name",
-                f"duplicate feature name {feature.name!r} (also features[{names[feature.name]}])",
-            )
-        names[feature.name] = i
+        own = [("name", feature.name)]
+        if isinstance(feature, CodesFeature) and feature.excluded_column is not None:
+            own.append(("excluded_column", feature.excluded_column))
+        for key, csv_name in own:
+            if csv_name == label:
+                raise SpecError(f"{path}.{key}", f"{csv_name!r} is the label column")
+            if csv_name in names:
+                what = "feature name" if key == "name" else "CSV column"
+                raise SpecError(
+                    f"{path}.{key}",
+                    f"duplicate {what} {csv_name!r} (also features[{names[csv_name]}])",
+                )
+            names[csv_name] = i
         for col in feature.columns():
             if col in columns:
                 raise SpecError(
@@ -486,14 +532,18 @@ def _numeric_encoder(f: NumericFeature, start: int) -> _Encoder:
 
     def encode(cell: str, out: list[float], unknown: set[str]) -> None:
         if cell in tokens:
-            out[start] = math.nan
-            return
-        if not _NUMBER.fullmatch(cell):
-            raise _CellError(f.name, f"{_show(cell)} is not a number")
-        value = float(cell)
-        if not math.isfinite(value):
-            raise _CellError(f.name, f"{_show(cell)} is not a finite number")
-        out[start] = math.nan if value in numbers else value
+            value = math.nan
+        else:
+            if not _NUMBER.fullmatch(cell):
+                raise _CellError(f.name, f"{_show(cell)} is not a number")
+            value = float(cell)
+            if not math.isfinite(value):
+                raise _CellError(f.name, f"{_show(cell)} is not a finite number")
+            if value in numbers:
+                value = math.nan
+        out[start] = value
+        if f.measured_indicator:  # not measured: value imputed later, indicator 0
+            out[start + 1] = 0.0 if math.isnan(value) else 1.0
 
     return encode
 
@@ -561,7 +611,46 @@ def _codes_encoder(f: CodesFeature, start: int, ontology: HpoAncestors | None) -
     return encode
 
 
+def _excluded_encoder(f: CodesFeature, start: int, ontology: HpoAncestors | None) -> _Encoder:
+    """Codes checked and found absent: ``excluded:<code>`` for the code and, with
+    ``hpo-ancestors``, for every vocabulary code below it (an absent finding has no more
+    specific form). A code observed in the same row stays observed (its excluded column 0).
+
+    Must run after the feature's own codes encoder (it reads the observed columns)."""
+    width = len(f.vocabulary)
+    below: dict[str, set[int]] = {}
+    expand = f.expand == "hpo-ancestors" and ontology is not None
+    for i, code in enumerate(f.vocabulary):
+        below.setdefault(code, set()).add(i)
+        if expand and ontology is not None and code in ontology:
+            primary = ontology.resolve(code)
+            for term in (primary, *ontology.ancestors(primary)):
+                below.setdefault(term, set()).add(i)
+    def targets(code: str) -> set[int]:
+        hit = below.get(code)
+        if hit is None and expand and ontology is not None and code in ontology:
+            hit = below.get(ontology.resolve(code))
+        return hit or set()
+
+    def encode(cell: str, out: list[float], unknown: set[str]) -> None:
+        if cell in MISSING_TOKENS:  # empty, "?" or "NA": nothing explicitly excluded
+            return
+        for piece in cell.split(f.separator):
+            code = piece.strip()
+            if not code:
+                continue
+            hits = targets(code)
+            if not hits:
+                unknown.add(code)
+            for i in hits:
+                if out[start + i] != 1.0:
+                    out[start + width + i] = 1.0
+
+    return encode
+
+
 def _encoders(spec: FeatureSpec, ontology: HpoAncestors | None) -> list[tuple[str, _Encoder]]:
+    """(CSV column, encoder) pairs, in an order where each encoder's inputs are ready."""
     encoders: list[tuple[str, _Encoder]] = []
     start = 0
     for f in spec.features:
@@ -573,6 +662,8 @@ def _encoders(spec: FeatureSpec, ontology: HpoAncestors | None) -> list[tuple[st
         else:
             enc = _codes_encoder(f, start, ontology)
         encoders.append((f.name, enc))
+        if isinstance(f, CodesFeature) and f.excluded_column is not None:
+            encoders.append((f.excluded_column, _excluded_encoder(f, start, ontology)))
         start += len(f.columns())
     return encoders
 
@@ -637,7 +728,7 @@ def encode_csv(
                 positions: dict[str, int] = {}
                 for i, name in enumerate(header):
                     positions.setdefault(name, i)
-                needed = [spec.label, *(f.name for f in spec.features)]
+                needed = list(spec.csv_columns())
                 missing = [name for name in needed if name not in positions]
                 if missing:
                     raise _header_error(fname, line, header, missing)

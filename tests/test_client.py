@@ -60,6 +60,23 @@ def test_diagnose_parses_typed_result() -> None:
                        "genes": ["GBA1"], "age": 3, "sex": "F"}
 
 
+def test_diagnose_sends_excluded_symptoms_and_sequenced() -> None:
+    """Issue 14's fields go into the body; left at their defaults they are not sent."""
+    seen: list[dict[str, Any]] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(req.content))
+        return httpx.Response(200, json=DIAG)
+
+    with client_for(handler) as c:
+        c.diagnose(["HP:1"], excluded_symptoms=["HP:2"], sequenced=True)
+        c.diagnose(["HP:1"], sequenced=False)
+        c.diagnose(["HP:1"])
+    assert seen[0]["excluded_symptoms"] == ["HP:2"] and seen[0]["sequenced"] is True
+    assert seen[1]["sequenced"] is False and "excluded_symptoms" not in seen[1]
+    assert "sequenced" not in seen[2] and "excluded_symptoms" not in seen[2]
+
+
 def test_422_raises_validation_failed_with_field() -> None:
     """FastAPI's 422 detail becomes ValidationFailed(field=dotted path)."""
     detail = [{"loc": ["body", "biomarkers", "ck", "unit"], "msg": "bad unit",

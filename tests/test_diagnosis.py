@@ -91,7 +91,7 @@ def test_missing_biomarkers_are_imputed(engine: DiagnosisEngine) -> None:
     d = engine.diagnose(PatientRequest(biomarkers={"ck": Measurement(900.0, "U/L")}))
     assert "ck" not in d.imputed and "lyso_gb3" in d.imputed
     for c in d.differential[:3]:
-        assert {f.feature for f in c.findings} <= {"ck"}
+        assert {f.feature for f in c.findings} <= {"ck", "measured:ck"}
 
 
 def test_unit_conversion_matches_native_unit(engine: DiagnosisEngine) -> None:
@@ -136,6 +136,11 @@ def test_from_dict_validates_types() -> None:
         ({"biomarkers": {"ck": {"value": "x", "unit": "U/L"}}}, "biomarkers.ck.value"),
         ({"sex": "X"}, "sex"),
         ({"weight": 3}, "weight"),
+        ({"excluded_symptoms": "HP:1"}, "excluded_symptoms"),
+        ({"excluded_symptoms": ["HP:1", None]}, "excluded_symptoms.1"),
+        ({"sequenced": "yes"}, "sequenced"),
+        ({"sequenced": 1}, "sequenced"),
+        ({"sequenced": False, "genes": ["GLA"]}, "sequenced"),
     ]
     for doc, field in cases:
         with pytest.raises(ValidationError) as info:
@@ -175,6 +180,82 @@ def test_mismatched_model_is_refused() -> None:
         saved_model_for(
             init_model(3, 11), feats, cohort.class_names(), np.zeros(3), np.ones(3)
         )
+
+
+# ------------------------------------------------- issue 14: observed / excluded / unknown
+
+
+def _column(engine: DiagnosisEngine, x: np.ndarray, name: str) -> float:
+    return float(x[[f.name for f in engine.features].index(name)])
+
+
+def test_from_dict_reads_excluded_symptoms_and_sequenced() -> None:
+    """The contract's two fields parse; ``sequenced`` None means "iff genes were reported"."""
+    req = PatientRequest.from_dict(
+        {"symptoms": ["HP:0001744"], "excluded_symptoms": ["HP:0001250"], "sequenced": True}
+    )
+    assert req.excluded_symptoms == ("HP:0001250",) and req.sequenced is True
+    assert req.genetic_testing_done
+    assert PatientRequest.from_dict({"genes": ["GLA"]}).genetic_testing_done
+    assert not PatientRequest.from_dict({}).genetic_testing_done
+    assert not PatientRequest.from_dict({"sequenced": None}).genetic_testing_done
+
+
+def test_excluded_unknown_and_observed_are_three_different_rows(engine: DiagnosisEngine) -> None:
+    """Observed sets the term, excluded sets ``excluded:term``, not mentioned sets neither."""
+    t = "HP:0001744"
+    seen, _, _ = engine.encode(PatientRequest(symptoms=(t,)))
+    absent, _, _ = engine.encode(PatientRequest(excluded_symptoms=(t,)))
+    unknown, _, _ = engine.encode(PatientRequest())
+    assert (_column(engine, seen, t), _column(engine, seen, f"excluded:{t}")) == (1.0, 0.0)
+    assert (_column(engine, absent, t), _column(engine, absent, f"excluded:{t}")) == (0.0, 1.0)
+    assert (_column(engine, unknown, t), _column(engine, unknown, f"excluded:{t}")) == (0, 0)
+
+
+def test_unmeasured_marker_is_not_normal_and_unsequenced_is_not_negative(
+    engine: DiagnosisEngine,
+) -> None:
+    """A missing marker is NaN with measured 0; no genes + sequenced differs from not said."""
+    x, _, _ = engine.encode(PatientRequest(biomarkers={"ck": Measurement(900.0, "U/L")}))
+    assert _column(engine, x, "measured:ck") == 1.0 and _column(engine, x, "ck") == 900.0
+    assert _column(engine, x, "measured:lyso_gb3") == 0.0
+    assert math.isnan(_column(engine, x, "lyso_gb3"))
+    assert _column(engine, x, "genetic_testing_done") == 0.0
+    tested, _, _ = engine.encode(PatientRequest(sequenced=True))
+    assert _column(engine, tested, "genetic_testing_done") == 1.0
+    found, _, _ = engine.encode(PatientRequest(genes=("GLA",)))
+    assert _column(engine, found, "genetic_testing_done") == 1.0
+    assert _column(engine, found, "gene:GLA") == 1.0
+    with pytest.raises(ValidationError) as info:
+        engine.encode(PatientRequest(genes=("GLA",), sequenced=False))
+    assert info.value.field == "sequenced"
+
+
+def test_excluding_a_parent_excludes_panel_descendants(engine: DiagnosisEngine) -> None:
+    """With the ontology, an excluded term rules out every panel term below it (true path);
+    an observed descendant keeps its own positive evidence."""
+    from medimesh.hpo import HpoAncestors
+
+    onto = HpoAncestors.load()
+    full = DiagnosisEngine(engine.saved, engine.features, onto)
+    panel = [f.name for f in engine.features if f.name.startswith("HP:")]
+    parent, child = next(
+        (p, c) for c in panel for p in sorted(onto.parents(c)) if p in panel
+    )
+    x, unknown, mapped = full.encode(PatientRequest(excluded_symptoms=(parent,)))
+    assert unknown == []
+    assert _column(full, x, f"excluded:{parent}") == 1.0
+    assert _column(full, x, f"excluded:{child}") == 1.0
+    assert child in mapped[parent]
+    both, _, _ = full.encode(PatientRequest(symptoms=(child,), excluded_symptoms=(parent,)))
+    assert _column(full, both, child) == 1.0 and _column(full, both, f"excluded:{child}") == 0.0
+    same, _, _ = full.encode(PatientRequest(symptoms=(child,), excluded_symptoms=(child,)))
+    assert _column(full, same, child) == 1.0 and _column(full, same, f"excluded:{child}") == 0
+    # Without the ontology only the exact term is excluded.
+    y, _, _ = engine.encode(PatientRequest(excluded_symptoms=(parent,)))
+    assert _column(engine, y, f"excluded:{child}") == 0.0
+    _, unknown, _ = engine.encode(PatientRequest(excluded_symptoms=("HP:9999999",)))
+    assert unknown == ["HP:9999999"]
 
 
 def test_evidence_groups_add_up_to_the_log_odds(engine: DiagnosisEngine) -> None:

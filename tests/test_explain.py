@@ -255,3 +255,56 @@ def test_next_tests_skip_what_cannot_move_the_gap() -> None:
         genes=("G1",)))
     assert d.next_tests == ()
     assert explain.MIN_SWING > 0
+
+
+# ------------------------------------------- the issue-14 encoding: excluded / measured / tested
+
+FEATURES2 = (
+    FeatureInfo("HP:0000001", "binary", "Sign A", "", None),
+    FeatureInfo("excluded:HP:0000001", "binary", "Sign A (excluded)", "", None),
+    FeatureInfo("lab", "lognormal", "Enzyme X (U/L)", "U/L", (0.5, 2.0)),
+    FeatureInfo("measured:lab", "binary", "Enzyme X measured", "", None),
+    FeatureInfo("gene:G1", "binary", "G1 (likely) pathogenic finding", "", None),
+    FeatureInfo("genetic_testing_done", "binary", "Genetic testing done", "", None),
+)
+W2 = np.array([[1.0], [-2.0], [1.0], [0.5], [3.0], [-1.0]]) * np.array([[1.0, -1.0]])
+MEAN2 = np.array([0.5, 0.2, 0.0, 0.6, 0.1, 0.7])
+
+
+def test_excluded_symptom_and_indicators_join_their_rows() -> None:
+    """Sign A excluded, lab not measured, tested with nothing found.
+
+    z = (0, 1, 0, 0, 0, 1), z̄ = (0.5, 0.2, 0, 0.6, 0.1, 0.7), Disease weights (1, −2, 1, 0.5,
+    3, −1): column shares (−0.5, −1.6, 0, −0.3, −0.3, −0.3). Rows: Sign A −2.1 (its two
+    columns), the lab −0.3 (value + measured), G1 −0.3, testing −0.3; baseline 0; logit −3.
+    """
+    model = Model(W2.astype(np.float32), np.zeros(2, dtype=np.float32))
+    saved = SavedModel(
+        model=model, model_hash=model_hash(model), classes=("Disease", "Other"),
+        feature_names=tuple(f.name for f in FEATURES2),
+        log_mask=np.array([f.kind == "lognormal" for f in FEATURES2]),
+        scale_mask=np.array([f.kind != "binary" for f in FEATURES2]),
+        mean=MEAN2, std=np.ones(6), spec=None, provenance=[], round=1,
+    )
+    engine = DiagnosisEngine(saved, FEATURES2)
+    d = engine.diagnose(PatientRequest(excluded_symptoms=("HP:0000001",), sequenced=True))
+    other, disease = d.differential
+    assert other.name == "Other" and disease.probability == pytest.approx(sigmoid(-6.0))
+    assert disease.baseline == pytest.approx(0.0, abs=1e-6)
+    rows = [(f.feature, f.status, f.display) for f in disease.evidence_against]
+    assert rows[0] == ("HP:0000001", "excluded", "absent (excluded)")
+    assert set(rows[1:]) == {  # three equal shares: their order is not specified
+        ("lab", "not_measured", "not measured"),
+        ("gene:G1", "no_variant", "tested, no variant"),
+        ("genetic_testing_done", "sequenced", "genetic testing done"),
+    }
+    assert [f.contribution for f in disease.evidence_against] == pytest.approx(
+        [-2.1, -0.3, -0.3, -0.3], abs=1e-6)
+    assert disease.evidence_against[0].label == "Sign A"
+    # Excluded and already tested are not asked again; the unmeasured lab is.
+    assert [t.feature for t in d.next_tests] == ["lab"]
+    # Not said: no genetic test, so the panel is suggested, and "nothing found" differs now.
+    d2 = engine.diagnose(PatientRequest(excluded_symptoms=("HP:0000001",)))
+    genetic = next(t for t in d2.next_tests if t.kind == "genetic_test")
+    nothing = genetic.outcomes[-1]
+    assert nothing.answer == "if nothing is found" and abs(nothing.gap_change) > 0

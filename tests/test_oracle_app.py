@@ -123,6 +123,14 @@ def test_diagnose_returns_typed_differential(url: str, models: Models) -> None:
             assert d["model_hash"] == h and d["model_round"] == 1
             assert len(d["differential"]) == 11 and d["unknown_terms"] == ["HP:9999999"]
             assert "clinical judgement" in d["disclaimer"]
+            # The contract's fields (issue 14): excluded terms and "tested, nothing found".
+            r = await client.post(
+                "/diagnose",
+                json={"symptoms": ["HP:0001744"], "excluded_symptoms": ["HP:0001250",
+                      "HP:9999998"], "sequenced": True, "genes": []},
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["unknown_terms"] == ["HP:9999998"]
 
     run(scenario())
 
@@ -192,6 +200,11 @@ def test_diagnose_says_why_flags_ood_and_suggests_tests(url: str, models: Models
         ({"biomarkers": {"ck": {"value": 100, "unit": "mg/dL"}}}, "biomarkers.ck.unit"),
         ({"biomarkers": {"zzz": {"value": 1, "unit": "U/L"}}}, "biomarkers.zzz"),
         ({"extra": 1}, "extra"),
+        ({"excluded_symptoms": "HP:0001744"}, "excluded_symptoms"),
+        ({"excluded_symptoms": [7]}, "excluded_symptoms.0"),
+        ({"sequenced": "yes"}, "sequenced"),
+        ({"sequenced": 1}, "sequenced"),
+        ({"sequenced": False, "genes": ["GLA"]}, "sequenced"),
     ],
 )
 def test_invalid_input_is_422_naming_the_field(

@@ -82,6 +82,25 @@ def _paths(schema: dict[str, Any], root: dict[str, Any], at: Path = ()) -> list[
     return list(dict.fromkeys(out))
 
 
+def _boolean_paths(schema: dict[str, Any], root: dict[str, Any], at: Path = ()) -> set[Path]:
+    """Paths whose schema admits a JSON boolean (e.g. ``sequenced``): there true/false are
+    legitimate values, not hostile ones."""
+    schema = _resolve(schema, root)
+    out = {at} if schema.get("type") == "boolean" else set()
+    for alt in schema.get("anyOf", []):
+        out |= _boolean_paths(alt, root, at)
+    for name, sub in schema.get("properties", {}).items():
+        out |= _boolean_paths(sub, root, (*at, name))
+    if "items" in schema:
+        out |= _boolean_paths(schema["items"], root, (*at, 0))
+    return out
+
+
+def _hostile_at(at: Path, value: Any, booleans: set[Path]) -> bool:
+    """Whether ``value`` is hostile at ``at`` (a boolean is not, where booleans belong)."""
+    return not (isinstance(value, bool) and at in booleans)
+
+
 def _put(node: Any, at: Path, value: Any) -> Any:
     """A copy of ``node`` with ``value`` at ``at``, creating the containers on the way."""
     if not at:
@@ -96,13 +115,14 @@ def _put(node: Any, at: Path, value: Any) -> Any:
     return obj
 
 
-def _diagnose(api_schema: Any) -> tuple[Any, list[Path], dict[str, Any]]:
-    """/diagnose's operation, every field path in its body, and its documented example."""
+def _diagnose(api_schema: Any) -> tuple[Any, list[Path], dict[str, Any], set[Path]]:
+    """/diagnose's operation, every field path in its body, its documented example and the
+    paths where a boolean is a legitimate value."""
     operation = api_schema["/diagnose"]["POST"]
     raw = api_schema.raw_schema
     body = raw["paths"]["/diagnose"]["post"]["requestBody"]["content"]["application/json"]
     model = _resolve(body["schema"], raw)
-    return operation, _paths(model, raw), model["examples"][0]
+    return operation, _paths(model, raw), model["examples"][0], _boolean_paths(model, raw)
 
 
 def _send_hostile(operation: Any, body: Any) -> None:
@@ -116,18 +136,22 @@ def _send_hostile(operation: Any, body: Any) -> None:
 
 def test_every_diagnose_field_refuses_hostile_json(api_schema: Any) -> None:
     """Each hostile value in each field of /diagnose's schema: a documented 422, never 5xx."""
-    operation, paths, example = _diagnose(api_schema)
+    operation, paths, example, booleans = _diagnose(api_schema)
     assert ("age",) in paths and ("symptoms", 0) in paths
+    assert ("excluded_symptoms", 0) in paths and booleans == {("sequenced",)}
     assert sum(p[-1:] == ("value",) for p in paths) >= 5, paths  # one per panel biomarker
     for at in paths:
         for value in HOSTILE:
-            _send_hostile(operation, _put(example, at, value))
+            if _hostile_at(at, value, booleans):
+                _send_hostile(operation, _put(example, at, value))
 
 
 def test_generated_bodies_with_hostile_values_are_refused(api_schema: Any) -> None:
     """Schemathesis's own bodies with hostile values mixed in: still a documented 422."""
-    operation, paths, _ = _diagnose(api_schema)
-    hostile = st.tuples(st.sampled_from(paths), st.sampled_from(HOSTILE))
+    operation, paths, _, booleans = _diagnose(api_schema)
+    hostile = st.tuples(st.sampled_from(paths), st.sampled_from(HOSTILE)).filter(
+        lambda pv: _hostile_at(pv[0], pv[1], booleans)
+    )
 
     @given(case=operation.as_strategy(), mix=st.lists(hostile, min_size=1, max_size=3))
     @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck),

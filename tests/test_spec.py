@@ -118,6 +118,15 @@ BAD_SPECS: list[tuple[Any, str, str]] = [
     (spec_with(f2={"expand": "go-ancestors"}), "features[2].expand", "is not supported"),
     (spec_with(f2={"name": "age"}), "features[2].name", "duplicate feature name 'age'"),
     (spec_with(f2={"vocabulary": ["cp=2"]}), "features[2]", "column 'cp=2' duplicates a column"),
+    (spec_with(f2={"excluded_column": 3}), "features[2].excluded_column", "must be a non-empty"),
+    (spec_with(f2={"excluded_column": "hpo_terms"}), "features[2].excluded_column",
+     "must differ"),
+    (spec_with(f2={"excluded_column": "diagnosis"}), "features[2].excluded_column",
+     "is the label column"),
+    (spec_with(f2={"excluded_column": "age"}), "features[2].excluded_column",
+     "duplicate CSV column 'age'"),
+    (spec_with(f0={"measured_indicator": "yes"}), "features[0].measured_indicator",
+     "must be true or false"),
 ]
 
 
@@ -403,6 +412,65 @@ def test_expand_with_small_ontology(tmp_path: Path) -> None:
     site = encode_csv(write(tmp_path, "c,y\nT:4,a\nT:2,b\nT:1,a\n"), spec, ontology=onto)
     assert site.x.tolist() == [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     assert site.unknown_codes == {"T:1": 1}
+
+
+# ------------------------------------- issue 14: excluded codes and "measured" indicators
+
+UNKNOWN_VS_ABSENT: dict[str, Any] = {
+    "label": "y",
+    "classes": ["a", "b"],
+    "features": [
+        {"name": "ck", "type": "numeric", "missing_values": ["not done"], "transform": "log",
+         "measured_indicator": True},
+        {"name": "c", "type": "codes", "vocabulary": ["T:22", "T:3", "T:4"],
+         "expand": "hpo-ancestors", "excluded_column": "c_excluded"},
+    ],
+}
+
+
+def test_indicator_columns_names_and_masks() -> None:
+    """``measured:`` and ``excluded:`` columns follow their feature and are never scaled."""
+    spec = load_spec(UNKNOWN_VS_ABSENT)
+    assert spec.column_names() == (
+        "ck", "measured:ck", "T:22", "T:3", "T:4", "excluded:T:22", "excluded:T:3",
+        "excluded:T:4",
+    )
+    assert spec.scale_mask().tolist() == [True] + [False] * 7
+    assert spec.log_mask().tolist() == [True] + [False] * 7
+    assert spec.csv_columns() == ("y", "ck", "c", "c_excluded")
+    assert load_spec(spec.to_dict()) == spec
+    plain = load_spec(SPEC)
+    assert "measured_indicator" not in plain.to_dict()["features"][0]
+    assert "excluded_column" not in plain.to_dict()["features"][2]
+
+
+def test_excluded_codes_and_measured_indicator(tmp_path: Path) -> None:
+    """Excluded codes rule out their descendants, observed ones win, and an unmeasured value
+    is NaN with ``measured`` 0 (never a value)."""
+    obo = write(tmp_path, (
+        "data-version: test\n\n[Term]\nid: T:1\nname: root\n\n"
+        "[Term]\nid: T:2\nname: left\nalt_id: T:22\nis_a: T:1\n\n"
+        "[Term]\nid: T:3\nname: right\nis_a: T:1\n\n"
+        "[Term]\nid: T:4\nname: bottom\nis_a: T:2\nis_a: T:3\n"
+    ), "t.obo")
+    onto = HpoAncestors.load(obo)
+    spec = load_spec(UNKNOWN_VS_ABSENT)
+    text = (
+        "ck,c,c_excluded,y\n"
+        "120,T:3,T:2,a\n"  # left (and bottom, below it) checked and absent
+        "not done,,T:1,b\n"  # root absent: everything below it absent
+        ",T:4,T:2|T:9,a\n"  # bottom observed implies left: observed wins; T:9 unknown
+        "5,T:3,,b\n"  # nothing excluded: unknown, not absent
+    )
+    site = encode_csv(write(tmp_path, text), spec, ontology=onto)
+    x = site.x
+    assert x[0, 1:].tolist() == [1, 0, 1, 0, 1, 0, 1] and x[0, 0] == 120
+    assert math.isnan(x[1, 0]) and x[1, 1:].tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert math.isnan(x[2, 0]) and x[2, 1:].tolist() == [0, 1, 1, 1, 0, 0, 0]
+    assert x[3, 1:].tolist() == [1, 0, 1, 0, 0, 0, 0]
+    assert site.unknown_codes == {"T:9": 1}
+    with pytest.raises(RowError, match="c_excluded"):
+        encode_csv(write(tmp_path, "ck,c,y\n1,T:3,a\n"), spec, ontology=onto)
 
 
 def test_row_error_pickles() -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from medimesh.data import cohort
+from medimesh.evidence import EXCLUDED_PREFIX, GENETIC_TESTING_COLUMN
 from medimesh.model import Model, TrainConfig
 
 __all__ = [
@@ -107,12 +108,17 @@ async def publish_model(
 
 def request_from_row(row: np.ndarray, features: Sequence[cohort.FeatureInfo]) -> dict[str, Any]:
     """A /diagnose body describing one synthetic patient (NaN = not measured)."""
-    body: dict[str, Any] = {"symptoms": [], "biomarkers": {}, "genes": []}
+    body: dict[str, Any] = {"symptoms": [], "excluded_symptoms": [], "biomarkers": {},
+                            "genes": []}
     for v, f in zip(row, features, strict=True):
         if math.isnan(v):
             continue
         if f.name.startswith("HP:") and v > 0:
             body["symptoms"].append(f.name)
+        elif f.name.startswith(EXCLUDED_PREFIX) and v > 0:
+            body["excluded_symptoms"].append(f.name.removeprefix(EXCLUDED_PREFIX))
+        elif f.name == GENETIC_TESTING_COLUMN:
+            body["sequenced"] = bool(v > 0)
         elif f.name.startswith("gene:") and v > 0:
             body["genes"].append(f.name[5:])
         elif f.kind == "lognormal":

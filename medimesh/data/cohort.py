@@ -46,6 +46,8 @@ from typing import Any, Final, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from medimesh.evidence import GENETIC_TESTING_COLUMN, excluded_column, measured_column
+
 __all__ = [
     "CohortConfig",
     "FeatureInfo",
@@ -343,17 +345,28 @@ def _model() -> _Model:
 
 @functools.cache
 def features() -> tuple[FeatureInfo, ...]:
-    """Feature columns in matrix order: HPO symptoms, biomarkers, genes, onset age, sex."""
+    """Feature columns in matrix order (see :mod:`medimesh.evidence` for the indicators):
+    HPO symptoms observed, ``excluded:<term>``, biomarker values, ``measured:<marker>``,
+    ``gene:SYMBOL`` findings, ``genetic_testing_done``, onset age, sex."""
     m = _model()
     out: list[FeatureInfo] = [
         FeatureInfo(t, "binary", n, "", None) for t, n in zip(m.terms, m.term_names, strict=True)
     ]
     out += [
+        FeatureInfo(excluded_column(t), "binary", f"{n} (excluded)", "", None)
+        for t, n in zip(m.terms, m.term_names, strict=True)
+    ]
+    out += [
         FeatureInfo(mk.name, "lognormal", f"{mk.label} ({mk.unit})", mk.unit, mk.reference_range)
+        for mk in _MARKERS
+    ]
+    out += [
+        FeatureInfo(measured_column(mk.name), "binary", f"{mk.label} measured", "", None)
         for mk in _MARKERS
     ]
     out += [FeatureInfo(f"gene:{g}", "binary", f"{g} (likely) pathogenic finding", "", None)
             for g in _GENES]
+    out.append(FeatureInfo(GENETIC_TESTING_COLUMN, "binary", "Genetic testing done", "", None))
     out.append(FeatureInfo("age_onset_years", "numeric", "Age at symptom onset (years)",
                            "years", None))
     out.append(FeatureInfo("sex_male", "binary", "Male sex", "", None))
@@ -391,7 +404,8 @@ def _sample_block(
     """Draw ``n`` patients of class ``cls``; columns follow :func:`features`."""
     m = _model()
     n_terms = len(m.terms)
-    x = np.empty((n, n_terms + len(_MARKERS) + len(_GENES) + 2))
+    n_markers, n_genes = len(_MARKERS), len(_GENES)
+    x = np.zeros((n, 2 * n_terms + 2 * n_markers + n_genes + 3))
     male = rng.random(n) < _MALE_FRACTION.get(cls, 0.5)
 
     # Symptoms.
@@ -409,8 +423,8 @@ def _sample_block(
         prob = np.where(m.annotated[cls], m.p_disease[cls], background)[None, :]
     x[:, :n_terms] = rng.random((n, n_terms)) < np.minimum(prob, 1.0)
 
-    # Biomarkers.
-    col = n_terms
+    # Biomarkers (values, then the measured indicators).
+    col = 2 * n_terms
     for k, mk in enumerate(_MARKERS):
         if cls == OTHER:
             medians = np.full(n, mk.other[0])
@@ -441,9 +455,10 @@ def _sample_block(
         values = values * lab_factor[k]
         values[rng.random(n) < p_missing] = np.nan
         x[:, col + k] = values
+        x[:, col + n_markers + k] = ~np.isnan(values)
 
-    # Genetic findings (0 also when not sequenced: absence of a reported finding).
-    col += len(_MARKERS)
+    # Genetic findings, then whether the patient was sequenced at all.
+    col += 2 * n_markers
     sequenced = rng.random(n) < sequencing
     incidental = _INCIDENTAL_OTHER if cls == OTHER else _INCIDENTAL
     genes = (rng.random((n, len(_GENES))) < incidental) & sequenced[:, None]
@@ -453,10 +468,11 @@ def _sample_block(
         pick = rng.choice(len(causal), size=n, p=[w for _, w in causal])
         for c, (gene, _) in enumerate(causal):
             genes[found & (pick == c), _GENES.index(gene)] = True
-    x[:, col : col + len(_GENES)] = genes
+    x[:, col : col + n_genes] = genes
+    x[:, col + n_genes] = sequenced
 
     # Age of onset and sex.
-    col += len(_GENES)
+    col += n_genes + 1
     mix = _ONSET[cls]
     comp = rng.choice(len(mix), size=n, p=[w for w, _, _ in mix])
     med_age = np.array([mm for _, mm, _ in mix])[comp]
