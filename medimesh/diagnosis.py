@@ -693,13 +693,33 @@ class DiagnosisEngine:
             if self.saved.scale_mask[j] and not np.isnan(x[j])
         ]
         n_found = int(explain.count_findings(x, self._symptom_mask)[0])
+        rare: list[tuple[str, str, float]] = []
+        for j, f in enumerate(self.features):
+            if self.saved.scale_mask[j] or np.isnan(x[j]):
+                continue
+            owner = self._owner_label(f.name)
+            words = explain.indicator_words(f.name, owner, float(x[j]))
+            if words is not None:
+                p_one = float(self.saved.mean[j])  # training share of rows with a 1 here
+                rare.append((f.name, words, p_one if x[j] > 0 else 1.0 - p_one))
         return explain.check_ood(
             n_findings=n_found,
             profile=self.profile,
             extreme=extreme,
             n_unknown=len(unknown),
             n_terms=len(request.symptoms) + len(request.excluded_symptoms) + len(request.genes),
+            rare=rare,
         )
+
+    def _owner_label(self, name: str) -> str:
+        """The label of the column an indicator belongs to (``excluded:HP:…`` → its term)."""
+        for prefix in ("excluded:", "measured:"):
+            if name.startswith(prefix):
+                j = self._index.get(name.removeprefix(prefix))
+                if j is not None:
+                    f = self.features[j]
+                    return f.label.removesuffix(f" ({f.unit})") if f.unit else f.label
+        return name
 
     # -- next tests
 

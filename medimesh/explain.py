@@ -298,7 +298,9 @@ class TrainingProfile:
 class OodReason:
     """Why a query is outside the training data, in words; ``feature`` names the column."""
 
-    kind: Literal["few_findings", "many_findings", "extreme_value", "unknown_terms"]
+    kind: Literal[
+        "few_findings", "many_findings", "extreme_value", "rare_input", "unknown_terms"
+    ]
     message: str
     feature: str = ""
 
@@ -329,6 +331,22 @@ def _share_words(share: float) -> str:
     return "none" if share <= 0 else f"only {fmt_pct(share)}"
 
 
+INDICATOR_WORDS: Final[Mapping[str, tuple[str, str]]] = {
+    # prefix or name → (words when 0, words when 1); "{}" is the owner's label
+    "excluded:": ("{} not excluded", "{} marked absent"),
+    "measured:": ("{} not measured", "{} measured"),
+    "genetic_testing_done": ("no genetic testing", "genetic testing done"),
+}
+
+
+def indicator_words(name: str, owner_label: str, value: float) -> str | None:
+    """Words for an indicator input at ``value`` (None if ``name`` is not an indicator)."""
+    for key, (off, on) in INDICATOR_WORDS.items():
+        if name == key or (key.endswith(":") and name.startswith(key)):
+            return (on if value > 0 else off).format(owner_label)
+    return None
+
+
 def check_ood(
     *,
     n_findings: int,
@@ -336,10 +354,13 @@ def check_ood(
     extreme: Sequence[tuple[str, str, float, float, str]],
     n_unknown: int,
     n_terms: int,
+    rare: Sequence[tuple[str, str, float]] = (),
 ) -> OutOfDistribution:
-    """Apply the rules. ``extreme``: (feature, label, z, raw value, unit) of scaled columns."""
+    """Apply the rules. ``extreme``: (feature, label, z, raw value, unit) of scaled columns;
+    ``rare``: (feature, words, training share of that value) of the 0/1 indicator inputs
+    (excluded / measured / genetic testing) as this query sets them."""
     reasons: list[OodReason] = []
-    checked = ["extreme_value", "unknown_terms"]
+    checked = ["extreme_value", "rare_input", "unknown_terms"]
     if profile.finding_hist:
         checked.insert(0, "findings")
         at_most, at_least = profile.shares(n_findings)
@@ -368,6 +389,19 @@ def check_ood(
                 "what the model learnt from, so its effect is extrapolated.",
                 name,
             ))
+    unusual = [(f, words, share) for f, words, share in rare if share < OOD_MIN_SHARE]
+    if unusual:
+        listed = "; ".join(
+            f"{words} ({'no training patient' if share <= 0 else f'only {fmt_pct(share)}'})"
+            for _, words, share in unusual[:4]
+        )
+        more = f"; and {len(unusual) - 4} more" if len(unusual) > 4 else ""
+        reasons.append(OodReason(
+            "rare_input",
+            f"Inputs (almost) no training patient had: {listed}{more}. The model learnt "
+            "little or nothing about them, so their weight in the answer is unreliable.",
+            unusual[0][0],
+        ))
     if n_unknown >= OOD_UNKNOWN_MIN and n_unknown >= OOD_UNKNOWN_SHARE * n_terms:
         reasons.append(OodReason(
             "unknown_terms",

@@ -209,7 +209,8 @@ def test_ood_extreme_lab_and_unknown_terms() -> None:
                                           biomarkers={"lab": Measurement(math.exp(3.9), "U/L")}))
     assert not fine.out_of_distribution.flag
     assert fine.to_dict()["out_of_distribution"] == {
-        "flag": False, "reasons": [], "checked": ["findings", "extreme_value", "unknown_terms"]
+        "flag": False, "reasons": [],
+        "checked": ["findings", "extreme_value", "rare_input", "unknown_terms"],
     }
 
 
@@ -308,3 +309,25 @@ def test_excluded_symptom_and_indicators_join_their_rows() -> None:
     genetic = next(t for t in d2.next_tests if t.kind == "genetic_test")
     nothing = genetic.outcomes[-1]
     assert nothing.answer == "if nothing is found" and abs(nothing.gap_change) > 0
+
+
+def test_ood_names_inputs_no_training_patient_had() -> None:
+    """Training never excluded Sign A (mean 0) and always measured the lab (mean 1)."""
+    model = Model(W2.astype(np.float32), np.zeros(2, dtype=np.float32))
+    mean = np.array([0.5, 0.0, 0.0, 1.0, 0.1, 0.7])
+    saved = SavedModel(
+        model=model, model_hash=model_hash(model), classes=("Disease", "Other"),
+        feature_names=tuple(f.name for f in FEATURES2),
+        log_mask=np.array([f.kind == "lognormal" for f in FEATURES2]),
+        scale_mask=np.array([f.kind != "binary" for f in FEATURES2]),
+        mean=mean, std=np.ones(6), spec=None, provenance=[], round=1,
+    )
+    engine = DiagnosisEngine(saved, FEATURES2)
+    d = engine.diagnose(PatientRequest(excluded_symptoms=("HP:0000001",)))
+    (reason,) = d.out_of_distribution.reasons
+    assert reason.kind == "rare_input" and reason.feature == "excluded:HP:0000001"
+    assert "Sign A marked absent (no training patient)" in reason.message
+    assert "Enzyme X not measured (no training patient)" in reason.message
+    ok = engine.diagnose(PatientRequest(symptoms=("HP:0000001",),
+                                        biomarkers={"lab": Measurement(1.0, "U/L")}))
+    assert not ok.out_of_distribution.flag

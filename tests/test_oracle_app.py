@@ -156,7 +156,7 @@ def test_diagnose_says_why_flags_ood_and_suggests_tests(url: str, models: Models
             ood = d["out_of_distribution"]
             assert ood["flag"] is True
             assert {x["kind"] for x in ood["reasons"]} == {"few_findings", "extreme_value"}
-            assert ood["checked"] == ["findings", "extreme_value", "unknown_terms"]
+            assert ood["checked"] == ["findings", "extreme_value", "rare_input", "unknown_terms"]
             extreme = next(x for x in ood["reasons"] if x["kind"] == "extreme_value")
             assert extreme["feature"] == "lyso_gb3" and "100,000 ng/mL" in extreme["message"]
             top = d["differential"][0]
@@ -171,7 +171,10 @@ def test_diagnose_says_why_flags_ood_and_suggests_tests(url: str, models: Models
             assert lyso[0]["label"] == "Lyso-Gb3"
             assert all(c["evidence_for"] == [] and c["baseline"] is None
                        for c in d["differential"][3:])
-            tests = d["next_tests"]
+            # An uncertain record (one sign, a lab measured, no genetic test): tests to order.
+            body = {"symptoms": ["HP:0001744"], "sequenced": False,
+                    "biomarkers": {"lyso_gb3": {"value": 1.0, "unit": "ng/mL"}}}
+            tests = (await client.post("/diagnose", json=body)).json()["next_tests"]
             assert 1 <= len(tests) <= 5
             assert [t["swing"] for t in tests] == sorted((t["swing"] for t in tests), reverse=True)
             assert all(t["feature"] != "lyso_gb3" for t in tests)  # measured: not asked
@@ -183,7 +186,8 @@ def test_diagnose_says_why_flags_ood_and_suggests_tests(url: str, models: Models
             await ready_with(client, h2)
             d2 = (await client.post("/diagnose", json={"symptoms": ["HP:0001744"]})).json()
             assert d2["out_of_distribution"] == {
-                "flag": False, "reasons": [], "checked": ["extreme_value", "unknown_terms"]
+                "flag": False, "reasons": [],
+                "checked": ["extreme_value", "rare_input", "unknown_terms"],
             }
 
     run(scenario())
