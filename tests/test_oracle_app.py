@@ -172,9 +172,11 @@ def test_diagnose_says_why_flags_ood_and_suggests_tests(url: str, models: Models
             assert all(c["evidence_for"] == [] and c["baseline"] is None
                        for c in d["differential"][3:])
             # An uncertain record (one sign, a lab measured, no genetic test): tests to order.
-            body = {"symptoms": ["HP:0001744"], "sequenced": False,
-                    "biomarkers": {"lyso_gb3": {"value": 1.0, "unit": "ng/mL"}}}
-            tests = (await client.post("/diagnose", json=body)).json()["next_tests"]
+            uncertain: dict[str, Any] = {
+                "symptoms": ["HP:0001744"], "sequenced": False,
+                "biomarkers": {"lyso_gb3": {"value": 1.0, "unit": "ng/mL"}},
+            }
+            tests = (await client.post("/diagnose", json=uncertain)).json()["next_tests"]
             assert 1 <= len(tests) <= 5
             assert [t["swing"] for t in tests] == sorted((t["swing"] for t in tests), reverse=True)
             assert all(t["feature"] != "lyso_gb3" for t in tests)  # measured: not asked
