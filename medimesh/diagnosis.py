@@ -633,10 +633,12 @@ class DiagnosisEngine:
         groups: dict[str, list[int]] = {}
         for i, st in enumerate(status):
             groups.setdefault(st, []).append(i)
+        # What the clinician entered is always listed (even when it barely counts: that is
+        # worth knowing too); what was left out only when it moves the odds.
         summary = tuple(
             explain_group(name, st, idx, float(shares[idx].sum()))
             for st, idx in groups.items()
-            if abs(float(shares[idx].sum())) >= MIN_SHARE
+            if st in ENTERED or abs(float(shares[idx].sum())) >= MIN_SHARE
         )
 
         def finding(i: int) -> Finding:
@@ -813,6 +815,10 @@ class DiagnosisEngine:
             at += len(rows)
         return probes
 
+
+ENTERED: Final = frozenset(
+    {"observed", "excluded", "measured", "variant", "no_variant", "sequenced", "given"}
+)
 
 STATUS_WORDS: Final[Mapping[str, str]] = {
     "observed": "observed",
