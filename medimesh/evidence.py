@@ -16,19 +16,25 @@ name means the same thing wherever it appears (and reads well in an explanation)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
+
+import numpy as np
 
 __all__ = [
     "EXCLUDED_PREFIX",
     "GENETIC_TESTING_COLUMN",
+    "GENE_PREFIX",
     "MEASURED_PREFIX",
     "excluded_column",
     "measured_column",
+    "symptoms_only",
 ]
 
 EXCLUDED_PREFIX: Final = "excluded:"
 MEASURED_PREFIX: Final = "measured:"
 GENETIC_TESTING_COLUMN: Final = "genetic_testing_done"
+GENE_PREFIX: Final = "gene:"
 
 
 def excluded_column(code: str) -> str:
@@ -39,3 +45,23 @@ def excluded_column(code: str) -> str:
 def measured_column(name: str) -> str:
     """Indicator column for "``name`` was measured", e.g. ``measured:lyso_gb3``."""
     return f"{MEASURED_PREFIX}{name}"
+
+
+def symptoms_only(x: np.ndarray, feature_names: Sequence[str]) -> np.ndarray:
+    """The same patients with labs and genetics removed, as at a first referral (a copy).
+
+    Every value column with a ``measured:`` companion becomes NaN (not measured) and the
+    companion 0; ``gene:`` findings and ``genetic_testing_done`` become 0 (not sequenced).
+    Symptoms (observed and excluded), age and sex are kept.
+    """
+    out = np.array(x, dtype=np.float64, copy=True)
+    index = {n: j for j, n in enumerate(feature_names)}
+    for name, j in index.items():
+        if name.startswith(MEASURED_PREFIX):
+            out[:, j] = 0.0
+            value = index.get(name.removeprefix(MEASURED_PREFIX))
+            if value is not None:
+                out[:, value] = np.nan
+        elif name.startswith(GENE_PREFIX) or name == GENETIC_TESTING_COLUMN:
+            out[:, j] = 0.0
+    return out

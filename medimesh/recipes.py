@@ -31,4 +31,6 @@ def recipe(dataset: str) -> Recipe:
         return Recipe(TrainConfig(epochs=2, l2=0.07), server_momentum=0.5)
     if dataset == "sparse":
         return Recipe(TrainConfig(epochs=10))
+    if dataset == "rare":
+        return Recipe(TrainConfig(l2=3e-4))
     return Recipe(TrainConfig())

@@ -24,7 +24,9 @@ from medimesh.data.cohort import (
     sample_patients,
     site_sizes,
     symptom_probabilities,
+    true_phenotypes,
 )
+from medimesh.evidence import symptoms_only
 
 N_CLASSES = 11
 
@@ -149,9 +151,10 @@ def test_lower_alpha_is_more_skewed() -> None:
 
 @pytest.mark.parametrize("disease", range(10))
 def test_symptom_frequencies_match_hpo_classes(disease: int) -> None:
-    """Each annotated term's empirical rate lies inside its HPO frequency class range."""
+    """Each annotated term's rate in the TRUE phenotype (before a clinician records a few of
+    them) lies inside its HPO frequency class range."""
     n = 4000
-    x = sample_patients(disease, n, np.random.default_rng(100 + disease), background_rate=0.02)
+    x = true_phenotypes(disease, n, np.random.default_rng(100 + disease), background_rate=0.02)
     panel_disease = load_panel()["diseases"][disease]
     classes = {ph["hpo_id"]: (ph["low"], ph["high"]) for ph in panel_disease["phenotypes"]}
     probs = symptom_probabilities(disease)
@@ -173,20 +176,26 @@ def test_symptom_frequencies_match_hpo_classes(disease: int) -> None:
 
 
 def test_genetic_findings_have_realistic_rates() -> None:
-    """Causal-gene detection is 60-95%; incidental calls in other genes stay at a few %."""
+    """Only confirmed-stage patients are sequenced; among them causal-gene detection is
+    60-95%; incidental calls in other genes stay at a few %; never a finding unsequenced."""
     genes = ("NPC1", "GBA1", "GLA", "GAA", "IDUA", "ATP7B", "SMPD1", "HEXA", "GALC", "ARSA")
     gene_cols = [_column(f"gene:{g}") for g in genes]
+    tested = _column("genetic_testing_done")
     rng = np.random.default_rng(5)
     for disease, gene in enumerate(genes):
         x = sample_patients(disease, 3000, rng)
-        detected = x[:, gene_cols[disease]].mean()
+        seq = x[:, tested] == 1.0
+        assert 0.25 <= seq.mean() <= 0.45, (gene, seq.mean())  # 40 % confirmed x 85 % tested
+        assert not x[~seq][:, gene_cols].any()
+        detected = x[seq, gene_cols[disease]].mean()
         if disease == 0:  # NPC: NPC1 or NPC2
-            detected += x[:, _column("gene:NPC2")].mean()
-        assert 0.6 <= detected <= 0.95, (gene, detected)
+            detected += x[seq, _column("gene:NPC2")].mean()
+        assert 0.6 <= detected <= 0.97, (gene, detected)
         others = [c for i, c in enumerate(gene_cols) if i != disease]
-        assert x[:, others].mean() < 0.03
+        assert x[seq][:, others].mean() < 0.03
     controls = sample_patients(N_CLASSES - 1, 3000, rng)
-    assert 0.0 < controls[:, gene_cols].mean() < 0.03
+    seq = controls[:, tested] == 1.0
+    assert 0.0 < controls[seq][:, gene_cols].mean() < 0.03
 
 
 def test_biomarkers_separate_on_average_but_overlap() -> None:
@@ -357,3 +366,95 @@ def test_pooled_beats_isolated() -> None:
     isolated = float(np.mean([accuracy(logged(s.x_train), s.y_train) for s in sites]))
     assert 0.82 <= pooled <= 0.97
     assert isolated <= pooled - 0.12
+
+
+# ------------------------------------------ issue 14: what a clinician records, and when
+
+
+def _blocks() -> tuple[int, int]:
+    names = [f.name for f in features()]
+    return sum(n.startswith("HP:") for n in names), sum(n.startswith("measured:") for n in names)
+
+
+def test_recorded_terms_are_a_few_to_a_dozen() -> None:
+    """A patient carries a handful of coded terms (3-12 coded, plus ancestors and noise), not
+    the ~40 annotated findings a disease has."""
+    t, _ = _blocks()
+    parents = cohort._model().parents
+    rng = np.random.default_rng(21)
+    for disease in range(N_CLASSES):
+        x = sample_patients(disease, 1000, rng)
+        observed = x[:, :t] == 1.0
+        # The most specific observed terms: what was coded (ancestors follow by true path).
+        implied = np.zeros_like(observed)
+        for i, j in zip(*np.nonzero(observed), strict=True):
+            implied[i, list(parents[j])] = True
+        coded = (observed & ~implied).sum(axis=1)
+        assert 3 <= np.median(coded) <= 12, (disease, np.median(coded))
+        assert np.quantile(coded, 0.95) <= 15  # 12 coded + a little noise
+        assert true_phenotypes(disease, 500, rng).sum(axis=1).mean() > 2 * np.median(coded)
+
+
+def test_true_path_observed_up_excluded_down_never_both() -> None:
+    """Observed terms carry their panel ancestors, excluded ones their panel descendants, and
+    no term is both observed and excluded."""
+    from medimesh.hpo import HpoAncestors
+
+    t, _ = _blocks()
+    terms = [f.name for f in features()[:t]]
+    index = {name: j for j, name in enumerate(terms)}
+    onto = HpoAncestors.load()
+    x = sample_patients(2, 300, np.random.default_rng(4))
+    observed, excluded = x[:, :t] == 1.0, x[:, t : 2 * t] == 1.0
+    assert excluded.any() and not (observed & excluded).any()
+    for row_obs, row_exc in zip(observed, excluded, strict=True):
+        for j in np.flatnonzero(row_obs):
+            above = [index[a] for a in onto.ancestors(terms[j]) if a in index]
+            assert row_obs[above].all()
+        for j in np.flatnonzero(row_exc):
+            below = [k for k, name in enumerate(terms) if terms[j] in onto.ancestors(name)]
+            assert row_exc[below].all()
+
+
+def test_stages_and_missingness_say_nothing_about_the_label() -> None:
+    """About 30 % of every class (Other included) is seen at first referral: no labs, not
+    sequenced; sequencing happens only at the confirmed stage."""
+    t, k = _blocks()
+    measured = slice(2 * t + k, 2 * t + 2 * k)
+    tested = _column("genetic_testing_done")
+    rng = np.random.default_rng(9)
+    shares = []
+    for disease in range(N_CLASSES):
+        x = sample_patients(disease, 3000, rng)
+        referral = (x[:, measured].sum(axis=1) == 0) & (x[:, tested] == 0)
+        shares.append(referral.mean())
+        values = x[:, 2 * t : 2 * t + k]
+        assert (np.isnan(values) == (x[:, measured] == 0)).all()  # not measured <=> NaN
+    assert all(0.27 <= s <= 0.36 for s in shares), shares  # 0.3 referral + rare empty work-ups
+    assert max(shares) - min(shares) < 0.06
+
+
+def test_excluded_findings_are_typical_of_the_differential() -> None:
+    """Explicitly excluded findings are a few per patient, and they are terms the panel's
+    diseases typically show (not random ones)."""
+    t, _ = _blocks()
+    x = sample_patients(5, 3000, np.random.default_rng(2))
+    excluded = x[:, t : 2 * t]
+    assert 0.8 <= excluded.sum(axis=1).mean() <= 6.0
+    typical = cohort._model().checked_weight >= 0.3
+    hits = excluded[:, np.flatnonzero(typical)].sum() / excluded.sum()
+    assert hits > 0.6
+
+
+def test_symptoms_only_removes_labs_and_genetics() -> None:
+    """The symptom-only view of a row: markers not measured, not sequenced, symptoms kept."""
+    t, k = _blocks()
+    names = [f.name for f in features()]
+    x = sample_patients(1, 200, np.random.default_rng(6))
+    s = symptoms_only(x, names)
+    assert np.isnan(s[:, 2 * t : 2 * t + k]).all() and (s[:, 2 * t + k : 2 * t + 2 * k] == 0).all()
+    genes = [j for j, n in enumerate(names) if n.startswith("gene:")]
+    assert (s[:, genes] == 0).all() and (s[:, _column("genetic_testing_done")] == 0).all()
+    np.testing.assert_array_equal(s[:, : 2 * t], x[:, : 2 * t])
+    np.testing.assert_array_equal(s[:, -2:], x[:, -2:])
+    assert np.isnan(x[:, 2 * t : 2 * t + k]).mean() < 0.8  # the original is untouched

