@@ -421,7 +421,7 @@ def test_diagnosis_view_shows_ood_next_tests_and_what_argues_against(live_oracle
                              biomarkers={"lyso_gb3": (100000.0, "ng/mL")})
     html = views.diagnosis_html(dx)
     assert 'data-ood="true"' in html and "data-ood-kind='few_findings'" in html
-    assert "Seizure marked absent (no training patient)" in html  # cohort never excludes
+    assert html.count("<tr data-group='excluded'><td>symptoms marked absent (1)</td>") == 3
     assert 'data-table="next-tests"' in html and dx.next_tests
     assert all(f"data-next-test='{t.feature}'" in html for t in dx.next_tests)
     assert "data-evidence='against'" in html and "Argues against" in html
