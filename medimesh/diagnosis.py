@@ -405,6 +405,14 @@ class DiagnosisEngine:
         # and its excluded column, a lab its value and its measured indicator.
         self._items = explain.items_of(names)
         self._item_matrix = explain.item_matrix(self._items, len(names))
+        # 0/1 indicator inputs (excluded / measured / genetic testing) and their words.
+        self._indicators = [
+            (j, f.name, (off, on))
+            for j, f in enumerate(features)
+            if not saved.scale_mask[j]
+            and (off := explain.indicator_words(f.name, self._owner_label(f.name), 0.0))
+            and (on := explain.indicator_words(f.name, self._owner_label(f.name), 1.0))
+        ]
 
     @property
     def model_hash(self) -> str:
@@ -696,14 +704,11 @@ class DiagnosisEngine:
         ]
         n_found = int(explain.count_findings(x, self._symptom_mask)[0])
         rare: list[tuple[str, str, float]] = []
-        for j, f in enumerate(self.features):
-            if self.saved.scale_mask[j] or np.isnan(x[j]):
+        for j, name, (off, on) in self._indicators:
+            if np.isnan(x[j]):
                 continue
-            owner = self._owner_label(f.name)
-            words = explain.indicator_words(f.name, owner, float(x[j]))
-            if words is not None:
-                p_one = float(self.saved.mean[j])  # training share of rows with a 1 here
-                rare.append((f.name, words, p_one if x[j] > 0 else 1.0 - p_one))
+            p_one = float(self.saved.mean[j])  # training share of rows with a 1 here
+            rare.append((name, on, p_one) if x[j] > 0 else (name, off, 1.0 - p_one))
         return explain.check_ood(
             n_findings=n_found,
             profile=self.profile,

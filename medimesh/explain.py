@@ -496,8 +496,19 @@ def rank_tests(
     order = np.argsort(-p0, kind="stable")
     a, b = int(order[0]), int(order[1])
     shown = [int(c) for c in order[:keep]]
+    # Swing of every probe first (cheap), words only for the ones that make the list.
+    swings = [
+        float(np.max(np.abs((pr.proba[:, a] - pr.proba[:, b]) - (p0[a] - p0[b]))))
+        if len(pr.answers) else 0.0
+        for pr in probes
+    ]
+    ranked = sorted(
+        (i for i, sw in enumerate(swings) if sw >= MIN_SWING),
+        key=lambda i: (-swings[i], probes[i].feature),
+    )[:top]
     scored: list[NextTest] = []
-    for pr in probes:
+    for k in ranked:
+        pr = probes[k]
         outcomes = []
         for i, answer in enumerate(pr.answers):
             p1 = pr.proba[i]
@@ -507,13 +518,9 @@ def rank_tests(
                 {classes[c]: float(p1[c]) for c in shown},
                 pr.values[i] if i < len(pr.values) else None,
             ))
-        swing = max((abs(o.gap_change) for o in outcomes), default=0.0)
-        if swing < MIN_SWING:
-            continue
         big = sorted(range(len(outcomes)), key=lambda i: -abs(outcomes[i].gap_change))[:2]
         reason = "; ".join(outcome_words(pr.answers[i], p0, pr.proba[i], classes)
                            for i in sorted(big))
-        scored.append(NextTest(pr.kind, pr.feature, pr.label, pr.question, swing, reason,
+        scored.append(NextTest(pr.kind, pr.feature, pr.label, pr.question, swings[k], reason,
                                tuple(outcomes)))
-    scored.sort(key=lambda t: (-t.swing, t.feature))
-    return tuple(scored[:top])
+    return tuple(scored)
