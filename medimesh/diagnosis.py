@@ -404,7 +404,18 @@ class DiagnosisEngine:
         # One explanation row ("item") per thing a clinician enters: a symptom is its observed
         # and its excluded column, a lab its value and its measured indicator.
         self._items = explain.items_of(names)
-        self._item_matrix = explain.item_matrix(self._items, len(names))
+        self._item_of_column = np.zeros(len(names), dtype=np.int64)
+        for i, (_, cols) in enumerate(self._items):
+            self._item_of_column[cols] = i
+        self._scaled = [
+            (j, f.name, f.label.removesuffix(f" ({f.unit})"), f.unit)
+            for j, f in enumerate(features) if saved.scale_mask[j]
+        ]
+        self._item_primary = np.array([p for p, _ in self._items], dtype=np.int64)
+        self._item_partner = np.array(
+            [next((j for j in cols if j != p), -1) for p, cols in self._items], dtype=np.int64
+        )
+        self._item_kind = np.array([self._kind(names[p]) for p, _ in self._items], dtype=object)
         # 0/1 indicator inputs (excluded / measured / genetic testing) and their words.
         self._indicators = [
             (j, f.name, (off, on))
@@ -602,25 +613,27 @@ class DiagnosisEngine:
 
     def _statuses(self, request: PatientRequest, x: np.ndarray) -> list[explain.Status]:
         """How each item was given, in the request's terms (drives the words shown)."""
+        prim = self._item_primary
+        v = x[prim]
+        given = ~np.isnan(v)
+        on = np.nan_to_num(v) > 0
+        partner = np.where(self._item_partner >= 0, x[np.maximum(self._item_partner, 0)], 0.0)
+        kind = self._item_kind
         tested = request.genetic_testing_done
-        out: list[explain.Status] = []
-        for primary, cols in self._items:
-            f = self.features[primary]
-            v = x[primary]
-            if f.name.startswith("HP:"):
-                excluded = any(x[j] > 0 for j in cols if j != primary)
-                out.append("observed" if v > 0 else "excluded" if excluded else "not_mentioned")
-            elif f.name in self._markers:
-                out.append("not_measured" if np.isnan(v) else "measured")
-            elif f.name.startswith("gene:"):
-                out.append("variant" if v > 0 else "no_variant" if tested else "not_sequenced")
-            elif f.name == GENETIC_TESTING_COLUMN:
-                out.append("sequenced" if v > 0 else "not_sequenced")
-            elif f.name in ("age_onset_years", "sex_male"):
-                out.append("unknown" if np.isnan(v) else "given")
-            else:
-                out.append("encoding")
-        return out
+        status = np.full(len(prim), "encoding", dtype=object)
+        sym = kind == "symptom"
+        status[sym] = np.where(on[sym], "observed", np.where(
+            np.nan_to_num(partner[sym]) > 0, "excluded", "not_mentioned"))
+        lab = kind == "marker"
+        status[lab] = np.where(given[lab], "measured", "not_measured")
+        gene = kind == "gene"
+        status[gene] = np.where(on[gene], "variant",
+                                "no_variant" if tested else "not_sequenced")
+        gtd = kind == "testing"
+        status[gtd] = np.where(on[gtd], "sequenced", "not_sequenced")
+        demo = kind == "demographic"
+        status[demo] = np.where(given[demo], "given", "unknown")
+        return list(status)
 
     def _explain(
         self, x: np.ndarray, z: np.ndarray, c: int, rank: int, p: float,
@@ -628,26 +641,24 @@ class DiagnosisEngine:
     ) -> Candidate:
         w, b = self.saved.model.weights, self.saved.model.bias
         baseline, column_shares = explain.candidate_shares(z, self._z_ref, w, b, c)
-        shares = self._item_matrix @ column_shares
+        shares = np.bincount(self._item_of_column, weights=column_shares,
+                             minlength=len(self._items))
         name = self.saved.classes[c]
+        st = np.asarray(status, dtype=object)
         # Reported findings that support it (the answer's original ``findings`` list).
-        reported = [i for i in np.argsort(-shares, kind="stable")
-                    if status[i] in ("observed", "measured", "variant", "given")
-                    and shares[i] > 0]
-        big = [i for i in np.argsort(-np.abs(shares), kind="stable")
-               if abs(shares[i]) >= MIN_SHARE]
-        pro = [i for i in big if shares[i] > 0][:TOP_FINDINGS]
-        con = [i for i in big if shares[i] < 0][:TOP_FINDINGS]
-        groups: dict[str, list[int]] = {}
-        for i, st in enumerate(status):
-            groups.setdefault(st, []).append(i)
+        entered = np.isin(st, ("observed", "measured", "variant", "given"))
+        order = np.argsort(-shares, kind="stable")
+        reported = [int(i) for i in order if entered[i] and shares[i] > 0][:TOP_FINDINGS]
+        pro = [int(i) for i in order[:TOP_FINDINGS] if shares[i] >= MIN_SHARE]
+        con = [int(i) for i in order[::-1][:TOP_FINDINGS] if shares[i] <= -MIN_SHARE]
         # What the clinician entered is always listed (even when it barely counts: that is
         # worth knowing too); what was left out only when it moves the odds.
-        summary = tuple(
-            explain_group(name, st, idx, float(shares[idx].sum()))
-            for st, idx in groups.items()
-            if st in ENTERED or abs(float(shares[idx].sum())) >= MIN_SHARE
-        )
+        summary = []
+        for kind in dict.fromkeys(status):
+            idx = np.flatnonzero(st == kind)
+            total = float(shares[idx].sum())
+            if kind in ENTERED or abs(total) >= MIN_SHARE:
+                summary.append(explain_group(name, kind, idx.tolist(), total))
 
         def finding(i: int) -> Finding:
             j = self._items[i][0]
@@ -655,7 +666,7 @@ class DiagnosisEngine:
 
         return Candidate(
             rank, name, p,
-            findings=tuple(finding(i) for i in reported[:TOP_FINDINGS]),
+            findings=tuple(finding(i) for i in reported),
             evidence_for=tuple(finding(i) for i in pro),
             evidence_against=tuple(finding(i) for i in con),
             groups=tuple(sorted(summary, key=lambda g: -abs(g.contribution))),
@@ -698,9 +709,9 @@ class DiagnosisEngine:
         self, request: PatientRequest, x: np.ndarray, z: np.ndarray, unknown: Sequence[str]
     ) -> explain.OutOfDistribution:
         extreme = [
-            (f.name, f.label.removesuffix(f" ({f.unit})"), float(z[j]), float(x[j]), f.unit)
-            for j, f in enumerate(self.features)
-            if self.saved.scale_mask[j] and not np.isnan(x[j])
+            (name, label, float(z[j]), float(x[j]), unit)
+            for j, name, label, unit in self._scaled
+            if not np.isnan(x[j])
         ]
         n_found = int(explain.count_findings(x, self._symptom_mask)[0])
         rare: list[tuple[str, str, float]] = []
@@ -764,6 +775,19 @@ class DiagnosisEngine:
             absent[have] = swings(np.array([e for _, e in pairs if e is not None]))
         keep = np.argsort(-np.maximum(present, absent), kind="stable")[:SYMPTOM_SHORTLIST]
         return [int(pairs[i][0]) for i in keep]
+
+    def _kind(self, name: str) -> str:
+        if name.startswith("HP:"):
+            return "symptom"
+        if name in self._markers:
+            return "marker"
+        if name.startswith("gene:"):
+            return "gene"
+        if name == GENETIC_TESTING_COLUMN:
+            return "testing"
+        if name in ("age_onset_years", "sex_male"):
+            return "demographic"
+        return "other"
 
     def _with_symptom(self, x: np.ndarray, term: str) -> np.ndarray:
         """``x`` as :meth:`encode` would give it with ``term`` also observed."""

@@ -63,7 +63,6 @@ __all__ = [
     "fmt_odds",
     "fmt_pct",
     "gap_swing",
-    "item_matrix",
     "items_of",
     "outcome_words",
     "rank_tests",
@@ -187,14 +186,6 @@ def items_of(feature_names: Sequence[str]) -> list[tuple[int, list[int]]]:
         primary = index.get(owner, j) if owner is not None else j
         items.setdefault(primary, []).append(j)
     return sorted(items.items())
-
-
-def item_matrix(items: Sequence[tuple[int, list[int]]], n_columns: int) -> np.ndarray:
-    """0/1 matrix summing column shares into item shares."""
-    m = np.zeros((len(items), n_columns))
-    for i, (_, cols) in enumerate(items):
-        m[i, cols] = 1.0
-    return m
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
