@@ -412,6 +412,10 @@ class DiagnosisEngine:
             for j, f in enumerate(features) if saved.scale_mask[j]
         ]
         self._item_primary = np.array([p for p, _ in self._items], dtype=np.int64)
+        # Each symptom column's ``excluded:`` partner (-1: none, an older layout).
+        self._excluded_of = np.array(
+            [self._index.get(excluded_column(n), -1) for n in names], dtype=np.int64
+        )
         self._item_partner = np.array(
             [next((j for j in cols if j != p), -1) for p, cols in self._items], dtype=np.int64
         )
@@ -424,6 +428,7 @@ class DiagnosisEngine:
             and (off := explain.indicator_words(f.name, self._owner_label(f.name), 0.0))
             and (on := explain.indicator_words(f.name, self._owner_label(f.name), 1.0))
         ]
+        self._indicator_idx = np.array([j for j, _, _ in self._indicators], dtype=np.int64)
 
     @property
     def model_hash(self) -> str:
@@ -715,11 +720,14 @@ class DiagnosisEngine:
         ]
         n_found = int(explain.count_findings(x, self._symptom_mask)[0])
         rare: list[tuple[str, str, float]] = []
-        for j, name, (off, on) in self._indicators:
-            if np.isnan(x[j]):
-                continue
-            p_one = float(self.saved.mean[j])  # training share of rows with a 1 here
-            rare.append((name, on, p_one) if x[j] > 0 else (name, off, 1.0 - p_one))
+        if self._indicators:
+            idx = self._indicator_idx
+            v = x[idx]
+            p_one = self.saved.mean[idx]  # training share of rows with a 1 in each
+            share = np.where(np.nan_to_num(v) > 0, p_one, 1.0 - p_one)
+            for k in np.flatnonzero(~np.isnan(v) & (share < explain.OOD_MIN_SHARE)):
+                _, name, (off, on) = self._indicators[k]
+                rare.append((name, on if v[k] > 0 else off, float(share[k])))
         return explain.check_ood(
             n_findings=n_found,
             profile=self.profile,
@@ -750,11 +758,10 @@ class DiagnosisEngine:
         scored exactly through :meth:`encode`. It keeps ``SYMPTOM_SHORTLIST`` terms.
         """
         xz = np.nan_to_num(x)
-        pairs = [
-            (j, self._index.get(excluded_column(self.features[j].name)))
-            for j in np.flatnonzero(self._symptom_mask & (xz == 0))
-        ]
-        pairs = [(j, e) for j, e in pairs if e is None or xz[e] == 0]
+        excl = self._excluded_of
+        free = self._symptom_mask & (xz == 0)
+        free &= np.where(excl >= 0, xz[np.maximum(excl, 0)] == 0, True)
+        pairs = [(int(j), None if excl[j] < 0 else int(excl[j])) for j in np.flatnonzero(free)]
         if not pairs:
             return []
         z = self.saved.prepare(x[None, :])[0]
