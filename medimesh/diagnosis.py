@@ -8,7 +8,9 @@ symptoms, named biomarkers with units, ``gene:SYMBOL`` findings, age of onset an
 HPO ids and genes are reported back rather than refused (a clinician's list is rarely a subset
 of the panel), but a wrong unit or an unknown biomarker is an error naming the field: a value
 silently read in the wrong unit would be worse than no answer. Missing biomarkers stay NaN and
-are imputed by the model's standardization (the global mean, i.e. no evidence either way).
+are imputed by the model's standardization (the global mean) with their ``measured:`` indicator
+0, so "not measured" is never read as "normal"; symptoms are observed, excluded or not mentioned,
+and genetic testing is done or not (issue 14; column names in :mod:`medimesh.evidence`).
 
 Explanations are exact for a linear model: with standardized inputs ``z``, the logit of class
 ``c`` is ``b[c] + Σ_j w[j,c]·z[j]``, so ``z[j]·(w[j,c] − mean_c' w[j,c'])`` is how much finding
@@ -450,25 +452,26 @@ class DiagnosisEngine:
     def _symptom_columns(
         self, symptoms: Sequence[str]
     ) -> tuple[set[str], list[str], dict[str, tuple[str, ...]]]:
-        """Observed terms and, by the true-path rule, every panel ancestor of each."""
+        """Observed terms and, by the true-path rule, every panel ancestor of each (with an
+        ontology; a term outside the panel counts through its panel ancestors)."""
         present: set[str] = set()
         unknown: list[str] = []
         mapped: dict[str, tuple[str, ...]] = {}
         for term in symptoms:
             t = term.strip().upper()
-            if t in self._symptoms:
-                present.add(t)
-                continue
             onto = self._ontology
-            primary = self._resolve(t)
-            if onto is not None and primary is not None:
-                hits = tuple(sorted(a for a in (primary, *onto.ancestors(primary))
-                                    if a in self._symptoms))
-                if hits:
-                    present.update(hits)
-                    mapped[term] = hits
-                    continue
-            unknown.append(term)
+            primary = t if t in self._symptoms else self._resolve(t)
+            if primary is None:
+                unknown.append(term)
+                continue
+            above = onto.ancestors(primary) if onto is not None and primary in onto else ()
+            hits = tuple(sorted(a for a in (primary, *above) if a in self._symptoms))
+            if not hits:
+                unknown.append(term)
+                continue
+            present.update(hits)
+            if t not in self._symptoms:  # a panel term's implied ancestors go unsaid
+                mapped[term] = hits
         return present, unknown, mapped
 
     def _descendants(self) -> dict[str, tuple[str, ...]]:
@@ -498,7 +501,7 @@ class DiagnosisEngine:
                 unknown.append(term)
                 continue
             absent.update(hits)
-            if hits != (t,):
+            if t not in self._symptoms:
                 mapped[term] = hits
         return absent, unknown, mapped
 
