@@ -322,9 +322,11 @@ def _share_words(share: float) -> str:
     return "none" if share <= 0 else f"only {fmt_pct(share)}"
 
 
+# The missingness indicators the rare-input rule judges: prefix or name → (words when 0,
+# words when 1); "{}" is the owner's label. ``excluded:`` columns are left out on purpose: a
+# given finding is marked absent in few training rows, so its weight stays near zero (no
+# evidence either way) and flagging every exclusion would make the flag noise.
 INDICATOR_WORDS: Final[Mapping[str, tuple[str, str]]] = {
-    # prefix or name → (words when 0, words when 1); "{}" is the owner's label
-    "excluded:": ("{} not excluded", "{} marked absent"),
     "measured:": ("{} not measured", "{} measured"),
     "genetic_testing_done": ("no genetic testing", "genetic testing done"),
 }

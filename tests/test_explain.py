@@ -312,7 +312,7 @@ def test_excluded_symptom_and_indicators_join_their_rows() -> None:
 
 
 def test_ood_names_inputs_no_training_patient_had() -> None:
-    """Training never excluded Sign A (mean 0) and always measured the lab (mean 1)."""
+    """Training always measured the lab (mean 1) and never excluded Sign A (mean 0)."""
     model = Model(W2.astype(np.float32), np.zeros(2, dtype=np.float32))
     mean = np.array([0.5, 0.0, 0.0, 1.0, 0.1, 0.7])
     saved = SavedModel(
@@ -325,9 +325,10 @@ def test_ood_names_inputs_no_training_patient_had() -> None:
     engine = DiagnosisEngine(saved, FEATURES2)
     d = engine.diagnose(PatientRequest(excluded_symptoms=("HP:0000001",)))
     (reason,) = d.out_of_distribution.reasons
-    assert reason.kind == "rare_input" and reason.feature == "excluded:HP:0000001"
-    assert "Sign A marked absent (no training patient)" in reason.message
+    assert reason.kind == "rare_input" and reason.feature == "measured:lab"
     assert "Enzyme X not measured (no training patient)" in reason.message
+    # An exclusion no training row had is not flagged: its weight is ~0, no evidence.
+    assert "Sign A" not in reason.message
     ok = engine.diagnose(PatientRequest(symptoms=("HP:0000001",),
                                         biomarkers={"lab": Measurement(1.0, "U/L")}))
     assert not ok.out_of_distribution.flag
