@@ -13,8 +13,10 @@ are imputed by the model's standardization (the global mean) with their ``measur
 and genetic testing is done or not (issue 14; column names in :mod:`medimesh.evidence`).
 
 Explanations are exact for a linear model: with standardized inputs ``z``, the logit of class
-``c`` is ``b[c] + Σ_j w[j,c]·z[j]``, so ``z[j]·(w[j,c] − mean_c' w[j,c'])`` is how much finding
-``j`` moves class ``c`` relative to the average class.
+``c`` relative to the average class is split into a baseline (the average training patient)
+plus ``(z[j] − z̄[j])·(w[j,c] − mean_c' w[j,c'])`` per input, so inputs left blank get a share
+too; the out-of-distribution flag and the next tests are built on the same encoding
+(:mod:`medimesh.explain`, docs/explain.md).
 """
 
 from __future__ import annotations
