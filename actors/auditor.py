@@ -36,6 +36,7 @@ from medimesh.errors import ConfigError
 from medimesh.identity import Identity, Roster
 from medimesh.model import Model
 from medimesh.model import model_hash as hash_model
+from medimesh.runs import UNNAMED_RUN
 from medimesh.store import (
     BufferedSink,
     PostgresSink,
@@ -162,8 +163,8 @@ class _Memory:
             self.checkpoint = rec
 
 
-async def _apply(store: Store, rec: _Record) -> None:
-    """Write one record; every write is idempotent or append-only, so a retry is safe."""
+async def _apply(store: Store, rec: _Record, run: str) -> None:
+    """Write one record of ``run``; every write is idempotent or append-only (retry-safe)."""
     if isinstance(rec, _ModelRec):
         await store.put_model(
             Model(rec.weights, rec.bias),
@@ -172,15 +173,20 @@ async def _apply(store: Store, rec: _Record) -> None:
             updates=rec.updates,
             verdicts=rec.verdicts,
             created_at=rec.created_at,
+            run=run,
         )
     elif isinstance(rec, _RoundRec):
-        await store.put_round(rec.round, rec.metrics, rec.model_hash, rec.closed_at)
+        await store.put_round(rec.round, rec.metrics, rec.model_hash, rec.closed_at, run=run)
     else:
-        await store.save_checkpoint(rec.round, rec.state, rec.model_hash)
+        await store.save_checkpoint(rec.round, rec.state, rec.model_hash, run=run)
 
 
 class Auditor:
-    """Single writer of the trail, so the chain has one total order; also the record keeper."""
+    """Single writer of the trail, so the chain has one total order; also the record keeper.
+
+    The trail is one chain across runs; models, rounds and checkpoints are recorded under
+    this auditor's ``run_id`` (medimesh.runs), and read back for that run only.
+    """
 
     def __init__(
         self,
@@ -190,9 +196,14 @@ class Auditor:
         database_url: str | None = None,
         *,
         max_buffer: int = 10_000,
+        run_id: str = UNNAMED_RUN,
+        run_info: dict[str, Any] | None = None,
     ) -> None:
-        """``max_buffer`` bounds the entries held while the database is down (then backpressure)."""
+        """``max_buffer`` bounds the entries held while the database is down (then backpressure).
+        ``run_id`` names the run whose records this auditor keeps; ``run_info`` (JSON) is
+        stored with the run's row."""
         self._identity = Identity.from_seed(seed)
+        self.run_id = run_id
         self._roster = Roster.from_json(roster_json)
         self._lock = threading.RLock()
         self._closed = False
@@ -207,6 +218,7 @@ class Auditor:
                 members = list(self._roster)
 
                 async def enrol(store: Store) -> None:
+                    await store.start_run(run_id, time.time(), _plain(run_info or {}))
                     for m in members:
                         await store.register_node(m)
 
@@ -308,7 +320,7 @@ class Auditor:
         while self._pending:
             rec = self._pending[0]
             try:
-                pg.call(functools.partial(_apply, rec=rec))
+                pg.call(functools.partial(_apply, rec=rec, run=self.run_id))
             except StoreUnavailable as exc:
                 _log.warning("store unavailable, %d record(s) pending: %s", len(self._pending), exc)
                 return False
@@ -398,13 +410,14 @@ class Auditor:
             return None if hit is None else hit.full()
 
     def models(self) -> list[dict[str, Any]]:
-        """Every model recorded, oldest round first, without parameters."""
+        """Every model this run recorded, oldest round first, without parameters."""
+        run = self.run_id
         with self._lock:
             recs = list(self._memory.models.values())
             pg = self._pg
             if pg is not None:
                 try:
-                    stored = pg.call(lambda s: s.models())
+                    stored = pg.call(lambda s: s.models(run))
                 except StoreUnavailable:
                     _log.warning("store unavailable: models answered from memory")
                 else:
@@ -416,13 +429,14 @@ class Auditor:
             return [r.summary() for r in recs]
 
     def rounds(self) -> list[dict[str, Any]]:
-        """Every recorded round's metrics and model hash, in round order."""
+        """This run's recorded rounds: metrics and model hash, in round order."""
+        run = self.run_id
         with self._lock:
             by_round = dict(self._memory.rounds)
             pg = self._pg
             if pg is not None:
                 try:
-                    stored = pg.call(lambda s: s.rounds())
+                    stored = pg.call(lambda s: s.rounds(run))
                 except StoreUnavailable:
                     _log.warning("store unavailable: rounds answered from memory")
                 else:
@@ -434,7 +448,8 @@ class Auditor:
             return [by_round[k].as_dict() for k in sorted(by_round)]
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
-        """The newest checkpoint ({"round", "state", "model_hash"}), or None."""
+        """This run's newest checkpoint ({"round", "state", "model_hash"}), or None."""
+        run = self.run_id
         with self._lock:
             pending = self._pending_of(_CheckpointRec)
             if pending:
@@ -442,7 +457,7 @@ class Auditor:
             pg = self._pg
             if pg is not None:
                 try:
-                    cp = pg.call(lambda s: s.latest_checkpoint())
+                    cp = pg.call(lambda s: s.latest_checkpoint(run))
                 except StoreUnavailable:
                     _log.warning("store unavailable: checkpoint answered from memory")
                 else:

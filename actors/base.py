@@ -9,6 +9,7 @@ for many messages at once, is async.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from medimesh.audit import AuditRecorder
@@ -16,17 +17,45 @@ from medimesh.identity import Identity, Roster
 from medimesh.protocol import Message
 from medimesh.wire import seal
 
-__all__ = ["AUDIT_FLUSH_EVENTS", "AUDIT_FLUSH_S", "Audited", "Node", "RouterTransport"]
+__all__ = [
+    "AUDIT_FLUSH_EVENTS", "AUDIT_FLUSH_S", "ActorName", "Audited", "Node", "RouterTransport",
+    "resolve",
+]
 
 AUDIT_FLUSH_EVENTS = 64
 AUDIT_FLUSH_S = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class ActorName:
+    """A named actor handed to a constructor by name instead of by handle.
+
+    A restartable actor (``max_restarts > 0``) must not take actor handles as constructor
+    arguments: Ray keeps such arguments in the object store, cannot guarantee them when it
+    restarts the actor (ray-project/ray#53727) and logs an error line at creation. A name is a
+    plain string; the actor looks the handle up in its own process, again after each restart.
+    """
+
+    name: str
+    namespace: str
+
+    def resolve(self) -> Any:
+        import ray
+
+        return ray.get_actor(self.name, self.namespace)
+
+
+def resolve(ref: Any) -> Any:
+    """The actor handle for ``ref``: an :class:`ActorName` is looked up, anything else (a
+    handle, or None) is returned as it is."""
+    return ref.resolve() if isinstance(ref, ActorName) else ref
 
 
 class RouterTransport:
     """Sends through the router actor and waits for its accept/refuse answer (AXL's /send)."""
 
     def __init__(self, router: Any) -> None:
-        self._router = router
+        self._router = resolve(router)
         self._pending: list[Any] = []
 
     def send(self, envelope: bytes) -> int:
@@ -88,7 +117,7 @@ class Audited:
         self.identity = Identity.from_seed(seed)
         self.roster = Roster.from_json(roster_json)
         self.audit = AuditRecorder(self.identity)
-        self._auditor = auditor
+        self._auditor = resolve(auditor)
         self._last_flush = time.monotonic()
 
     @property

@@ -8,7 +8,6 @@ are all it receives.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from medimesh.actors import telemetry
 from medimesh.actors.base import Node
 from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
 from medimesh.aggregation import coordinate_median, flatten, make_aggregator, rule_for_round
+from medimesh.cross_baselines import CrossBaselines
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError, QuorumNotReached
 from medimesh.explain import combine_finding_hists
 from medimesh.features import LocalStats, Standardizer, combine_stats
@@ -29,6 +29,7 @@ from medimesh.model import Model, TrainConfig, model_hash
 from medimesh.privacy import PrivacyAccountant, PrivacyConfig, dp_aggregate
 from medimesh.protocol import (
     MESSAGE_TYPES,
+    CrossEvalReport,
     EvalReport,
     ModelPublished,
     RoundStart,
@@ -51,6 +52,7 @@ from medimesh.rounds import (
     close_round,
     initial_model,
 )
+from medimesh.runs import UNNAMED_RUN
 from medimesh.secagg import SecAggConfig, SecAggError
 from medimesh.secagg_round import INBOUND as SECAGG_INBOUND
 from medimesh.secagg_round import SecAggRound, b64e
@@ -75,6 +77,7 @@ STATISTICAL_REASONS = frozenset(
 
 log = structlog.get_logger("medimesh.coordinator")
 VERDICT_GRACE_S = 2.0
+CROSS_BASELINES_WAIT_S = 10.0  # how long setup waits for peers' cross-site scores
 ROUTER_WAIT_S = 60.0  # how long a retry waits for a restarting router
 
 
@@ -103,6 +106,10 @@ class CoordinatorConfig:
     # Secure aggregation (docs/privacy.md §4): the coordinator is the SecAgg server and learns
     # only the weighted sum of the deltas; None = plaintext updates.
     secure_aggregation: SecAggConfig | None = None
+    run_id: str = UNNAMED_RUN  # the run this coordinator drives (medimesh.runs)
+    # Ask hospitals for cross-site baselines at setup (medimesh.cross_baselines); the runtime
+    # turns it off under DP and secure aggregation.
+    cross_baselines: bool = False
 
     def __post_init__(self) -> None:
         make_aggregator(self.aggregator, self.n_byzantine)  # unknown names fail here, early
@@ -142,6 +149,11 @@ class Coordinator(Node):
         self._rule_info: dict[str, Any] = {}  # which rule closed the last round, and why
         self._validator = self.roster.with_role("validator")[0].peer_id
         self._setup: dict[str, SetupStats] = {}
+        self._cross = CrossBaselines(
+            tuple(self._hospitals), config.spec_hash,
+            config.cross_baselines and config.privacy is None
+            and config.secure_aggregation is None,
+        )
         self._committed: dict[str, int] = {}
         self._model: Model | None = None
         self._model_hash = ""
@@ -184,6 +196,12 @@ class Coordinator(Node):
         try:
             if h.type == SetupStats.TYPE and h.sender in self._hospitals:
                 self._setup[h.sender] = decode(h.type, opened.payload, SetupStats)
+                self._cross.add_own(h.sender, self._setup[h.sender])
+            elif h.type == CrossEvalReport.TYPE and h.sender in self._hospitals:
+                report = decode(h.type, opened.payload, CrossEvalReport)
+                if not self._cross.add_report(h.sender, report):
+                    self.audit.record("cross_eval_refused", 0, h.message_id,
+                                      {"hospital": h.sender, "source": report.source})
             elif h.type == Update.TYPE:
                 self._on_update(opened.digest, h.sender, opened.payload, len(envelope))
             elif h.type == Verdicts.TYPE and h.sender == self._validator:
@@ -266,9 +284,13 @@ class Coordinator(Node):
     # -- setup round ----------------------------------------------------------------------
     async def setup(self) -> dict[str, Any]:
         cfg = self._cfg
-        req = SetupRequest(cfg.spec_hash, cfg.n_features, cfg.n_classes)
+        req = SetupRequest(cfg.spec_hash, cfg.n_features, cfg.n_classes, self._cross.enabled)
         self._setup.clear()
-        self.audit.record("setup_started", 0, cfg.spec_hash, {"hospitals": len(self._hospitals)})
+        self.audit.record(
+            "setup_started", 0, cfg.spec_hash,
+            {"hospitals": len(self._hospitals), "run_id": cfg.run_id,
+             "cross_baselines": self._cross.enabled},
+        )
         await self.send_async(req, self._hospitals, 0)
         deadline = time.time() + cfg.setup_timeout_s
         await self._wait(lambda: len(self._setup) == len(self._hospitals), deadline)
@@ -293,18 +315,22 @@ class Coordinator(Node):
             self._model_hash, 0, "", self._model.weights, self._model.bias, [], []
         )
         self._checkpoint()
+        answered = list(self._setup)
+        await self._wait(  # peers' scores of each isolated model, counts only
+            lambda: self._cross.complete(answered),
+            min(deadline, time.time() + CROSS_BASELINES_WAIT_S),
+        )
         summary = {
+            "run_id": cfg.run_id,
             "hospitals": len(self._setup),
             "n_train": int(sum(self._committed.values())),
             "initial_model": self._model_hash,
-            "baselines": {
-                self.roster.get(pid).name: {  # None, not NaN: audit bodies are strict JSON
-                    "top1": None if math.isnan(s.isolated_top1) else s.isolated_top1,
-                    "top3": None if math.isnan(s.isolated_top3) else s.isolated_top3,
-                    "n_test": s.n_test,
-                }
-                for pid, s in self._setup.items()
-            },
+            "cross_baselines": self._cross.enabled,
+            # Each site's isolated model: own_site_* on its own test split, all_sites_* on
+            # every site's test patients, like the federated model (None, never NaN).
+            "baselines": self._cross.summary(
+                {pid: self.roster.get(pid).name for pid in self._hospitals}
+            ),
         }
         self.audit.record("setup_completed", 0, self._model_hash, summary)
         self.flush_audit()
@@ -316,6 +342,7 @@ class Coordinator(Node):
         # Arrays travel as arrays (cheap for Ray); the auditor makes them JSON for the store,
         # off the coordinator's critical path.
         state = {
+            "run_id": self._cfg.run_id,
             "round": self._round,
             "committed": self._committed,
             "mean": self._standardizer.mean,
@@ -343,6 +370,10 @@ class Coordinator(Node):
         if stored is None:
             raise ConfigError(f"checkpointed model {cp['model_hash'][:12]}… is not in the store")
         st = cp["state"]
+        if st.get("run_id", self._cfg.run_id) != self._cfg.run_id:
+            raise ConfigError(
+                f"checkpoint belongs to run {st.get('run_id')}, not {self._cfg.run_id}"
+            )
         self._round = int(cp["round"])
         self._committed = {k: int(v) for k, v in st["committed"].items()}
         self._standardizer = Standardizer(np.array(st["mean"]), np.array(st["std"]))
@@ -362,7 +393,8 @@ class Coordinator(Node):
             self._cfg.spec_hash, self._standardizer.mean, self._standardizer.std, self._prior
         )
         await self.send_async(result, list(self._committed), self._round)
-        summary = {"resumed_at_round": self._round, "model_hash": self._model_hash}
+        summary = {"resumed_at_round": self._round, "model_hash": self._model_hash,
+                   "run_id": self._cfg.run_id}
         self.audit.record("coordinator_resumed", self._round, self._model_hash, summary)
         self.flush_audit()
         return summary
@@ -528,7 +560,8 @@ class Coordinator(Node):
         new_hash = model_hash(model)
         self._model, self._model_hash = model, new_hash
         published: dict[str, Any] = {
-            "parent": parent, "updates": upd_digests, "verdicts": verdict_digests
+            "parent": parent, "updates": upd_digests, "verdicts": verdict_digests,
+            "run_id": cfg.run_id,
         }
         if self._sa is not None:
             published["secure_aggregation"] = self._sa_summary(self._sa)
@@ -826,6 +859,7 @@ class Coordinator(Node):
             raise ConfigError("no model yet: run setup() first")
         std = self._standardizer
         return {
+            "run_id": self._cfg.run_id,
             "round": self._round,
             "model_hash": self._model_hash,
             "weights": np.array(self._model.weights),

@@ -14,13 +14,14 @@ import numpy as np
 import ray
 import structlog
 
-from medimesh.actors.base import Node
+from medimesh.actors.base import Node, resolve
 from medimesh.adversary import PROTOCOL_ATTACKS, AttackContext, protocol_envelope
 from medimesh.aggregation import flatten, unflatten
 from medimesh.attacks import ATTACKS, COLLUDING, FRAMING, attack_update, flip_labels
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError
 from medimesh.hospital import HospitalNode
 from medimesh.protocol import (
+    IsolatedModel,
     ModelPublished,
     RoundStart,
     SecAggAdverts,
@@ -57,8 +58,13 @@ class Hospital(Node):
         behaviour: str = "honest",
         colluders: Any = None,
         n_byzantine: int = 0,
+        *,
+        cross_baselines: bool = True,
     ) -> None:
+        """``cross_baselines`` is this site's own policy: whether it may send its isolated
+        model to its peer hospitals when the coordinator asks (medimesh.cross_baselines)."""
         super().__init__(seed, roster_json, router, auditor)
+        self._share_isolated = cross_baselines
         known = behaviour in ATTACKS or behaviour in PROTOCOL_ATTACKS or behaviour in DRILLS
         if not known:
             raise ConfigError(f"unknown behaviour {behaviour!r}")
@@ -73,9 +79,12 @@ class Hospital(Node):
         self._coordinator = self.roster.with_role("coordinator")[0].peer_id
         self._validator = self.roster.with_role("validator")[0].peer_id
         self._behaviour = behaviour
-        self._colluders = colluders
+        self._colluders = resolve(colluders)
         self._n_byzantine = n_byzantine
         self._n_hospitals = len(self.roster.with_role("hospital"))
+        self._peers = {
+            m.peer_id for m in self.roster.with_role("hospital") if m.peer_id != self.peer_id
+        }
         self._last_envelope: bytes | None = None
         # Global models seen (first, last) and the last step: what a time-coupled attack uses.
         self._first_base: np.ndarray | None = None
@@ -145,11 +154,18 @@ class Hospital(Node):
             self.audit.record("envelope_refused", -1, "", {"reason": type(exc).__name__})
             return
         h = opened.header
-        if h.sender != self._coordinator:
+        from_peer = h.type == IsolatedModel.TYPE and h.sender in self._peers
+        if h.sender != self._coordinator and not from_peer:
             self.audit.record("unexpected_sender", h.round, h.message_id, {"type": h.type})
             return
         try:
-            self._handle(h.type, h.round, opened.payload)
+            if from_peer:
+                report = self._node.on_isolated_model(
+                    h.sender, decode(h.type, opened.payload, IsolatedModel)
+                )
+                self.send(report, [self._coordinator], h.round)
+            else:
+                self._handle(h.type, h.round, opened.payload)
         except MediMeshError as exc:
             log.warning("message not handled", type=h.type, error=str(exc))
             self.audit.record("message_failed", h.round, h.message_id, {"error": str(exc)})
@@ -158,8 +174,13 @@ class Hospital(Node):
     def _handle(self, type_: str, round_: int, payload: bytes) -> None:
         node = self._node
         if type_ == SetupRequest.TYPE:
-            stats = node.on_setup_request(decode(type_, payload, SetupRequest))
+            setup = decode(type_, payload, SetupRequest)
+            stats = node.on_setup_request(setup)
             self.send(stats, [self._coordinator], 0)
+            isolated = node.isolated_model()
+            if setup.cross_baselines and self._share_isolated and isolated and self._peers:
+                # Sealed to the peer hospitals only (this roster copy's, not the request's).
+                self.post(isolated, sorted(self._peers), 0)
         elif type_ == SetupResult.TYPE:
             result = decode(type_, payload, SetupResult)
             node.on_setup_result(result)

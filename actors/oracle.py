@@ -8,8 +8,13 @@ prediction is ~0.2 ms.
 
 Hot swap: a background task reacts to the store's NOTIFY (and polls every ``poll_interval``
 seconds as a fallback), builds a new immutable :class:`DiagnosisEngine` for the latest model
-and replaces ``OracleState.engine`` in one assignment. A request reads that reference once, so
-it is answered entirely by one model, and no request waits for or fails during a swap.
+and replaces ``OracleState.served`` (engine + run id) in one assignment. A request reads that
+reference once, so it is answered entirely by one model, and no request waits for or fails
+during a swap.
+
+Runs (medimesh.runs): an oracle serves one run, the one it was started for (``run_id``, as the
+demo does), or, started without one, the newest run that has a model. ``/ready``, ``/diagnose``
+and ``/rounds`` say which; ``/runs`` lists them; ``?run=`` picks another run's rounds.
 
 Client mistakes are 4xx, never 500: pydantic bounds and engine validation give 422 naming the
 field, an oversized body 413, an unknown model 404; a missing model or database is 503. Numbers
@@ -47,17 +52,28 @@ from medimesh.diagnosis import (
     saved_model_for,
 )
 from medimesh.explain import TrainingProfile
-from medimesh.store import Store, StoredModel, StoreError, StoreUnavailable, verify
+from medimesh.runs import RUN_ID_PATTERN, UNNAMED_RUN
+from medimesh.store import (
+    RunRecord,
+    Store,
+    StoredModel,
+    StoreError,
+    StoreUnavailable,
+    verify,
+)
 
 __all__ = [
+    "APP_NAME",
     "MAX_BODY_BYTES",
     "OracleConfig",
     "OracleState",
+    "Served",
     "app_builder",
     "build_app",
     "deploy",
     "entry_dict",
     "oracle_deployment",
+    "undeploy",
     "vocabulary_doc",
 ]
 
@@ -78,7 +94,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class OracleConfig:
-    """Where the oracle reads from. ``router`` (an actor handle) overrides ``router_name``."""
+    """Where the oracle reads from. ``router`` (an actor handle) overrides ``router_name``.
+    ``run_id``: the run to serve; None follows the newest run that has a model."""
 
     database_url: str
     router_name: str | None = None
@@ -87,6 +104,15 @@ class OracleConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     router: Any = None
     load_ontology: bool = True
+    run_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What answers requests right now: one engine (one model) and the run it belongs to."""
+
+    engine: DiagnosisEngine
+    run_id: str
 
 
 # ------------------------------------------------------------------------------------ state
@@ -113,7 +139,7 @@ class OracleState:
     def __init__(self, config: OracleConfig) -> None:
         self.config = config
         self.store: Store | None = None
-        self.engine: DiagnosisEngine | None = None
+        self.served: Served | None = None
         self.last_error: str | None = None
         self.swaps = 0
         self._changed = asyncio.Event()
@@ -123,6 +149,17 @@ class OracleState:
         self._ontology: Any = None
         self._router: Any = config.router
         self._connected = asyncio.Event()
+
+    @property
+    def engine(self) -> DiagnosisEngine | None:
+        served = self.served
+        return None if served is None else served.engine
+
+    @property
+    def run_id(self) -> str | None:
+        """The run served now (or the one this oracle was started for, before its model)."""
+        served = self.served
+        return served.run_id if served is not None else self.config.run_id
 
     # -- lifecycle
 
@@ -187,21 +224,33 @@ class OracleState:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), self.config.poll_interval)
 
+    async def _target_run(self, store: Store) -> str | None:
+        """The configured run, else the newest run with a model (None: no model anywhere)."""
+        if self.config.run_id is not None:
+            return self.config.run_id
+        return next((r.run_id for r in await store.runs() if r.model_hash is not None), None)
+
     async def refresh(self) -> bool:
-        """Load the newest model if it differs from the live one; True if swapped."""
+        """Load the served run's newest model if it differs from the live one; True if swapped."""
         store = self.store
         if store is None:
             return False
-        models = await store.models()
-        if not models:
+        run = await self._target_run(store)
+        if run is None:
+            self.last_error = "no run has published a model yet"
             return False
-        latest = max(models, key=lambda m: (m.round, m.created_at))
-        current = self.engine
-        if current is not None and current.model_hash == latest.model_hash:
+        latest = await store.latest_model(run)
+        if latest is None:
+            self.last_error = f"run {run} has no model yet"
             return False
-        cp = await store.latest_checkpoint()
+        current = self.served
+        if current is not None and (current.engine.model_hash, current.run_id) == (
+            latest.model_hash, run
+        ):
+            return False
+        cp = await store.latest_checkpoint(run)
         if cp is None:
-            self.last_error = "no checkpoint with the setup round's standardization yet"
+            self.last_error = f"run {run} has no checkpoint with the standardization yet"
             return False
         try:
             engine = _engine_from(latest, cp.state)
@@ -212,11 +261,28 @@ class OracleState:
             engine = DiagnosisEngine(
                 engine.saved, engine.features, self._ontology, profile=engine.profile
             )
-        self.engine = engine  # the atomic swap: one reference assignment
+        self.served = Served(engine, run)  # the atomic swap: one reference assignment
         self.swaps += 1
         self.last_error = None
-        _log.info("oracle serving model %s (round %d)", latest.model_hash[:12], latest.round)
+        _log.info("oracle serving run %s model %s (round %d)", run, latest.model_hash[:12],
+                  latest.round)
         return True
+
+    async def run_for(self, store: Store, run: str | None) -> RunRecord | None:
+        """The run a request names, else the served one, else the newest; 404 if unknown.
+
+        None only when no run was named and the store holds no run at all.
+        """
+        wanted = run or self.run_id
+        if wanted is None:
+            runs = await store.runs()
+            return runs[0] if runs else None
+        record = await store.get_run(wanted)
+        if record is None:
+            raise HTTPException(
+                404, f"no run {wanted!r} in this store (GET /runs lists the runs)"
+            )
+        return record
 
     async def require_store(self, wait: float = 5.0) -> Store:
         """The store, waiting up to ``wait`` s for the first connection; else 503."""
@@ -555,6 +621,53 @@ def _model_dict(m: StoredModel, active: str | None) -> dict[str, Any]:
     }
 
 
+def _run_dict(r: RunRecord, served: str | None) -> dict[str, Any]:
+    return {
+        "run_id": r.run_id,
+        "started_at": r.started_at,
+        "rounds": r.rounds,
+        "last_round": r.last_round,
+        "final_top1": _finite(r.final_top1),
+        "final_top3": _finite(r.final_top3),
+        "model_hash": r.model_hash,
+        "model_round": r.model_round,
+        "info": _finite(r.info),
+        "served": r.run_id == served,
+    }
+
+
+def _baselines_doc(run_id: str | None, setup: dict[str, Any]) -> dict[str, Any]:
+    """/baselines from a run's signed ``setup_completed`` entry: one row per hospital."""
+    raw = setup.get("baselines")
+    rows = []
+    for site, b in sorted(raw.items()) if isinstance(raw, dict) else []:
+        if not isinstance(b, dict):
+            continue
+        # Coordinators before cross-site baselines wrote own-site scores as top1/top3/n_test.
+        own1 = b.get("own_site_top1", b.get("top1"))
+        own3 = b.get("own_site_top3", b.get("top3"))
+        rows.append({
+            "site": str(site),
+            "own_site_top1": _finite(own1),
+            "own_site_top3": _finite(own3),
+            "own_site_n": b.get("own_site_n", b.get("n_test")),
+            "all_sites_top1": _finite(b.get("all_sites_top1")),
+            "all_sites_top3": _finite(b.get("all_sites_top3")),
+            "all_sites_n": b.get("all_sites_n"),
+            "all_sites_evaluated_by": b.get("all_sites_evaluated_by"),
+        })
+    return {
+        "run_id": run_id,
+        "cross_baselines": bool(setup.get("cross_baselines", False)),
+        "definition": (
+            "each hospital's isolated model (its own rows only): own_site_* scored on its own "
+            "test split; all_sites_* on every site's test patients, the same patients the "
+            "federated model's per-round top1/top3 are computed on"
+        ),
+        "sites": rows,
+    }
+
+
 def _finite(obj: Any) -> Any:
     """JSON has no NaN/inf: replace them with null so a metrics row never breaks a response."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -702,11 +815,13 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
     )
     async def diagnose(body: DiagnoseIn, request: Request) -> dict[str, Any]:
         state = await st(request)
-        engine = state.engine  # read the reference once: one model answers the whole request
-        if engine is None:
+        served = state.served  # read the reference once: one model answers the whole request
+        if served is None:
             raise HTTPException(503, f"no model loaded yet ({state.last_error or 'starting'})")
         try:
-            return engine.diagnose(body.to_request()).to_dict()
+            # model_hash and model_round come from the engine; run_id names the run it is of
+            return {**served.engine.diagnose(body.to_request()).to_dict(),
+                    "run_id": served.run_id}
         except ValidationError as exc:
             detail = [
                 {"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}
@@ -765,24 +880,71 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         r = await verify(store, known)
         return {**r.to_dict(), "signers_checked": known is not None}
 
-    @app.get("/rounds", summary="Closed rounds and their metrics", responses={503: _ERR})
-    async def rounds(request: Request) -> list[dict[str, Any]]:
-        store = await (await st(request)).require_store()
+    @app.get(
+        "/rounds",
+        summary="One run's closed rounds and their metrics (default: the served run)",
+        responses={404: _ERR, 503: _ERR},
+    )
+    async def rounds(
+        request: Request, run: Annotated[str | None, Query(pattern=RUN_ID_PATTERN)] = None
+    ) -> list[dict[str, Any]]:
+        state = await st(request)
+        store = await state.require_store()
+        record = await state.run_for(store, run)
+        if record is None:
+            return []
         return [
             {
                 "round": r.round,
                 "metrics": _finite(r.metrics),
                 "model_hash": r.model_hash,
                 "closed_at": r.closed_at,
+                "run_id": r.run_id,
             }
-            for r in await store.rounds()
+            for r in await store.rounds(record.run_id)
         ]
 
-    @app.get("/models", summary="Every stored global model (metadata)", responses={503: _ERR})
-    async def models(request: Request) -> list[dict[str, Any]]:
+    @app.get("/runs", summary="Every training run in the store, newest first",
+             responses={503: _ERR})
+    async def runs(request: Request) -> list[dict[str, Any]]:
         state = await st(request)
+        served = state.run_id
+        return [_run_dict(r, served) for r in await (await state.require_store()).runs()]
+
+    @app.get(
+        "/baselines",
+        summary="Each hospital's isolated model: on its own test split and on all sites'",
+        responses={404: _ERR, 503: _ERR},
+    )
+    async def baselines(
+        request: Request, run: Annotated[str | None, Query(pattern=RUN_ID_PATTERN)] = None
+    ) -> dict[str, Any]:
+        state = await st(request)
+        store = await state.require_store()
+        record = await state.run_for(store, run)
+        body: dict[str, Any] = {}
+        if record is not None:
+            for e in reversed(await store.entries(event="setup_completed")):
+                # entries from before runs had ids belong to the unnamed run
+                if e.body.get("run_id", UNNAMED_RUN) == record.run_id:
+                    body = e.body
+                    break
+        return _baselines_doc(None if record is None else record.run_id, body)
+
+    @app.get(
+        "/models",
+        summary="Every stored global model, or one run's (metadata)",
+        responses={404: _ERR, 503: _ERR},
+    )
+    async def models(
+        request: Request, run: Annotated[str | None, Query(pattern=RUN_ID_PATTERN)] = None
+    ) -> list[dict[str, Any]]:
+        state = await st(request)
+        store = await state.require_store()
+        if run is not None:
+            await state.run_for(store, run)  # 404 for an unknown run
         active = state.engine.model_hash if state.engine is not None else None
-        return [_model_dict(m, active) for m in await (await state.require_store()).models()]
+        return [_model_dict(m, active) for m in await store.models(run)]
 
     @app.get(
         "/models/{model_hash}",
@@ -800,8 +962,11 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             raise HTTPException(404, f"no model {model_hash}")
         active = state.engine.model_hash if state.engine is not None else None
         out = _model_dict(m, active)
+        served = state.run_id
+        rows = await store.rounds()  # every run's; the served run's round first if both have it
+        rows.sort(key=lambda r: r.run_id != served)
         out["round_metrics"] = next(
-            (_finite(r.metrics) for r in await store.rounds() if r.model_hash == model_hash), None
+            (_finite(r.metrics) for r in rows if r.model_hash == model_hash), None
         )
         return out
 
@@ -868,7 +1033,8 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
     async def ready(request: Request) -> JSONResponse:
         state = await st(request)
         problems: list[str] = []
-        engine = state.engine
+        served = state.served
+        engine = served.engine if served is not None else None
         if engine is None:
             problems.append(f"no model loaded ({state.last_error or 'starting'})")
         if state.store is None:
@@ -882,6 +1048,7 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             "ready": not problems,
             "model_hash": engine.model_hash if engine else None,
             "model_round": engine.round if engine else None,
+            "run_id": state.run_id,
             "problems": problems,
         }
         return JSONResponse(body, status_code=200 if not problems else 503)
@@ -985,8 +1152,11 @@ def oracle_deployment() -> Any:
             router_name: str | None = None,
             router_namespace: str = "medimesh",
             poll_interval: float = 1.0,
+            run_id: str | None = None,
         ) -> None:
-            self._config = OracleConfig(database_url, router_name, router_namespace, poll_interval)
+            self._config = OracleConfig(
+                database_url, router_name, router_namespace, poll_interval, run_id=run_id
+            )
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             return build_app(self._config)
@@ -1001,6 +1171,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         args.get("router_name"),
         args.get("router_namespace", "medimesh"),
         float(args.get("poll_interval", 1.0)),
+        args.get("run_id"),
     )
 
 
@@ -1012,8 +1183,10 @@ def deploy(
     router_namespace: str = "medimesh",
     poll_interval: float = 1.0,
     num_replicas: int = 1,
+    run_id: str | None = None,
 ) -> str:
     """Start Serve on 127.0.0.1:``port`` with the oracle at ``/``; returns the base URL.
+    ``run_id``: the run to serve (None: the newest run with a model).
 
     Needs a running Ray (``ray.init``); Serve's controller and proxy start on first call.
     """
@@ -1022,8 +1195,26 @@ def deploy(
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     dep = oracle_deployment().options(num_replicas=num_replicas)
     serve.run(
-        dep.bind(database_url, router_name, router_namespace, poll_interval),
-        name="medimesh-oracle",
+        dep.bind(database_url, router_name, router_namespace, poll_interval, run_id),
+        name=APP_NAME,
         route_prefix="/",
     )
     return f"http://127.0.0.1:{port}"
+
+
+APP_NAME = "medimesh-oracle"
+"""The oracle's Serve application name."""
+
+
+def undeploy() -> None:
+    """Remove the oracle's Serve application; Serve itself stays up (and stops with Ray).
+
+    Not ``serve.shutdown()``: in Ray 2.60 the controller kills itself while the shutdown call
+    is still waiting on it, and because the controller's tasks are retried forever Ray logs
+    ``Task ServeController.graceful_shutdown failed … will be retried`` on every stop. On a
+    shared cluster (``--ray-address``) shutting Serve down would also take other applications
+    with it. A local Ray we started ends with the process, Serve's actors with it.
+    """
+    from ray import serve
+
+    serve.delete(APP_NAME)

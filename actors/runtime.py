@@ -12,9 +12,9 @@ import functools
 import hashlib
 import math
 import os
-import secrets
+import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import ray
 
 from medimesh.actors.auditor import Auditor
+from medimesh.actors.base import ActorName
 from medimesh.actors.colluders import Colluders
 from medimesh.actors.coordinator import Coordinator, CoordinatorConfig
 from medimesh.actors.hospital import Hospital
@@ -34,17 +35,23 @@ from medimesh.identity import Identity, Member, Roster
 from medimesh.model import TrainConfig
 from medimesh.privacy import PrivacyConfig
 from medimesh.routing import Faults
+from medimesh.runs import new_run_id
 from medimesh.secagg import SecAggConfig
 from medimesh.server_opt import make_server_optimizer
 from medimesh.sites import DatasetInfo, SiteDescriptor, dataset_info
 
 __all__ = [
-    "NAMESPACE", "Consortium", "RunConfig", "check_placement", "ensure_ray", "hospital_resource",
-    "ray_init_args",
-    "site_descriptors",
+    "DASHBOARD_PORT", "METRICS_PORT", "NAMESPACE", "Consortium", "RunConfig", "check_placement",
+    "choose_auth_mode", "ensure_ray", "free_port", "hospital_resource", "ray_endpoints",
+    "ray_init_args", "site_descriptors",
 ]
 
 NAMESPACE = "medimesh"
+DASHBOARD_PORT = 8265
+"""Ray's own default dashboard port; ``--ray-dashboard-port`` moves it."""
+METRICS_PORT = 8266
+"""Where our local Ray's metrics agent serves Prometheus text (Ray's default: a random port)."""
+LOOPBACK = "127.0.0.1"
 _SERVICES = ("router", "auditor", "validator", "coordinator")
 
 
@@ -98,6 +105,16 @@ class RunConfig:
     secure_aggregation: SecAggConfig | None = None
     # Ray to join (``--ray-address``); None: our own local Ray unless RAY_ADDRESS is set.
     ray_address: str | None = None
+    # Cross-site baselines (docs/privacy.md): at setup each hospital's isolated model goes,
+    # sealed, to its peer hospitals, which score it on their own test patients and report
+    # counts. Off under DP or secure aggregation whatever this says (cross_baselines_active).
+    cross_baselines: bool = True
+    # Our own local Ray only (ignored when joining one): the Ray dashboard on 127.0.0.1 at
+    # this port, and the metrics agent's Prometheus endpoint at ray_metrics_port (None: a free
+    # port Ray picks). docs/metrics.md.
+    ray_dashboard: bool = False
+    ray_dashboard_port: int = DASHBOARD_PORT
+    ray_metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -133,6 +150,11 @@ class RunConfig:
                 raise ConfigError("secure aggregation with differential privacy is not wired yet")
             if self.n_sites < 2:
                 raise ConfigError("secure aggregation needs at least two hospitals")
+
+    @property
+    def cross_baselines_active(self) -> bool:
+        """Cross-site baselines reveal isolated models to peers: never with DP or SecAgg."""
+        return self.cross_baselines and self.privacy is None and self.secure_aggregation is None
 
     @property
     def n_byzantine(self) -> int:
@@ -218,7 +240,8 @@ def spec_hash(info: DatasetInfo) -> str:
 
 def ray_init_args(
     address: str | None, environ: Mapping[str, str], num_cpus: int | None = None,
-    dashboard: bool = False,
+    dashboard: bool = False, dashboard_port: int = DASHBOARD_PORT,
+    metrics_port: int | None = None,
 ) -> dict[str, Any]:
     """``ray.init`` arguments: our own local Ray unless an address is given explicitly
     (``--ray-address`` or ``RAY_ADDRESS``). Plain ``ray.init()`` would join whatever cluster
@@ -226,19 +249,80 @@ def ray_init_args(
     target = address or environ.get("RAY_ADDRESS") or "local"
     args: dict[str, Any] = {"address": target, "log_to_driver": False, "namespace": NAMESPACE,
                             "configure_logging": False}
-    if target == "local":  # resources and the dashboard are chosen only when we start Ray
+    if target == "local":  # resources, dashboard and ports are chosen only when we start Ray
         args |= {"num_cpus": num_cpus, "include_dashboard": dashboard}
+        if dashboard:
+            args |= {"dashboard_host": LOOPBACK, "dashboard_port": dashboard_port}
+        if metrics_port is not None:
+            args["_metrics_export_port"] = metrics_port
     return args
 
 
 def ensure_ray(
-    num_cpus: int | None = None, dashboard: bool = False, address: str | None = None
+    num_cpus: int | None = None, dashboard: bool = False, address: str | None = None,
+    dashboard_port: int = DASHBOARD_PORT, metrics_port: int | None = None,
 ) -> None:
     """Start our own local Ray (or join ``address``), with clean stdout; reuse one already up
     in this process."""
     if ray.is_initialized():
         return
-    ray.init(**ray_init_args(address, os.environ, num_cpus, dashboard))
+    args = ray_init_args(address, os.environ, num_cpus, dashboard, dashboard_port, metrics_port)
+    if args["address"] == "local":
+        choose_auth_mode(os.environ)
+    ray.init(**args)
+
+
+def choose_auth_mode(environ: MutableMapping[str, str]) -> str:
+    """Token authentication for the Ray we start, unless ``RAY_AUTH_MODE`` already says.
+
+    Ray turns tokens on by default for a new local cluster and logs a line asking whoever
+    runs it to choose; the choice is ours: the dashboard and the job API run code and show
+    the actors, so they want a token (``ray get-auth-token`` prints it; the dashboard asks for
+    it once). ``RAY_AUTH_MODE=disabled`` still opts out, and Ray's child processes inherit it.
+    """
+    mode = environ.get("RAY_AUTH_MODE")
+    if mode is None:
+        environ["RAY_AUTH_MODE"] = mode = "token"
+        if environ is os.environ:  # this process read its Ray config at import: read it again
+            from ray._raylet import Config  # type: ignore[attr-defined]  # as Ray does itself
+
+            Config.initialize("")
+    return mode
+
+
+def free_port(port: int, avoid: Collection[int] = (), tries: int = 50) -> int:
+    """``port`` if nothing listens on it, else the next free one above it (or any free one).
+
+    Tried on all interfaces: a port some process holds on any address is not free for Ray's
+    metrics agent either.
+    """
+    for candidate in [*range(port, min(port + tries, 65536)), 0]:
+        if candidate in avoid:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", candidate))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise ConfigError("no free port")  # pragma: no cover - port 0 always binds
+
+
+def ray_endpoints() -> dict[str, str | None]:
+    """URLs of the running Ray's dashboard (None without one) and of this node's metrics.
+
+    The dashboard's ``/api/prometheus/sd`` lists every node's metrics endpoint (Prometheus
+    HTTP service discovery); ``metrics`` is this node's (docs/metrics.md).
+    """
+    from ray._private.worker import get_dashboard_url  # what ray.init's context reports
+
+    from medimesh.actors.telemetry import metrics_endpoint
+
+    url = str(get_dashboard_url() or "")  # type: ignore[no-untyped-call]  # "host:port"
+    return {
+        "dashboard": (url if "://" in url else f"http://{url}") if url else None,
+        "metrics": metrics_endpoint(),
+    }
 
 
 def _actor(
@@ -301,8 +385,9 @@ class Consortium:
         self.setup_summary: dict[str, Any] = {}
         self._seen_round = 0
         # Actor names read like the architecture in the Ray dashboard ("hospital:hospital-03@…");
-        # the run id keeps two federations in one Ray instance from colliding.
-        self.run_id = secrets.token_hex(3)
+        # the run id keeps two federations in one Ray instance from colliding, and names
+        # everything this run stores (medimesh.runs).
+        self.run_id = new_run_id()
         self.restarts = 0
 
     @functools.cached_property
@@ -322,6 +407,10 @@ class Consortium:
     def _name(self, name: str) -> str:
         return f"{name}@{self.run_id}"
 
+    def _by_name(self, name: str) -> ActorName:
+        """One of this run's actors, for a restartable actor's constructor (see ActorName)."""
+        return ActorName(self._name(name), NAMESPACE)
+
     def _enrol(self, name: str, role: Any) -> Identity:
         if self.cfg.keys_dir is not None:  # persistent identities: the operator's key files
             from medimesh.keys import consortium_roster, enrolled_identity
@@ -339,7 +428,10 @@ class Consortium:
     def start(self) -> dict[str, float]:
         """Create and wire all actors, then run the setup round. Returns timings (s)."""
         t0 = time.perf_counter()
-        ensure_ray(address=self.cfg.ray_address)
+        ensure_ray(
+            address=self.cfg.ray_address, dashboard=self.cfg.ray_dashboard,
+            dashboard_port=self.cfg.ray_dashboard_port, metrics_port=self.cfg.ray_metrics_port,
+        )
         t_ray = time.perf_counter()
         for name, role in (
             ("router", "router"),
@@ -363,10 +455,12 @@ class Consortium:
         }
         pin = self.cfg.placement == "pinned"
         auditor = _actor(Auditor, self._name("auditor"), here=pin).remote(
-            seed["auditor"].seed, roster_json, self.cfg.audit_path, self.cfg.database_url
+            seed["auditor"].seed, roster_json, self.cfg.audit_path, self.cfg.database_url,
+            run_id=self.run_id, run_info=self._run_info(),
         )
         router = _actor(Router, self._name("router"), self.cfg.restarts, here=pin).remote(
-            seed["router"].seed, roster_json, auditor, self.cfg.seed, self.cfg.capture_envelopes,
+            seed["router"].seed, roster_json, self._by_name("auditor"), self.cfg.seed,
+            self.cfg.capture_envelopes,
             directory, NAMESPACE,
         )
         validator = _actor(
@@ -374,8 +468,8 @@ class Consortium:
         ).remote(
             seed["validator"].seed,
             roster_json,
-            router,
-            auditor,
+            self._by_name("router"),
+            self._by_name("auditor"),
             *self._validator_bounds(),
             self.cfg.assumed_byzantine,
         )
@@ -395,6 +489,8 @@ class Consortium:
             round_retries=self.cfg.round_retries,
             privacy=self.privacy,
             secure_aggregation=self.cfg.secure_aggregation,
+            run_id=self.run_id,
+            cross_baselines=self.cfg.cross_baselines_active,
         )
         self._coord_args = (seed["coordinator"].seed, roster_json, router, auditor, coord_cfg)
         coordinator = _actor(Coordinator, self._name("coordinator"), here=pin).remote(
@@ -422,12 +518,13 @@ class Consortium:
             ).remote(
                 seed[d.name].seed,
                 roster_json,
-                router,
-                auditor,
+                self._by_name("router"),
+                self._by_name("auditor"),
                 d,
                 behaviour.get(d.name, "honest"),
-                colluders if d.name in colluding else None,
+                self._by_name("adversary:colluders") if d.name in colluding else None,
                 self.cfg.n_byzantine,
+                cross_baselines=self.cfg.cross_baselines_active,
             )
             for d in self.descriptors
         }
@@ -463,6 +560,13 @@ class Consortium:
             "startup_s": t_setup - t0,
         }
         return self.timings
+
+    def _run_info(self) -> dict[str, Any]:
+        """What the store keeps about this run beside its id (shown by ``/runs``)."""
+        return {"dataset": self.cfg.dataset, "hospitals": self.cfg.n_sites,
+                "rounds_planned": self.cfg.rounds, "seed": self.cfg.seed,
+                "aggregator": self.cfg.aggregator,
+                "cross_baselines": self.cfg.cross_baselines_active}
 
     def run(
         self, on_round: Callable[[dict[str, Any]], None] | None = None, rounds: int | None = None

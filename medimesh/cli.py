@@ -109,6 +109,10 @@ def _run_args(p: argparse.ArgumentParser, hospitals: int = 8, rounds: int = 20) 
     p.add_argument("--keys-dir", default=None,
                    help="identities and roster.json from `medimesh keys`/`roster` (default: "
                         "fresh keys for this run)")
+    p.add_argument("--no-cross-baselines", action="store_true",
+                   help="do not score each hospital's isolated model on its peers' test "
+                        "patients (it is sealed to peer hospitals at setup; always off with "
+                        "DP or secure aggregation; docs/privacy.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true")
     _csv_args(p)
@@ -207,9 +211,68 @@ def _config(args: argparse.Namespace) -> Any:
         ray_address=args.ray_address,
         placement=args.placement,
         keys_dir=args.keys_dir,
+        cross_baselines=not getattr(args, "no_cross_baselines", False),
+        **_ray_ports(args),
         **({} if args.round_timeout is None else {"round_timeout_s": args.round_timeout}),
         **server,
     )
+
+
+def _ray_dashboard_args(p: argparse.ArgumentParser, default_on: bool) -> None:
+    """The Ray dashboard and metrics ports of the local Ray we start (not a joined cluster)."""
+    from medimesh.actors.runtime import DASHBOARD_PORT, METRICS_PORT
+
+    if default_on:
+        p.add_argument("--no-ray-dashboard", dest="ray_dashboard", action="store_false",
+                       help="start Ray without its dashboard")
+    else:
+        p.add_argument("--ray-dashboard", action="store_true",
+                       help="also start the Ray dashboard (actors, logs, metrics)")
+    p.set_defaults(ray_dashboard=default_on)
+    p.add_argument("--ray-dashboard-port", type=int, default=DASHBOARD_PORT, metavar="PORT",
+                   help="Ray dashboard port on 127.0.0.1 (default %(default)s; taken: the next "
+                        "free one)")
+    p.add_argument("--ray-metrics-port", type=int, default=METRICS_PORT, metavar="PORT",
+                   help="Prometheus endpoint of Ray's metrics agent, ray_medimesh_* included "
+                        "(default %(default)s; taken: the next free one)")
+
+
+def _ray_ports(args: argparse.Namespace) -> dict[str, Any]:
+    """RunConfig's Ray dashboard fields; a taken port moves to the next free one, said once."""
+    if not hasattr(args, "ray_metrics_port") or args.ray_address or os.environ.get("RAY_ADDRESS"):
+        return {}  # a joined cluster has its own dashboard and ports
+    from medimesh.actors.runtime import free_port
+
+    def pick(what: str, flag: str, wanted: int, avoid: tuple[int, ...] = ()) -> int:
+        got = free_port(wanted, avoid=avoid)
+        if got != wanted:
+            print(f"medimesh: {what} port {wanted} is in use; using {got} ({flag} PORT to "
+                  "choose)", file=sys.stderr, flush=True)
+        return got
+
+    out: dict[str, Any] = {"ray_dashboard": bool(args.ray_dashboard)}
+    taken: tuple[int, ...] = ()
+    if args.ray_dashboard:
+        out["ray_dashboard_port"] = pick("Ray dashboard", "--ray-dashboard-port",
+                                         args.ray_dashboard_port)
+        taken = (out["ray_dashboard_port"],)
+    out["ray_metrics_port"] = pick("Ray metrics", "--ray-metrics-port", args.ray_metrics_port,
+                                   taken)
+    return out
+
+
+def _ray_banner() -> str:
+    """Where to watch the running Ray: its dashboard (if any) and the metrics endpoint."""
+    from medimesh.actors.runtime import ray_endpoints
+
+    urls = ray_endpoints()
+    lines = []
+    if urls["dashboard"]:
+        token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        lines.append(f"ray dashboard: {urls['dashboard']}  (actors, logs, metrics"
+                     + ("; its token: `ray get-auth-token`" if token else "") + ")")
+    lines.append(f"ray metrics: {urls['metrics']}  (ray_medimesh_*: docs/metrics.md)")
+    return "\n".join(lines)
 
 
 DEMO_PACE_S = 2.0
@@ -287,7 +350,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         timings = fed.start()
         print(
-            f"started in {timings['startup_s']:.1f} s; setup round: "
+            f"run {fed.run_id} started in {timings['startup_s']:.1f} s; setup round: "
             f"{fed.setup_summary['n_train']} training patients across "
             f"{fed.setup_summary['hospitals']} hospitals, pooled nowhere",
             file=sys.stderr,
@@ -299,13 +362,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"{args.partition or 'none'}", file=sys.stderr, flush=True)
         if serving:
             assert cfg.database_url is not None
-            _start_services(cfg.database_url, args, fed.router_name(), stops)
+            _start_services(cfg.database_url, args, fed.router_name(), stops, _ray_banner(),
+                            fed.run_id)
+        elif not args.json:
+            print(_ray_banner(), file=sys.stderr, flush=True)
         history = fed.run(None if args.json else _progress(cfg.rounds))
         final = fed.final_model()
         stats = fed.router_stats()
         audit = fed.verify_audit()
         fed.flush_store()
         result = {
+            "run_id": fed.run_id,
             "dataset": cfg.dataset,
             "hospitals": cfg.n_sites,
             "server": server,
@@ -325,7 +392,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             emit(json.dumps(result))
         else:
             print(
-                f"\nfinal model {final['model_hash'][:16]}…  top1 {history[-1]['top1']:.3f}  "
+                f"\nrun {fed.run_id}: final model {final['model_hash'][:16]}…  "
+                f"top1 {history[-1]['top1']:.3f}  "
                 f"top3 {history[-1]['top3']:.3f}\n"
                 f"router: {sum(stats['messages_by_type'].values())} envelopes routed "
                 f"{dict(stats['messages_by_type'])}\n"
@@ -351,31 +419,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _start_services(
     database_url: str, args: argparse.Namespace, router_name: str,
-    stops: list[Callable[[], None]],
+    stops: list[Callable[[], None]], ray_banner: str = "", run_id: str | None = None,
 ) -> None:
-    """Deploy the oracle on Ray Serve and start the UI (a thread here); print both URLs."""
+    """Deploy the oracle on Ray Serve (serving ``run_id``) and start the UI (a thread here);
+    print both URLs."""
     from medimesh.actors.oracle import deploy
 
     stops.append(_stop_serve)
-    url = deploy(database_url, router_name=router_name, port=args.port)
+    url = deploy(database_url, router_name=router_name, port=args.port, run_id=run_id)
     from medimesh.ui.app import UiServer
 
     ui = UiServer(url, host=args.ui_host, port=args.ui_port)
     stops.append(ui.stop)
     ui.start()
     print(
-        f"\noracle: {url}  (API docs {url}/docs)\n"
+        f"\noracle: {url}  (API docs {url}/docs; serving run {run_id or 'newest'})\n"
         f"ui: {ui.url}\n"
-        "training starts now: watch the rounds arrive in the UI. Ctrl-C to stop\n",
+        + (ray_banner + "\n" if ray_banner else "")
+        + "training starts now: watch the rounds arrive in the UI. Ctrl-C to stop\n",
         file=sys.stderr,
         flush=True,
     )
 
 
 def _stop_serve() -> None:
-    from ray import serve
+    from medimesh.actors.oracle import undeploy
 
-    serve.shutdown()  # type: ignore[no-untyped-call]
+    undeploy()
 
 
 def _wait_for_ctrl_c() -> None:
@@ -407,13 +477,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_forever(database_url: str, port: int, router_name: str | None) -> None:
+def _serve_forever(
+    database_url: str, port: int, router_name: str | None, run_id: str | None = None
+) -> None:
     """Deploy the oracle on Ray Serve and block until Ctrl-C."""
     from medimesh.actors.oracle import deploy
 
-    url = deploy(database_url, router_name=router_name, port=port)
+    url = deploy(database_url, router_name=router_name, port=port, run_id=run_id)
     print(
-        f"\noracle: {url}  (API docs {url}/docs; try {url}/network, {url}/rounds)\n"
+        f"\noracle: {url}  (API docs {url}/docs; try {url}/runs, {url}/rounds)\n"
+        f"serving run {run_id or 'newest (follows new runs)'}\n"
         "press Ctrl-C to stop",
         file=sys.stderr,
         flush=True,
@@ -424,9 +497,7 @@ def _serve_forever(database_url: str, port: int, router_name: str | None) -> Non
     except KeyboardInterrupt:
         print("stopping", file=sys.stderr)
     finally:
-        from ray import serve
-
-        serve.shutdown()  # type: ignore[no-untyped-call]
+        _stop_serve()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -437,7 +508,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if url is None:
         raise MediMeshError("serve needs a database: --database-url URL or 'embedded'")
     ensure_ray()
-    _serve_forever(url, args.port, None)
+    _serve_forever(url, args.port, None, args.run)
     return 0
 
 
@@ -459,6 +530,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+        if cfg.ray_dashboard:
+            print(_ray_banner(), file=sys.stderr, flush=True)
         history = fed.run(None if args.json else _progress(cfg.rounds))
         final = fed.final_model()
         audit = fed.verify_audit()
@@ -476,6 +549,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         history,
     )
     result = {
+        "run_id": fed.run_id,
         "model_dir": str(out),
         "model_hash": final["model_hash"],
         "server": _server_summary(cfg),
@@ -708,6 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--partition", action="append", default=[], metavar="A,B,…",
                       help="fault drill: node names that can only talk among themselves "
                            "(repeat for several groups)")
+    _ray_dashboard_args(demo, default_on=True)
     demo.add_argument("--no-serve", action="store_true",
                       help="exit after training instead of serving the oracle")
     demo.add_argument("--audit-file", default=None,
@@ -732,12 +807,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="serve the oracle (Ray Serve) on an existing store")
     serve_p.add_argument("--database-url", default="embedded")
     serve_p.add_argument("--port", type=int, default=8000)
+    serve_p.add_argument("--run", default=None, metavar="RUN_ID",
+                         help="serve this run's model (default: the newest run with a model; "
+                              "GET /runs lists them)")
     serve_p.add_argument("-v", "--verbose", action="store_true")
     serve_p.set_defaults(func=cmd_serve)
     train = sub.add_parser("train", help="federated training on CSV sites, saves the model")
     _run_args(train)
     _server_args(train)
     train.add_argument("--out", default=None, help="model directory (default .medimesh/models/…)")
+    _ray_dashboard_args(train, default_on=False)
     train.set_defaults(func=cmd_train)
     ev = sub.add_parser("evaluate", help="score a saved model on a CSV table")
     ev.add_argument("--model", required=True, help="directory written by train")
@@ -841,6 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
     priv.set_defaults(func=cmd_bench)
     rounds = bsub.add_parser("rounds", help="startup and per-round wall time")
     _run_args(rounds, hospitals=10, rounds=30)
+    _ray_dashboard_args(rounds, default_on=False)  # what the dashboard adds to startup
     rounds.set_defaults(func=cmd_bench)
     return parser
 

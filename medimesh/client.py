@@ -48,6 +48,8 @@ __all__ = [
     "Outcome",
     "ReadyState",
     "RoundInfo",
+    "RunInfo",
+    "SiteBaseline",
     "SymptomTerm",
     "Unavailable",
     "ValidationFailed",
@@ -180,6 +182,7 @@ class Diagnosis:
     disclaimer: str
     out_of_distribution: OutOfDistribution = OutOfDistribution()
     next_tests: tuple[NextTest, ...] = ()
+    run_id: str | None = None  # the run whose model answered
 
     @property
     def top(self) -> Candidate:
@@ -256,6 +259,38 @@ class RoundInfo:
     metrics: Mapping[str, Any]
     model_hash: str | None
     closed_at: float | None
+    run_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """One training run in the store (``GET /runs``)."""
+
+    run_id: str
+    started_at: float
+    rounds: int
+    last_round: int | None
+    final_top1: float | None
+    final_top3: float | None
+    model_hash: str | None
+    model_round: int | None
+    info: Mapping[str, Any]
+    served: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SiteBaseline:
+    """One hospital's isolated model (``GET /baselines``): on its own test split, and on all
+    sites' test patients (None when the run did not compute cross-site baselines)."""
+
+    site: str
+    own_site_top1: float | None
+    own_site_top3: float | None
+    own_site_n: int | None
+    all_sites_top1: float | None
+    all_sites_top3: float | None
+    all_sites_n: int | None
+    all_sites_evaluated_by: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +312,7 @@ class ReadyState:
     model_hash: str | None
     model_round: int | None
     problems: tuple[str, ...]
+    run_id: str | None = None  # the run the oracle serves
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +434,7 @@ def _diagnosis(d: Mapping[str, Any]) -> Diagnosis:
         disclaimer=d.get("disclaimer", ""),
         out_of_distribution=_ood(d.get("out_of_distribution")),
         next_tests=tuple(_next_test(t) for t in d.get("next_tests", [])),
+        run_id=d.get("run_id"),
     )
 
 
@@ -426,6 +463,34 @@ def _entry(d: Mapping[str, Any]) -> AuditEntry:
         d.get("body", {}), d["signature"], d["prev_hash"], d["entry_hash"], d["writer"],
         d["writer_signature"],
     )
+
+
+def _round(d: Mapping[str, Any]) -> RoundInfo:
+    return RoundInfo(d["round"], d["metrics"], d.get("model_hash"), d.get("closed_at"),
+                     d.get("run_id"))
+
+
+def _run_info(d: Mapping[str, Any]) -> RunInfo:
+    return RunInfo(
+        d["run_id"], float(d["started_at"]), int(d["rounds"]), d.get("last_round"),
+        d.get("final_top1"), d.get("final_top3"), d.get("model_hash"), d.get("model_round"),
+        d.get("info", {}), bool(d.get("served", False)),
+    )
+
+
+def _baselines(d: Mapping[str, Any]) -> list[SiteBaseline]:
+    return [
+        SiteBaseline(
+            str(b["site"]), b.get("own_site_top1"), b.get("own_site_top3"), b.get("own_site_n"),
+            b.get("all_sites_top1"), b.get("all_sites_top3"), b.get("all_sites_n"),
+            b.get("all_sites_evaluated_by"),
+        )
+        for b in d.get("sites", [])
+    ]
+
+
+def _run_params(run: str | None) -> dict[str, Any] | None:
+    return None if run is None else {"run": run}
 
 
 def _model(d: Mapping[str, Any]) -> ModelInfo:
@@ -665,12 +730,21 @@ class Client:
         return VerifyResult(d["ok"], d["entries"], d["head_hash"], d.get("broken_seq"),
                             d.get("problem", ""), bool(d.get("signers_checked", False)))
 
-    def rounds(self) -> list[RoundInfo]:
-        return [RoundInfo(r["round"], r["metrics"], r.get("model_hash"), r.get("closed_at"))
-                for r in self._get("/rounds")]
+    def rounds(self, run: str | None = None) -> list[RoundInfo]:
+        """One run's closed rounds (default: the run the oracle serves); NotFound if unknown."""
+        return [_round(r) for r in self._get("/rounds", _run_params(run))]
 
-    def models(self) -> list[ModelInfo]:
-        return [_model(m) for m in self._get("/models")]
+    def runs(self) -> list[RunInfo]:
+        """Every run in the store, newest first; ``served`` marks the oracle's."""
+        return [_run_info(r) for r in self._get("/runs")]
+
+    def baselines(self, run: str | None = None) -> list[SiteBaseline]:
+        """Each hospital's isolated model: own test split vs all sites' test patients."""
+        return _baselines(self._get("/baselines", _run_params(run)))
+
+    def models(self, run: str | None = None) -> list[ModelInfo]:
+        """Every stored model, or only ``run``'s."""
+        return [_model(m) for m in self._get("/models", _run_params(run))]
 
     def model(self, model_hash: str) -> ModelInfo:
         return _model(self._get(f"/models/{model_hash}"))
@@ -715,7 +789,7 @@ def _ready(resp: httpx.Response) -> ReadyState:
     except ValueError:
         raise _error(resp) from None
     return ReadyState(bool(d.get("ready")), d.get("model_hash"), d.get("model_round"),
-                      tuple(d.get("problems", [])))
+                      tuple(d.get("problems", [])), d.get("run_id"))
 
 
 # ------------------------------------------------------------------------------- AsyncClient
@@ -800,12 +874,17 @@ class AsyncClient:
         return VerifyResult(d["ok"], d["entries"], d["head_hash"], d.get("broken_seq"),
                             d.get("problem", ""), bool(d.get("signers_checked", False)))
 
-    async def rounds(self) -> list[RoundInfo]:
-        return [RoundInfo(r["round"], r["metrics"], r.get("model_hash"), r.get("closed_at"))
-                for r in await self._get("/rounds")]
+    async def rounds(self, run: str | None = None) -> list[RoundInfo]:
+        return [_round(r) for r in await self._get("/rounds", _run_params(run))]
 
-    async def models(self) -> list[ModelInfo]:
-        return [_model(m) for m in await self._get("/models")]
+    async def runs(self) -> list[RunInfo]:
+        return [_run_info(r) for r in await self._get("/runs")]
+
+    async def baselines(self, run: str | None = None) -> list[SiteBaseline]:
+        return _baselines(await self._get("/baselines", _run_params(run)))
+
+    async def models(self, run: str | None = None) -> list[ModelInfo]:
+        return [_model(m) for m in await self._get("/models", _run_params(run))]
 
     async def model(self, model_hash: str) -> ModelInfo:
         return _model(await self._get(f"/models/{model_hash}"))

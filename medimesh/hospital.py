@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 
+from medimesh.cross_baselines import score_isolated
 from medimesh.errors import ConfigError
 from medimesh.explain import count_findings, finding_histogram, symptom_mask
 from medimesh.features import Standardizer, combine_stats, local_stats, log_transform
@@ -26,7 +27,9 @@ from medimesh.model import (
     train_local,
 )
 from medimesh.protocol import (
+    CrossEvalReport,
     EvalReport,
+    IsolatedModel,
     ModelPublished,
     RoundStart,
     SetupRequest,
@@ -66,6 +69,7 @@ class HospitalNode:
         self._x_test: np.ndarray | None = None
         self._spec_hash = ""
         self._curvature: float | None = None
+        self._isolated: IsolatedModel | None = None  # own model + own scaling, after setup
 
     @property
     def n_train(self) -> int:
@@ -88,7 +92,11 @@ class HospitalNode:
             )
         self._spec_hash = msg.spec_hash
         s = local_stats(self._x_train_raw, self._y_train, k)
-        top1, top3 = self.isolated_baseline()
+        # Without test rows the isolated model is only needed if peers are to score it.
+        top1, top3 = (
+            self.isolated_baseline() if self.n_test or msg.cross_baselines
+            else (float("nan"), float("nan"))
+        )
         return SetupStats(
             msg.spec_hash, s.n_examples, s.count, s.total, s.total_sq, s.class_counts,
             top1, top3, self.n_test, self.finding_histogram(),
@@ -107,7 +115,7 @@ class HospitalNode:
         What the hospital could reach without the consortium; the dashboard draws it as a
         reference line. NaN when the site has no test rows.
         """
-        if self.n_test == 0 or self.n_train == 0:
+        if self.n_train == 0:
             return float("nan"), float("nan")
         k = len(self._info.class_names)
         own, prior = combine_stats([local_stats(self._x_train_raw, self._y_train, k)])
@@ -119,11 +127,31 @@ class HospitalNode:
             init_model(x_train.shape[1], k, prior), x_train, self._y_train,
             TrainConfig(epochs=steps),
         )
+        self._isolated = IsolatedModel(
+            self._spec_hash, model.weights.astype(np.float32), model.bias.astype(np.float32),
+            std.mean.astype(np.float64), std.std.astype(np.float64),
+        )
+        if self.n_test == 0:
+            return float("nan"), float("nan")
         proba = predict_proba(model, x_test)
         return (
             topk_correct(proba, self._y_test, 1) / self.n_test,
             topk_correct(proba, self._y_test, 3) / self.n_test,
         )
+
+    def isolated_model(self) -> IsolatedModel | None:
+        """The isolated model trained at setup (None before setup or without training rows):
+        what this site seals to its peers when the consortium asks for cross-site baselines."""
+        return self._isolated
+
+    def on_isolated_model(self, source: str, msg: IsolatedModel) -> CrossEvalReport:
+        """Score a peer's isolated model on this site's test patients; counts only leave."""
+        if self._spec_hash and msg.spec_hash != self._spec_hash:
+            raise ConfigError(f"{self.name}: isolated model from another data model")
+        n, top1, top3 = score_isolated(
+            msg, self._x_test_raw, self._y_test, len(self._info.class_names)
+        )
+        return CrossEvalReport(msg.spec_hash, source, n, top1, top3)
 
     def on_setup_result(self, msg: SetupResult) -> None:
         mask = self._info.scale_mask

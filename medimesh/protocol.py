@@ -20,7 +20,9 @@ from medimesh.errors import MalformedPayload
 
 __all__ = [
     "MESSAGE_TYPES",
+    "CrossEvalReport",
     "EvalReport",
+    "IsolatedModel",
     "Message",
     "ModelPublished",
     "RoundStart",
@@ -195,6 +197,9 @@ class SetupRequest(Message):
     spec_hash: str
     n_features: int
     n_classes: int
+    # Cross-site baselines (medimesh.cross_baselines): send the isolated model to the peer
+    # hospitals. Optional, off by default: a hospital also needs its own policy to allow it.
+    cross_baselines: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +222,38 @@ class SetupStats(Message):
     # oracle say a query has far fewer findings than any training row. Counts only, coarse
     # bins (docs/privacy.md); None from sites without symptom columns or older peers.
     finding_hist: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IsolatedModel(Message):
+    """Hospital -> its PEER hospitals (never the coordinator): its isolated model and the
+    standardization it was trained with, so each peer can score it on its own test patients.
+
+    ``mean``/``std`` are the site's own aggregates (already masked: 0/1 where a feature is not
+    scaled); no row travels. Sealed end to end: the router sees only metadata.
+    """
+
+    TYPE: ClassVar[str] = "isolated_model"
+    spec_hash: str
+    weights: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class CrossEvalReport(Message):
+    """Hospital -> coordinator: how one peer's isolated model did on this site's test split.
+
+    Counts only (as :class:`EvalReport`); ``source`` is the peer id of the model's owner.
+    """
+
+    TYPE: ClassVar[str] = "cross_eval_report"
+    spec_hash: str
+    source: str
+    n_examples: int
+    correct_top1: int
+    correct_top3: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +457,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SetupRequest,
         SetupStats,
         SetupResult,
+        IsolatedModel,
+        CrossEvalReport,
         RoundStart,
         Update,
         Verdicts,

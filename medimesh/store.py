@@ -36,6 +36,7 @@ from medimesh.audit import GENESIS, AuditEntry, AuditSink, ChainReport, canonica
 from medimesh.errors import MediMeshError
 from medimesh.identity import Member, Role
 from medimesh.model import Model, model_hash
+from medimesh.runs import RUN_ID_PATTERN, UNNAMED_RUN, is_run_id
 
 if TYPE_CHECKING:
     from pgserver.postgres_server import PostgresServer
@@ -52,6 +53,7 @@ __all__ = [
     "NodeRecord",
     "PostgresSink",
     "RoundRecord",
+    "RunRecord",
     "Store",
     "StoreBackpressure",
     "StoreConflict",
@@ -177,7 +179,46 @@ CREATE TRIGGER audit_entries_no_truncate
     FOR EACH STATEMENT EXECUTE FUNCTION medimesh_audit_append_only();
 """
 
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1_TABLES), (2, _V2_APPEND_ONLY))
+# Runs (medimesh.runs): every model, round and checkpoint belongs to one run. A model row is
+# keyed by its hash, and two runs can produce the same parameters (the initial model of two
+# runs on the same data), so membership is its own table. Rows from before this migration
+# belong to the run named 'unnamed'.
+_V3_RUNS = f"""
+CREATE TABLE runs (
+    run_id     text PRIMARY KEY CHECK (run_id ~ '{RUN_ID_PATTERN}'),
+    started_at double precision NOT NULL,
+    info       jsonb NOT NULL DEFAULT '{{}}'
+);
+CREATE TABLE run_models (
+    run_id     text NOT NULL REFERENCES runs (run_id),
+    model_hash text NOT NULL REFERENCES models (model_hash),
+    round      integer NOT NULL,
+    created_at double precision NOT NULL,
+    PRIMARY KEY (run_id, model_hash)
+);
+CREATE INDEX run_models_round ON run_models (run_id, round, created_at);
+INSERT INTO runs (run_id, started_at, info)
+    SELECT '{UNNAMED_RUN}',
+           COALESCE((SELECT min(created_at) FROM models), extract(epoch FROM now())),
+           '{{"note": "stored before runs had ids"}}'
+    WHERE EXISTS (SELECT 1 FROM models) OR EXISTS (SELECT 1 FROM rounds)
+       OR EXISTS (SELECT 1 FROM checkpoints);
+INSERT INTO run_models (run_id, model_hash, round, created_at)
+    SELECT '{UNNAMED_RUN}', model_hash, round, created_at FROM models;
+ALTER TABLE rounds ADD COLUMN run_id text REFERENCES runs (run_id);
+UPDATE rounds SET run_id = '{UNNAMED_RUN}';
+ALTER TABLE rounds ALTER COLUMN run_id SET NOT NULL;
+ALTER TABLE rounds DROP CONSTRAINT rounds_pkey;
+ALTER TABLE rounds ADD PRIMARY KEY (run_id, round);
+ALTER TABLE checkpoints ADD COLUMN run_id text REFERENCES runs (run_id);
+UPDATE checkpoints SET run_id = '{UNNAMED_RUN}';
+ALTER TABLE checkpoints ALTER COLUMN run_id SET NOT NULL;
+CREATE INDEX checkpoints_run ON checkpoints (run_id, id);
+"""
+
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (1, _V1_TABLES), (2, _V2_APPEND_ONLY), (3, _V3_RUNS)
+)
 """Ordered (version, sql). Append new versions; never edit an applied one."""
 
 _INSERT_ENTRIES = """
@@ -260,12 +301,28 @@ class StoredModel:
 
 @dataclass(frozen=True, slots=True)
 class RoundRecord:
-    """A closed (or closing) round: its metrics and the model it produced."""
+    """A closed (or closing) round of one run: its metrics and the model it produced."""
 
     round: int
     metrics: dict[str, Any]
     model_hash: str | None
     closed_at: float | None
+    run_id: str = UNNAMED_RUN
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One run: when it started, how far it got, and its last round's accuracy."""
+
+    run_id: str
+    started_at: float
+    info: dict[str, Any]
+    rounds: int  # closed rounds stored
+    last_round: int | None
+    model_hash: str | None  # the newest model of the run (what an oracle for it serves)
+    model_round: int | None
+    final_top1: float | None  # the last stored round's top-1 (None: not evaluated yet)
+    final_top3: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +347,7 @@ class Checkpoint:
     model_hash: str | None
     state: dict[str, Any]
     created_at: float
+    run_id: str = UNNAMED_RUN
 
 
 # --------------------------------------------------------------------------------- validation
@@ -718,6 +776,86 @@ class Store:
             raise
         return feed
 
+    # -- runs
+
+    @staticmethod
+    def _run_id(run: str) -> str:
+        if not is_run_id(run):
+            raise StoreError(f"invalid run id {run!r}: letters, digits, '.', '_', '-' (≤ 64)")
+        return run
+
+    @staticmethod
+    async def _ensure_run(conn: asyncpg.Connection, run: str, at: float) -> None:
+        """Create the run's row if it is missing (a write that names a run creates it)."""
+        await conn.execute(
+            "INSERT INTO runs (run_id, started_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            run,
+            at,
+        )
+
+    async def start_run(
+        self, run: str, started_at: float | None = None, info: dict[str, Any] | None = None
+    ) -> None:
+        """Record that a run started (idempotent: a second call keeps the first row)."""
+        async with _db_errors("start_run"):
+            await self._pool.execute(
+                "INSERT INTO runs (run_id, started_at, info) VALUES ($1, $2, $3::jsonb)"
+                " ON CONFLICT (run_id) DO NOTHING",
+                self._run_id(run),
+                time.time() if started_at is None else started_at,
+                _json(info or {}, "run info"),
+            )
+
+    _RUNS_SQL = """
+        SELECT r.run_id, r.started_at, r.info::text AS info,
+               (SELECT count(*) FROM rounds o WHERE o.run_id = r.run_id)::int AS n_rounds,
+               last.round AS last_round, last.metrics::text AS last_metrics,
+               newest.model_hash AS model_hash, newest.round AS model_round
+        FROM runs r
+        LEFT JOIN LATERAL (
+            SELECT round, metrics FROM rounds o WHERE o.run_id = r.run_id
+            ORDER BY round DESC LIMIT 1) last ON TRUE
+        LEFT JOIN LATERAL (
+            SELECT model_hash, round FROM run_models m WHERE m.run_id = r.run_id
+            ORDER BY round DESC, created_at DESC LIMIT 1) newest ON TRUE
+    """
+
+    @staticmethod
+    def _run_record(r: asyncpg.Record) -> RunRecord:
+        metrics = json.loads(r["last_metrics"]) if r["last_metrics"] is not None else {}
+
+        def score(key: str) -> float | None:
+            v = metrics.get(key) if isinstance(metrics, dict) else None
+            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+        return RunRecord(
+            run_id=r["run_id"],
+            started_at=r["started_at"],
+            info=json.loads(r["info"]),
+            rounds=r["n_rounds"],
+            last_round=r["last_round"],
+            model_hash=r["model_hash"],
+            model_round=r["model_round"],
+            final_top1=score("top1"),
+            final_top3=score("top3"),
+        )
+
+    async def runs(self) -> list[RunRecord]:
+        """Every run, newest first (by start time)."""
+        async with _db_errors("runs"):
+            rows = await self._pool.fetch(
+                self._RUNS_SQL + " ORDER BY r.started_at DESC, r.run_id DESC"
+            )
+        return [self._run_record(r) for r in rows]
+
+    async def get_run(self, run: str) -> RunRecord | None:
+        """One run, or None if no run has that id."""
+        if not is_run_id(run):
+            return None
+        async with _db_errors("get_run"):
+            row = await self._pool.fetchrow(self._RUNS_SQL + " WHERE r.run_id = $1", run)
+        return None if row is None else self._run_record(row)
+
     # -- models
 
     async def put_model(
@@ -729,17 +867,21 @@ class Store:
         updates: Sequence[str] = (),
         verdicts: Sequence[str] = (),
         created_at: float | None = None,
+        run: str = UNNAMED_RUN,
     ) -> str:
-        """Store a global model as float32 LE with its provenance; returns its hash.
+        """Store a global model as float32 LE with its provenance, as a model of ``run``;
+        returns its hash.
 
-        Idempotent on the hash: storing the same parameters twice keeps the first row.
+        Idempotent on the hash: storing the same parameters twice keeps the first row (and
+        a second run that produces them gets its own membership row).
         """
         digest = model_hash(model)
         w = np.ascontiguousarray(model.weights, dtype="<f4")
         b = np.ascontiguousarray(model.bias, dtype="<f4")
         provenance = json.dumps({"updates": list(updates), "verdicts": list(verdicts)})
-        async with _db_errors("put_model"):
-            await self._pool.execute(
+        at = time.time() if created_at is None else created_at
+        async with _db_errors("put_model"), self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
                 "INSERT INTO models (model_hash, round, parent_hash, weights, bias, n_features,"
                 " n_classes, provenance, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8::jsonb,$9)"
                 " ON CONFLICT (model_hash) DO NOTHING",
@@ -751,7 +893,16 @@ class Store:
                 int(w.shape[0]),
                 int(w.shape[1]),
                 provenance,
-                time.time() if created_at is None else created_at,
+                at,
+            )
+            await self._ensure_run(conn, self._run_id(run), at)
+            await conn.execute(
+                "INSERT INTO run_models (run_id, model_hash, round, created_at)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                run,
+                digest,
+                round_,
+                at,
             )
         return digest
 
@@ -775,11 +926,32 @@ class Store:
             )
         return None if row is None else self._model(row)
 
-    async def models(self) -> list[StoredModel]:
-        """Every stored model, oldest round first."""
+    async def models(self, run: str | None = None) -> list[StoredModel]:
+        """Every stored model (or only ``run``'s, with the round it had there), oldest first."""
         async with _db_errors("models"):
-            rows = await self._pool.fetch("SELECT * FROM models ORDER BY round, created_at")
+            if run is None:
+                rows = await self._pool.fetch("SELECT * FROM models ORDER BY round, created_at")
+            else:
+                rows = await self._pool.fetch(
+                    "SELECT m.model_hash, rm.round, m.parent_hash, m.weights, m.bias,"
+                    " m.n_features, m.n_classes, m.provenance, rm.created_at"
+                    " FROM run_models rm JOIN models m USING (model_hash)"
+                    " WHERE rm.run_id = $1 ORDER BY rm.round, rm.created_at",
+                    run,
+                )
         return [self._model(r) for r in rows]
+
+    async def latest_model(self, run: str) -> StoredModel | None:
+        """The newest model of ``run`` (highest round, then latest stored), or None."""
+        async with _db_errors("latest_model"):
+            row = await self._pool.fetchrow(
+                "SELECT m.model_hash, rm.round, m.parent_hash, m.weights, m.bias,"
+                " m.n_features, m.n_classes, m.provenance, rm.created_at"
+                " FROM run_models rm JOIN models m USING (model_hash)"
+                " WHERE rm.run_id = $1 ORDER BY rm.round DESC, rm.created_at DESC LIMIT 1",
+                run,
+            )
+        return None if row is None else self._model(row)
 
     # -- rounds
 
@@ -789,25 +961,41 @@ class Store:
         metrics: dict[str, Any],
         model_hash: str | None = None,
         closed_at: float | None = None,
+        *,
+        run: str = UNNAMED_RUN,
     ) -> None:
-        """Record (or update) a round's metrics and resulting model: aggregate numbers only."""
-        async with _db_errors("put_round"):
-            await self._pool.execute(
-                "INSERT INTO rounds (round, metrics, model_hash, closed_at)"
-                " VALUES ($1, $2::jsonb, $3, $4) ON CONFLICT (round) DO UPDATE SET"
+        """Record (or update) a round of ``run``: metrics and resulting model, aggregates only."""
+        text = _json(metrics, "round metrics")
+        async with _db_errors("put_round"), self._pool.acquire() as conn, conn.transaction():
+            await self._ensure_run(conn, self._run_id(run), closed_at or time.time())
+            await conn.execute(
+                "INSERT INTO rounds (run_id, round, metrics, model_hash, closed_at)"
+                " VALUES ($1, $2, $3::jsonb, $4, $5) ON CONFLICT (run_id, round) DO UPDATE SET"
                 " metrics = EXCLUDED.metrics, model_hash = EXCLUDED.model_hash,"
                 " closed_at = EXCLUDED.closed_at",
+                run,
                 round_,
-                _json(metrics, "round metrics"),
+                text,
                 model_hash,
                 closed_at,
             )
 
-    async def rounds(self) -> list[RoundRecord]:
+    async def rounds(self, run: str | None = None) -> list[RoundRecord]:
+        """``run``'s rounds in order; None: every run's, runs in start order."""
         async with _db_errors("rounds"):
-            rows = await self._pool.fetch("SELECT * FROM rounds ORDER BY round")
+            if run is None:
+                rows = await self._pool.fetch(
+                    "SELECT o.* FROM rounds o JOIN runs r USING (run_id)"
+                    " ORDER BY r.started_at, o.run_id, o.round"
+                )
+            else:
+                rows = await self._pool.fetch(
+                    "SELECT * FROM rounds WHERE run_id = $1 ORDER BY round", run
+                )
         return [
-            RoundRecord(r["round"], json.loads(r["metrics"]), r["model_hash"], r["closed_at"])
+            RoundRecord(
+                r["round"], json.loads(r["metrics"]), r["model_hash"], r["closed_at"], r["run_id"]
+            )
             for r in rows
         ]
 
@@ -833,27 +1021,46 @@ class Store:
     # -- checkpoints
 
     async def save_checkpoint(
-        self, round_: int, state: dict[str, Any], model_hash: str | None = None
+        self,
+        round_: int,
+        state: dict[str, Any],
+        model_hash: str | None = None,
+        *,
+        run: str = UNNAMED_RUN,
     ) -> int:
-        """Save coordinator state (JSON, no patient data); returns the checkpoint id."""
-        async with _db_errors("save_checkpoint"):
-            value = await self._pool.fetchval(
-                "INSERT INTO checkpoints (round, model_hash, state, created_at)"
-                " VALUES ($1, $2, $3::jsonb, $4) RETURNING id",
+        """Save coordinator state of ``run`` (JSON, no patient data); returns its id."""
+        text = _json(state, "checkpoint state")
+        now = time.time()
+        async with _db_errors("save_checkpoint"), self._pool.acquire() as conn, \
+                conn.transaction():
+            await self._ensure_run(conn, self._run_id(run), now)
+            value = await conn.fetchval(
+                "INSERT INTO checkpoints (run_id, round, model_hash, state, created_at)"
+                " VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING id",
+                run,
                 round_,
                 model_hash,
-                _json(state, "checkpoint state"),
-                time.time(),
+                text,
+                now,
             )
         return int(value)
 
-    async def latest_checkpoint(self) -> Checkpoint | None:
+    async def latest_checkpoint(self, run: str | None = None) -> Checkpoint | None:
+        """The newest checkpoint of ``run`` (None: of any run)."""
         async with _db_errors("latest_checkpoint"):
-            r = await self._pool.fetchrow("SELECT * FROM checkpoints ORDER BY id DESC LIMIT 1")
+            if run is None:
+                r = await self._pool.fetchrow(
+                    "SELECT * FROM checkpoints ORDER BY id DESC LIMIT 1"
+                )
+            else:
+                r = await self._pool.fetchrow(
+                    "SELECT * FROM checkpoints WHERE run_id = $1 ORDER BY id DESC LIMIT 1", run
+                )
         if r is None:
             return None
         return Checkpoint(
-            r["id"], r["round"], r["model_hash"], json.loads(r["state"]), r["created_at"]
+            r["id"], r["round"], r["model_hash"], json.loads(r["state"]), r["created_at"],
+            r["run_id"],
         )
 
 

@@ -20,14 +20,26 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """A local Ray with 2 CPUs and no dashboard, shared by every test that needs actors."""
+    """A local Ray with 2 CPUs, shared by every test that needs actors.
+
+    With the dashboard, as the demo starts it (tests/test_metrics.py reads a metric through
+    it), on a free loopback port so parallel sessions on one machine do not collide. The
+    dashboard agent (which also serves the metrics) runs either way; the dashboard adds its
+    head and the head's module processes, mostly idle (`medimesh bench rounds --ray-dashboard
+    --json` against the same without compares startup).
+    """
     import ray
 
+    from medimesh.actors.runtime import choose_auth_mode
+
     if not ray.is_initialized():
+        choose_auth_mode(os.environ)  # as the CLI does: tokens on, without Ray's notice
         ray.init(
             address="local",  # always a fresh instance, never a cluster someone else started
             num_cpus=2,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(),
             log_to_driver=False,
             namespace="medimesh",
             configure_logging=False,

@@ -242,3 +242,62 @@ def test_async_client_same_api() -> None:
 
     asyncio.run(scenario())
     assert calls["n"] == 2
+
+
+def test_runs_rounds_and_baselines_of_one_run() -> None:
+    """runs(), rounds(run=), baselines(run=), models(run=): the run travels as ?run=, unknown
+    runs raise NotFound, ready() and diagnose() name the served run (sync and async)."""
+    run_id = "20261129-1612-ab12"
+    seen: list[str] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(str(req.url))
+        run = req.url.params.get("run")
+        if run == "nope":
+            return httpx.Response(404, json={"detail": "no run 'nope' in this store"})
+        path = req.url.path
+        if path == "/runs":
+            return httpx.Response(200, json=[{
+                "run_id": run_id, "started_at": 1.5, "rounds": 3, "last_round": 3,
+                "final_top1": 0.9, "final_top3": 1.0, "model_hash": H, "model_round": 3,
+                "info": {"hospitals": 4}, "served": True}])
+        if path == "/rounds":
+            return httpx.Response(200, json=[{"round": 1, "metrics": {"top1": 0.5},
+                                              "model_hash": H, "closed_at": 2.0,
+                                              "run_id": run or run_id}])
+        if path == "/baselines":
+            return httpx.Response(200, json={"run_id": run_id, "cross_baselines": True, "sites": [
+                {"site": "h1", "own_site_top1": 0.9, "own_site_top3": 1.0, "own_site_n": 10,
+                 "all_sites_top1": 0.4, "all_sites_top3": 0.6, "all_sites_n": 40,
+                 "all_sites_evaluated_by": 4}]})
+        if path == "/models":
+            return httpx.Response(200, json=[])
+        if path == "/ready":
+            return httpx.Response(200, json={"ready": True, "model_hash": H, "model_round": 3,
+                                             "run_id": run_id, "problems": []})
+        return httpx.Response(200, json={**DIAG, "run_id": run_id})
+
+    with client_for(handler) as c:
+        [r] = c.runs()
+        assert (r.run_id, r.rounds, r.final_top1, r.served) == (run_id, 3, 0.9, True)
+        assert c.rounds()[0].run_id == run_id
+        assert c.rounds(run="20261129-1600-0000")[0].run_id == "20261129-1600-0000"
+        [b] = c.baselines(run=run_id)
+        assert (b.site, b.all_sites_top1, b.own_site_top1, b.all_sites_n) == ("h1", 0.4, 0.9, 40)
+        assert c.models(run=run_id) == []
+        assert c.ready().run_id == run_id and c.diagnose(["HP:1"]).run_id == run_id
+        with pytest.raises(NotFound):
+            c.rounds(run="nope")
+    assert "http://oracle/rounds?run=20261129-1600-0000" in seen
+    assert f"http://oracle/baselines?run={run_id}" in seen and "http://oracle/rounds" in seen
+
+    async def scenario() -> None:
+        async with AsyncClient("http://oracle", transport=httpx.MockTransport(handler),
+                               backoff=0.0) as ac:
+            assert (await ac.runs())[0].run_id == run_id
+            assert (await ac.rounds(run="x1"))[0].run_id == "x1"
+            assert (await ac.baselines())[0].all_sites_evaluated_by == 4
+            assert await ac.models(run=run_id) == []
+            assert (await ac.ready()).run_id == run_id
+
+    asyncio.run(scenario())

@@ -79,6 +79,10 @@ def test_cluster_configs_keep_secrets_and_the_dashboard_private() -> None:
         assert ".key" not in mounts and "keys" not in mounts and ".medimesh" not in mounts
         starts = " ".join(config["head_start_ray_commands"])
         assert "--dashboard-host=127.0.0.1" in starts
+        # Every node's metrics agent on a known port (the dashboard lists them for Prometheus).
+        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+            start = [c for c in config[key] if "ray start" in c]
+            assert start and all("--metrics-export-port=8266" in c for c in start), key
         assert any("medimesh-*.whl" in c for c in _commands(config))
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from medimesh.actors.runtime import Consortium, RunConfig
+from medimesh.actors.runtime import Consortium, RunConfig, ray_endpoints
 from medimesh.actors.telemetry import ROUND_DURATION_BUCKETS, metrics_endpoint
 
 pytestmark = pytest.mark.ray
@@ -114,7 +114,7 @@ def test_endpoint_exports_round_accuracy_verdicts_routing_and_backlog(
     assert router["bytes_by_type"].get("update", 0) > 0
     assert router["messages_by_type"]["update"] == HOSPITALS * ROUNDS
     want = expected_series(history, router)
-    url = metrics_endpoint()  # works with the session's include_dashboard=False
+    url = metrics_endpoint()  # the agent's own endpoint: there with the dashboard off too
     deadline = time.monotonic() + SCRAPE_TIMEOUT_S
     while True:  # workers push to the agent every metrics_report_interval_ms
         got = scrape(url, fed["run"])
@@ -150,3 +150,38 @@ def test_privacy_spent_is_exported_for_dp_runs(ray_session: None) -> None:
         fed.shutdown()
     assert 0 < history[-1]["epsilon"] <= 2.0
     assert got.get(name) == pytest.approx(history[-1]["epsilon"], rel=1e-6), got
+
+
+def _dashboard_headers() -> dict[str, str]:
+    """The session token as Ray's own HTTP clients send it ({} with tokens disabled)."""
+    from ray._private.authentication.http_token_authentication import (
+        get_auth_headers_if_auth_enabled,
+    )
+
+    return dict(get_auth_headers_if_auth_enabled({}))
+
+
+def test_a_medimesh_metric_reads_through_the_ray_dashboard(fed: dict[str, Any]) -> None:
+    """The dashboard's Prometheus service discovery (what Prometheus, and so the dashboard's
+    Metrics view, scrapes from) lists the endpoint that serves this run's ray_medimesh_round."""
+    dashboard = ray_endpoints()["dashboard"]
+    assert dashboard is not None and dashboard.startswith("http://127.0.0.1:")
+    headers = _dashboard_headers()
+    if headers:  # token auth on (the CLI's choice): the dashboard's API is not open
+        assert httpx.get(f"{dashboard}/api/prometheus/sd", timeout=10).status_code == 401
+    answer = httpx.get(f"{dashboard}/api/prometheus/sd", headers=headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+    targets = [t for group in answer.json() for t in group["targets"]]
+    here = metrics_endpoint().removeprefix("http://").removesuffix("/metrics")
+    assert here in targets, targets
+    series = key("ray_medimesh_round")
+    deadline = time.monotonic() + SCRAPE_TIMEOUT_S
+    while True:
+        got: dict[Key, float] = {}
+        for target in targets:  # all of them, as Prometheus does: no favourite port
+            for k, v in scrape(f"http://{target}/metrics", fed["run"]).items():
+                got[k] = got.get(k, 0.0) + v
+        if got.get(series) == float(ROUNDS) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got.get(series) == float(ROUNDS), got

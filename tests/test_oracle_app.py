@@ -547,7 +547,8 @@ def test_openapi_documents_endpoints(url: str) -> None:
         async with oracle(url) as (client, _):
             spec = (await client.get("/openapi.json")).json()
             for path in ("/diagnose", "/network", "/audit", "/audit/verify", "/rounds",
-                         "/models", "/models/{model_hash}", "/events", "/health", "/ready"):
+                         "/models", "/models/{model_hash}", "/events", "/health", "/ready",
+                         "/runs", "/baselines"):
                 assert path in spec["paths"]
             assert (await client.get("/docs")).status_code == 200
 

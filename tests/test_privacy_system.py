@@ -48,6 +48,10 @@ def test_training_stops_cleanly_when_the_next_round_would_exceed_the_budget(
     assert len(stops) == 2  # once per run() call, each before any round was started
     assert stops[0].body["epsilon_spent"] <= 1.0 < stops[0].body["epsilon_next"]
     assert dp_run["verify"]["ok"]
+    # No isolated model is shown to peers under DP (docs/privacy.md §5).
+    (setup,) = [e for e in dp_run["entries"] if e.event == "setup_completed"]
+    assert setup.body["cross_baselines"] is False
+    assert all(b["all_sites_top1"] is None for b in setup.body["baselines"].values())
 
 
 def test_every_round_reports_its_cumulative_epsilon(dp_run: dict[str, Any]) -> None:

@@ -45,9 +45,16 @@ def test_killed_coordinator_resumes_at_the_next_round(ray_session: None) -> None
             assert models[parent]["round"] == r["round"] - 1
         report = fed.verify_audit()
         assert report["ok"], report
-        events = [e.event for e in fed.audit_entries()]
+        entries = fed.audit_entries()
+        events = [e.event for e in entries]
         assert events.count("coordinator_resumed") == 1
         assert events.count("model_published") == at + 4
+        # The resumed coordinator continues its checkpoint's run: same id everywhere.
+        (resumed_entry,) = [e for e in entries if e.event == "coordinator_resumed"]
+        assert resumed_entry.body["run_id"] == fed.run_id == resumed["run_id"]
+        assert {e.body["run_id"] for e in entries if e.event == "model_published"} == {
+            fed.run_id}
+        assert fed.final_model()["run_id"] == fed.run_id
     finally:
         fed.shutdown()
 

@@ -157,3 +157,20 @@ def _byte_chi2(words: np.ndarray) -> float:
     counts = np.bincount(words.astype("<u4").view(np.uint8), minlength=256).astype(float)
     expected = counts.sum() / 256
     return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_isolated_models_go_only_to_peer_hospitals_and_never_with_secagg(
+    runs: dict[str, Any],
+) -> None:
+    """Plaintext run: each hospital seals its isolated model to its peers, never to the
+    coordinator or validator; secure run: no isolated model is sent at all."""
+    plain, secure = runs["plain"], runs["secure"]
+    hospitals = {pid for pid, n in plain["names"].items() if n.startswith("hospital-")}
+    sent = [inspect(e) for e in plain["captured"] if inspect(e).type == "isolated_model"]
+    assert len(sent) == HOSPITALS
+    for h in sent:
+        assert set(h.recipients) == hospitals - {h.sender}, h
+    assert not [e for e in secure["captured"] if inspect(e).type in ("isolated_model",
+                                                                     "cross_eval_report")]
+    (setup,) = [e for e in secure["entries"] if e.event == "setup_completed"]
+    assert setup.body["cross_baselines"] is False

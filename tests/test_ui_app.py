@@ -32,6 +32,7 @@ from medimesh.client import (
     NetworkEdge,
     NetworkNode,
     RoundInfo,
+    SiteBaseline,
     Unavailable,
     ValidationFailed,
 )
@@ -64,8 +65,13 @@ async def _seed(url: str, ids: dict[str, Identity]) -> dict[str, Any]:
     model1, _, _ = train_quick_model(steps=40)
     pid = {n: i.peer_id for n, i in ids.items()}
     d_a, d_b, d_c = ("a" * 64, "b" * 64, "c" * 64)
-    baselines = {"hospital-a": {"top1": 0.61, "top3": 0.8, "n_test": 40},
-                 "hospital-b": {"top1": 0.55, "top3": 0.7, "n_test": 30}}
+    baselines = {
+        name: {"own_site_top1": own, "own_site_top3": 0.8, "own_site_n": n,
+               "all_sites_top1": everywhere, "all_sites_top3": 0.6, "all_sites_n": 70,
+               "all_sites_evaluated_by": 2}
+        for name, own, n, everywhere in (("hospital-a", 0.61, 40, 0.41),
+                                         ("hospital-b", 0.55, 30, 0.37))
+    }
     events: list[tuple[str, str, int, str, dict[str, Any]]] = [
         ("coordinator", "setup_started", 0, "spec", {"hospitals": 3}),
         ("coordinator", "setup_completed", 0, "m0", {"hospitals": 3, "baselines": baselines}),
@@ -251,17 +257,27 @@ def test_accuracy_chart_draws_every_round_and_each_baseline() -> None:
     assert 'data-rounds="0"' in accuracy_chart([], base)
 
 
-def test_baselines_come_from_setup_completed_or_not_at_all() -> None:
-    """The 'baselines' key is optional: absent or malformed draws no reference line."""
-    def entry(body: dict[str, Any]) -> AuditEntry:
-        return AuditEntry(1, 0.0, "c", "setup_completed", 0, "", body, "", "", "", "", "")
+def test_reference_lines_are_isolated_models_on_all_sites_patients() -> None:
+    """Lines sit at the all-sites score (the global line's patients); the own-site score is
+    in the tooltip and the table. Without all-sites scores: no line, a note says why."""
+    def site(name: str, everywhere: float | None, own: float | None) -> SiteBaseline:
+        return SiteBaseline(name, own, None, 40, everywhere, None, None if everywhere is None
+                            else 120, None)
 
-    got = views.baselines_from([entry({"baselines": {"h-b": {"top1": 0.5}, "h-a": {"top1": 0.7,
-                                                                               "top3": 0.9}}})])
-    assert got == [Baseline("h-a", 0.7), Baseline("h-b", 0.5)]
-    assert views.baselines_from([entry({"hospitals": 3})]) == []
-    assert views.baselines_from([entry({"baselines": {"h": {"top1": None}}})]) == []
-    assert views.baselines_from([]) == []
+    got = views.baselines_of([site("h-b", 0.35, 0.9), site("h-a", 0.4, 0.7)])
+    assert got == [Baseline("h-a", 0.4, 0.7), Baseline("h-b", 0.35, 0.9)]
+    pts = [RoundPoint(1, 0.8, 0.9, 2, 0, 0.1)]
+    svg = accuracy_chart(pts, got)
+    assert svg.count('data-series="isolated-all-sites"') == 3  # two lines and the legend
+    assert 'data-top1="0.4000" data-own-top1="0.7000"' in svg
+    assert "0.400 on all sites' test patients; 0.700 on its own test patients" in svg
+    assert "one hospital alone (top-1)" in svg and "top-1 (federated model)" in svg
+    off = [site("h-a", None, 0.7)]
+    assert views.baselines_of(off) == []
+    table = views.baselines_table_html(off)
+    assert "--no-cross-baselines" in table and "0.700" in table
+    assert 'data-series="isolated-all-sites"' not in accuracy_chart(pts, [])
+    assert views.baselines_table_html([]) == ""
 
 
 def test_probability_chart_escapes_names() -> None:
@@ -341,8 +357,11 @@ def test_dashboard_views_over_a_real_run(run_oracle: tuple[str, dict[str, Any]])
     live = dash.live()
     assert live.error is None and live.ready is not None and live.ready.ready
     assert live.network is not None and live.network.source == "store"
-    acc, upd, _dur, table = dash.training(live.rounds)
+    acc, upd, _dur, table = dash.training(live.rounds, live.baselines)
     assert 'data-rounds="1"' in acc and acc.count('class="mm-baseline"') == 2
+    assert 'data-name="hospital-a" data-top1="0.4100" data-own-top1="0.6100"' in acc
+    assert live.ready.run_id == "unnamed" and 'data-run="unnamed"' in views.status_html(
+        url, live.ready, None)
     assert 'data-accepted="1" data-rejected="1"' in upd and "opposes_others×1" in table
     topo, _summary, feed = dash.network_views(live.network)
     assert 'data-name="hospital-c" data-role="hospital" data-status="quarantined"' in topo

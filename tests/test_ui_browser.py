@@ -112,6 +112,14 @@ def _url(proc: subprocess.Popen[bytes], timeout: float) -> str:
     return _wait("the UI URL on the command's output", find, timeout, proc)
 
 
+def _run_id(proc: subprocess.Popen[bytes]) -> str:
+    """The run id the demo printed ("run 20261129-1612-ab12 started in …")."""
+    text = Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+    m = re.search(r"^run (\S+) started in", text, re.MULTILINE)
+    assert m, f"no run id on the demo's output\n{text[-2000:]}"
+    return m.group(1)
+
+
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 45.0) -> int:
     """Ctrl-C, then make sure every process it started (Ray, Serve, workers) is gone."""
     family = _descendants(proc.pid)
@@ -217,6 +225,8 @@ def test_every_view_against_a_live_demo(
         _wait("the status banner to say connected",
               lambda: _attr(d, "#mm-status [data-status]", "data-status") == "connected", 30,
               demo)
+        # The banner names the run the terminal printed (a reused store holds older runs).
+        assert _attr(d, "#mm-status [data-status]", "data-run") == _run_id(demo)
 
         # Training: rounds arrive in the chart without a reload.
         _tab(d, "Training")
@@ -293,6 +303,53 @@ def test_every_view_against_a_live_demo(
         assert int(updates or 0) >= 1
         _shot(d, shots, "audit")
         assert d.execute_script("return window.__medimesh_same_page === true")
+    finally:
+        try:
+            code = _stop(demo)
+        finally:
+            pg.cleanup()
+    assert code == 0, _tail(demo)
+
+
+def test_training_chart_compares_isolated_models_on_all_sites(
+    browser: Any, shots: Path, start_pg: Callable[[Path], Any], tmp_path: Path
+) -> None:
+    """The chart draws each hospital alone on all sites' test patients beside the federated
+    line (own-site score in the tooltip); the banner names the demo's run."""
+    pg = start_pg(tmp_path / "pg")
+    demo = _spawn(
+        ["demo", "--dataset", "rare", "--hospitals", "3", "--rounds", "3", "--pace", "0",
+         "--port", str(_free_port()), "--ui-port", str(_free_port()),
+         "--database-url", pg.get_uri()],
+        tmp_path, tmp_path / "demo.log",
+    )
+    try:
+        url = _url(demo, timeout=120)
+        d = browser
+        d.get(url)
+        _wait("the banner to name the demo's run",
+              lambda: _attr(d, "#mm-status [data-status]", "data-run") == _run_id(demo), 30,
+              demo)
+        assert _run_id(demo) in _css(d, "#mm-status").text
+        _tab(d, "Training")
+        lines = _wait(
+            "the isolated-on-all-sites reference lines",
+            lambda: d.find_elements("css selector",
+                                    "#mm-accuracy g.mm-baseline[data-series='isolated-all-sites']"),
+            40, demo)
+        assert len(lines) == 3
+        legend = _css(d, "#mm-accuracy g.mm-legend[data-series='isolated-all-sites']")
+        assert legend.text == "one hospital alone (top-1)"
+        tips = [line.find_element("css selector", "title").get_attribute("textContent")
+                for line in lines]
+        assert all("on all sites' test patients" in t and "on its own test patients" in t
+                   for t in tips), tips
+        assert all(0.0 <= float(line.get_attribute("data-top1")) <= 1.0 for line in lines)
+        table = _css(d, "#mm-rounds table[data-table='baselines']")
+        assert len(table.find_elements("css selector", "tr[data-site]")) == 3
+        assert _css(d, "#mm-accuracy g.mm-legend[data-series='top1']").text.startswith(
+            "top-1 (federated")
+        _shot(d, shots, "training-baselines")
     finally:
         try:
             code = _stop(demo)

@@ -26,7 +26,15 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
-from medimesh.client import Client, ModelInfo, Network, ReadyState, RoundInfo, Vocabulary
+from medimesh.client import (
+    Client,
+    ModelInfo,
+    Network,
+    ReadyState,
+    RoundInfo,
+    SiteBaseline,
+    Vocabulary,
+)
 from medimesh.errors import MediMeshError
 from medimesh.ui import views
 from medimesh.ui.charts import empty_chart
@@ -73,6 +81,7 @@ class Live:
     ready: ReadyState | None = None
     error: Exception | None = None
     rounds: list[RoundInfo] = field(default_factory=list)
+    baselines: list[SiteBaseline] = field(default_factory=list)
     network: Network | None = None
 
 
@@ -101,7 +110,10 @@ class Dashboard:
         out = Live()
         try:
             out.ready = self.client.ready()
-            out.rounds = self.client.rounds()
+            run = out.ready.run_id  # one run everywhere: the one the oracle serves
+            self.audit.run_id = run
+            out.rounds = self.client.rounds(run)
+            out.baselines = self.client.baselines(run)
             out.network = self.client.network()
             self.names.update({n.peer_id: n.name for n in out.network.nodes})
             self.audit.refresh(self.client)
@@ -111,11 +123,15 @@ class Dashboard:
 
     # -- views built from the caches
 
-    def training(self, rounds: list[RoundInfo]) -> tuple[str, str, str, str]:
-        baselines = views.baselines_from(self.audit.of("setup_completed"))
+    def training(
+        self, rounds: list[RoundInfo], sites: list[SiteBaseline] | None = None
+    ) -> tuple[str, str, str, str]:
+        """Charts and tables of the served run; ``sites``: its isolated-model baselines."""
         points = views.round_points(rounds)
-        acc, upd, dur = views.training_html(points, baselines)
-        return acc, upd, dur, views.rounds_table_html(rounds)
+        acc, upd, dur = views.training_html(points, views.baselines_of(sites or []))
+        return acc, upd, dur, views.rounds_table_html(rounds) + views.baselines_table_html(
+            sites or []
+        )
 
     def network_views(self, network: Network) -> tuple[str, str, str]:
         quarantined: set[str] = set()  # the newest of quarantine / re-admission wins
@@ -285,7 +301,8 @@ def build_blocks(dash: Dashboard) -> gr.Blocks:
                 )
             else:
                 try:
-                    data = [*dash.training(live.rounds), *dash.network_views(live.network),
+                    data = [*dash.training(live.rounds, live.baselines),
+                            *dash.network_views(live.network),
                             dash.head()]
                     state["seen"] = True
                 except Exception as exc:  # an answer we cannot draw: say so, keep the last
@@ -302,7 +319,7 @@ def build_blocks(dash: Dashboard) -> gr.Blocks:
             prov: Any = gr.skip()
             if live.error is None:
                 try:
-                    models = dash.client.models()
+                    models = dash.client.models(live.ready.run_id if live.ready else None)
                     if len(models) != state["models"]:
                         state["models"] = len(models)
                         choices = views.model_choices(models)
@@ -385,7 +402,8 @@ def build_blocks(dash: Dashboard) -> gr.Blocks:
             trigger(run_search, [query, event, round_], [audit_table, event])
 
         def show_provenance(model_hash: str | None) -> str:
-            return dash.provenance(model_hash, dash.client.models(), dash.client.rounds())
+            run = dash.audit.run_id
+            return dash.provenance(model_hash, dash.client.models(run), dash.client.rounds(run))
 
         model.input(_guard(dash, show_provenance), model, provenance)
 

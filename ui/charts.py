@@ -54,10 +54,13 @@ class RoundPoint:
 
 @dataclass(frozen=True, slots=True)
 class Baseline:
-    """A hospital's isolated-model accuracy, drawn as a dashed reference line."""
+    """A hospital's isolated model, drawn as a dashed reference line at ``top1``: its top-1 on
+    all sites' test patients (the patients the global line is scored on); ``own_top1`` (its
+    own test split only) goes in the tooltip."""
 
     name: str
     top1: float
+    own_top1: float | None = None
 
 
 def _num(x: float) -> str:
@@ -125,7 +128,8 @@ def accuracy_chart(
     points: Sequence[RoundPoint], baselines: Sequence[Baseline] = (), width: int = 760,
     height: int = 300,
 ) -> str:
-    """Global top-1 and top-3 per round; each hospital alone as a dashed reference line."""
+    """Global top-1 and top-3 per round; each hospital's isolated model as a dashed reference
+    line, scored on the same patients as the global model (all sites' test patients)."""
     if not points:
         return empty_chart("accuracy", "waiting for the first round to close…", width)
     left, right, top, bottom = 44, 170 if baselines else 20, 30, 34
@@ -167,9 +171,14 @@ def accuracy_chart(
             continue
         yy = _num(y(b.top1))
         label_y = max(y(b.top1), label_y + 11)  # labels never overlap
+        own = (f"; {b.own_top1:.3f} on its own test patients"
+               if b.own_top1 is not None and _finite(b.own_top1) else "")
         body.append(
-            f'<g class="mm-baseline" data-name="{escape(b.name)}" data-top1="{b.top1:.4f}">'
-            f"<title>{escape(b.name)} alone: top-1 {b.top1:.3f}</title>"
+            f'<g class="mm-baseline" data-series="isolated-all-sites" data-name="{escape(b.name)}"'
+            f' data-top1="{b.top1:.4f}"'
+            + (f' data-own-top1="{b.own_top1:.4f}"' if own else "")
+            + f"><title>{escape(b.name)} alone: top-1 {b.top1:.3f} on all sites' test "
+            f"patients{own}</title>"
             f'<line x1="{left}" x2="{left + pw}" y1="{yy}" y2="{yy}" stroke="{GREY}" '
             f'stroke-dasharray="4 3" stroke-width="1"/>'
             + (
@@ -196,17 +205,23 @@ def accuracy_chart(
                 f'data-value="{v:.4f}" cx="{_num(x(r))}" cy="{_num(y(v))}" r="3" '
                 f'fill="{colour}"><title>round {r}: {name} {v:.3f}</title></circle>'
             )
-    legend = [("top-1 (global model)", BLUE, ""), ("top-3", ORANGE, "")]
+    legend = [("top1", "top-1 (federated model)", BLUE, ""), ("top3", "top-3", ORANGE, "")]
     if baselines:
-        legend.append(("one hospital alone, on its own test patients (top-1)", GREY, "4 3"))
+        legend.append(("isolated-all-sites", "one hospital alone (top-1)", GREY, "4 3"))
     lx = left + 8
-    for text, colour, dash in legend:
+    for series, text, colour, dash in legend:
         body.append(
+            f'<g class="mm-legend" data-series="{series}">'
             f'<line x1="{lx}" x2="{lx + 18}" y1="10" y2="10" stroke="{colour}" '
             f'stroke-width="2" stroke-dasharray="{dash or "none"}"/>'
-            f'<text x="{lx + 22}" y="14" fill="#111827">{escape(text)}</text>'
+            f'<text x="{lx + 22}" y="14" fill="#111827">{escape(text)}</text></g>'
         )
         lx += 40 + 7 * len(text)
+    if baselines:
+        body.append(
+            f'<text x="{left + 8}" y="{top - 4}" fill="{GREY}" font-size="10">all lines scored '
+            "on the same patients: every site's test split</text>"
+        )
     evaluated = sum(1 for p in points if _finite(p.top1))
     return _svg(
         width, height, "accuracy", body, rounds=len(points), evaluated=evaluated,

@@ -29,6 +29,7 @@ class AuditLog:
         self._entries: list[AuditEntry] = []
         self._after = 0
         self._lock = threading.Lock()
+        self.run_id: str | None = None  # the served run (from /ready): current_run's run
 
     def refresh(self, client: Client) -> int:
         """Fetch entries after the last one seen; returns how many arrived."""
@@ -56,10 +57,15 @@ class AuditLog:
             return self._entries[-1].entry_hash if self._entries else ""
 
     def current_run(self) -> list[AuditEntry]:
-        """Entries since the newest ``setup_started`` (a reused database holds older runs)."""
+        """The served run's entries (a reused database holds older runs): from the
+        ``setup_started`` naming ``run_id`` to the next run's, else since the newest one."""
         entries = self.entries
-        start = max((i for i, e in enumerate(entries) if e.event == "setup_started"), default=0)
-        return list(entries[start:])
+        starts = [i for i, e in enumerate(entries) if e.event == "setup_started"]
+        mine = [i for i in starts if self.run_id and entries[i].body.get("run_id") == self.run_id]
+        if mine:
+            end = next((i for i in starts if i > mine[-1]), len(entries))
+            return list(entries[mine[-1]:end])
+        return list(entries[max(starts, default=0):])
 
     def of(self, *events: str) -> list[AuditEntry]:
         return [e for e in self.current_run() if e.event in events]

@@ -24,6 +24,7 @@ from medimesh.client import (
     Network,
     ReadyState,
     RoundInfo,
+    SiteBaseline,
     Unavailable,
     ValidationFailed,
     VerifyResult,
@@ -47,7 +48,8 @@ __all__ = [
     "MARKER_HEADERS",
     "FormError",
     "audit_table_html",
-    "baselines_from",
+    "baselines_of",
+    "baselines_table_html",
     "diagnosis_html",
     "error_html",
     "error_message",
@@ -124,9 +126,11 @@ def status_html(api_url: str, ready: ReadyState | None, exc: BaseException | Non
             f"at {url}: {escape(problems)}</div>"
         )
     model = escape((ready.model_hash or "")[:12])
+    run = escape(ready.run_id or "")
     return (
-        '<div class="mm-banner mm-ok" data-status="connected"><b>Connected</b> to the oracle '
-        f"at {url} · serving model <code>{model}</code> from round {ready.model_round}</div>"
+        f'<div class="mm-banner mm-ok" data-status="connected" data-run="{run}">'
+        f"<b>Connected</b> to the oracle at {url} · run <code class=\"mm-run\">{run}</code>"
+        f" · serving model <code>{model}</code> from round {ready.model_round}</div>"
     )
 
 
@@ -405,22 +409,47 @@ def round_points(rounds: Iterable[RoundInfo]) -> list[RoundPoint]:
     return out
 
 
-def baselines_from(setup_entries: Sequence[AuditEntry]) -> list[Baseline]:
-    """Each hospital's isolated-model top-1 from the newest ``setup_completed`` entry.
+def baselines_of(sites: Iterable[SiteBaseline]) -> list[Baseline]:
+    """The reference lines: each hospital's isolated model on all sites' test patients (the
+    patients the global line is scored on), own-site top-1 for the tooltip.
 
-    The key is optional: an older coordinator does not report it, and then no line is drawn.
+    A run without cross-site baselines (DP, secure aggregation, --no-cross-baselines, or an
+    older coordinator) draws no line: own-site scores on a narrower set of patients are not
+    comparable with the global line; :func:`baselines_table_html` lists them instead.
     """
-    if not setup_entries:
-        return []
-    raw = setup_entries[-1].body.get("baselines")
-    if not isinstance(raw, Mapping):
-        return []
     out = []
-    for name, b in raw.items():
-        top1 = _float(b.get("top1")) if isinstance(b, Mapping) else None
+    for b in sites:
+        top1 = _float(b.all_sites_top1)
         if top1 is not None:
-            out.append(Baseline(str(name), top1))
+            out.append(Baseline(b.site, top1, _float(b.own_site_top1)))
     return sorted(out, key=lambda b: b.name)
+
+
+def baselines_table_html(sites: Sequence[SiteBaseline]) -> str:
+    """Each hospital's isolated model: top-1 on all sites' test patients and on its own."""
+    if not sites:
+        return ""
+    rows = []
+    for b in sorted(sites, key=lambda b: b.site):
+        everywhere = _float(b.all_sites_top1)
+        rows.append(
+            f"<tr data-site='{escape(b.site)}'><td>{escape(b.site)}</td>"
+            f"<td class='mm-num'>{_pct(everywhere)}</td>"
+            f"<td class='mm-num'>{'—' if b.all_sites_n is None else b.all_sites_n}</td>"
+            f"<td class='mm-num'>{_pct(_float(b.own_site_top1))}</td>"
+            f"<td class='mm-num'>{'—' if b.own_site_n is None else b.own_site_n}</td></tr>"
+        )
+    note = "" if any(_float(b.all_sites_top1) is not None for b in sites) else (
+        '<p class="mm-note">This run did not score isolated models on other sites\' patients '
+        "(off under DP, secure aggregation or <code>--no-cross-baselines</code>), so the chart "
+        "draws no reference lines: own-site scores are not comparable with it.</p>"
+    )
+    return (
+        note + '<table class="mm-table" data-table="baselines"><tr><th>each hospital alone'
+        "</th><th>top-1, all sites' test patients</th><th>patients</th>"
+        "<th>top-1, its own test patients</th><th>patients</th></tr>" + "".join(rows)
+        + "</table>"
+    )
 
 
 def training_html(

@@ -30,6 +30,7 @@ import numpy as np
 from medimesh.data import cohort
 from medimesh.evidence import EXCLUDED_PREFIX, GENETIC_TESTING_COLUMN
 from medimesh.model import Model, TrainConfig
+from medimesh.runs import UNNAMED_RUN
 
 __all__ = [
     "main",
@@ -93,16 +94,19 @@ async def publish_model(
     round_: int,
     parent_hash: str | None = None,
     finding_hist: Sequence[float] | None = None,
+    run: str = UNNAMED_RUN,
 ) -> str:
-    """Store a model as the coordinator/auditor would: model row, round row, checkpoint."""
-    digest: str = await store.put_model(model, round_, parent_hash=parent_hash)
-    await store.put_round(round_, {"source": "bench"}, digest, time.time())
+    """Store a model as the coordinator/auditor would: model row, round row, checkpoint,
+    all under ``run`` (default: the run of rows written without a federation); the
+    checkpoint carries the setup round's symptom-count histogram when given."""
+    digest: str = await store.put_model(model, round_, parent_hash=parent_hash, run=run)
+    await store.put_round(round_, {"source": "bench"}, digest, time.time(), run=run)
     state: dict[str, Any] = {
         "round": round_, "mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()
     }
     if finding_hist is not None:
         state["finding_hist"] = [float(v) for v in finding_hist]
-    await store.save_checkpoint(round_, state, digest)
+    await store.save_checkpoint(round_, state, digest, run=run)
     return digest
 
 
@@ -253,9 +257,8 @@ def _run(
     """The benchmark proper; defaults live on :func:`run_oracle_bench` only."""
     import httpx
     import ray
-    from ray import serve
 
-    from medimesh.actors.oracle import deploy
+    from medimesh.actors.oracle import deploy, undeploy
     from medimesh.store import Store, embedded_server
 
     t_start = time.perf_counter()
@@ -316,7 +319,7 @@ def _run(
         finally:
             with_serve = ray.is_initialized()
             if with_serve:
-                serve.shutdown()  # type: ignore[no-untyped-call]
+                undeploy()  # not serve.shutdown(): see medimesh.actors.oracle.undeploy
             if started_ray:
                 ray.shutdown()
             server.cleanup()

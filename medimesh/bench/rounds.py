@@ -28,6 +28,7 @@ def run_rounds(cfg: Any, progress: Any = None) -> dict[str, Any]:
         "dataset": cfg.dataset,
         "hospitals": cfg.n_sites,
         "rounds": cfg.rounds,
+        "ray_dashboard": cfg.ray_dashboard,
         "startup_s": {k: round(v, 3) for k, v in timings.items()},
         "round_ms": {
             "p50": round(float(np.percentile(ms, 50)), 2),
