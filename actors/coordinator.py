@@ -23,6 +23,7 @@ from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
 from medimesh.aggregation import coordinate_median, flatten, make_aggregator, rule_for_round
 from medimesh.cross_baselines import CrossBaselines
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError, QuorumNotReached
+from medimesh.explain import combine_finding_hists
 from medimesh.features import LocalStats, Standardizer, combine_stats
 from medimesh.model import Model, TrainConfig, model_hash
 from medimesh.privacy import PrivacyAccountant, PrivacyConfig, dp_aggregate
@@ -160,6 +161,7 @@ class Coordinator(Node):
         self._server_state: ServerState | None = None  # None until the first server step
         self._standardizer: Standardizer | None = None
         self._prior: np.ndarray = np.zeros(0)
+        self._finding_hist: tuple[float, ...] | None = None
         self._round = 0
         self._state: RoundState | None = None
         self._tallies: dict[str, EvalTally] = {}
@@ -301,6 +303,10 @@ class Coordinator(Node):
         standardizer, prior = combine_stats(parts)
         self._standardizer = standardizer
         self._committed = {pid: s.n_examples for pid, s in self._setup.items()}
+        self._finding_hist = combine_finding_hists(
+            [(self._setup[h].finding_hist, self._setup[h].n_examples)
+             for h in self._hospitals if h in self._setup]
+        )
         result = SetupResult(cfg.spec_hash, standardizer.mean, standardizer.std, prior)
         await self.send_async(result, list(self._setup), 0)
         self._prior = prior
@@ -342,6 +348,8 @@ class Coordinator(Node):
             "mean": self._standardizer.mean,
             "std": self._standardizer.std,
             "prior": np.asarray(self._prior),
+            # Published with the model for the oracle's out-of-distribution check.
+            **({} if self._finding_hist is None else {"finding_hist": list(self._finding_hist)}),
             **checkpoint_fields(self._server_opt, self._server_state),
             "pending": {str(k): v for k, v in self._pending.items()},
         }
@@ -370,6 +378,8 @@ class Coordinator(Node):
         self._committed = {k: int(v) for k, v in st["committed"].items()}
         self._standardizer = Standardizer(np.array(st["mean"]), np.array(st["std"]))
         self._prior = np.array(st["prior"])
+        hist = st.get("finding_hist")
+        self._finding_hist = None if hist is None else tuple(float(v) for v in hist)
         self._server_state = restore_state(self._server_opt, st)
         self._pending = {int(k): v for k, v in st["pending"].items()}
         if self._accountant is not None:  # the budget already spent survives a restart

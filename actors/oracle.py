@@ -51,6 +51,7 @@ from medimesh.diagnosis import (
     ValidationError,
     saved_model_for,
 )
+from medimesh.explain import TrainingProfile
 from medimesh.runs import RUN_ID_PATTERN, UNNAMED_RUN
 from medimesh.store import (
     RunRecord,
@@ -132,7 +133,7 @@ def _engine_from(stored: StoredModel, state: dict[str, Any]) -> DiagnosisEngine:
         np.asarray(state["std"], dtype=float),
         round_=stored.round,
     )
-    return DiagnosisEngine(saved, cohort.features())
+    return DiagnosisEngine(saved, cohort.features(), profile=TrainingProfile.from_state(state))
 
 
 class OracleState:
@@ -265,7 +266,9 @@ class OracleState:
             self.last_error = f"model {latest.model_hash[:12]}… not servable: {exc}"
             return False
         if self._ontology is not None:
-            engine = DiagnosisEngine(engine.saved, engine.features, self._ontology)
+            engine = DiagnosisEngine(
+                engine.saved, engine.features, self._ontology, profile=engine.profile
+            )
         self.served = Served(engine, run)  # the atomic swap: one reference assignment
         self.swaps += 1
         self.last_error = None

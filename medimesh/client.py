@@ -34,13 +34,18 @@ __all__ = [
     "Client",
     "Diagnosis",
     "Event",
+    "EvidenceGroup",
     "ExamplePatient",
     "Finding",
     "ModelInfo",
     "Network",
     "NetworkEdge",
     "NetworkNode",
+    "NextTest",
     "NotFound",
+    "OodReason",
+    "OutOfDistribution",
+    "Outcome",
     "ReadyState",
     "RoundInfo",
     "RunInfo",
@@ -88,12 +93,30 @@ class Unavailable(ApiError):
 
 @dataclass(frozen=True, slots=True)
 class Finding:
+    """One input's share of a candidate's log-odds (docs/api.md: ``status``, ``display``…)."""
+
     feature: str
     label: str
-    value: float | bool | str
+    value: float | bool | str | None
     unit: str
     contribution: float
     flag: str
+    status: str = ""
+    display: str = ""
+    odds: str = ""
+    effect: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EvidenceGroup:
+    """The summed share of all inputs with one status (e.g. every symptom not mentioned)."""
+
+    status: str
+    label: str
+    count: int
+    contribution: float
+    odds: str
+    effect: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +125,50 @@ class Candidate:
     name: str
     probability: float
     findings: tuple[Finding, ...]
+    evidence_for: tuple[Finding, ...] = ()
+    evidence_against: tuple[Finding, ...] = ()
+    groups: tuple[EvidenceGroup, ...] = ()
+    baseline: float | None = None
+    baseline_effect: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OodReason:
+    kind: str
+    message: str
+    feature: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OutOfDistribution:
+    """Whether the query is unlike the training data, why, and which checks ran."""
+
+    flag: bool = False
+    reasons: tuple[OodReason, ...] = ()
+    checked: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    answer: str
+    top: str
+    top_probability: float
+    gap_change: float
+    probabilities: Mapping[str, float]
+    value: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NextTest:
+    """A test worth doing next, ranked by how far one answer could move the ranking."""
+
+    kind: str
+    feature: str
+    label: str
+    question: str
+    swing: float
+    reason: str
+    outcomes: tuple[Outcome, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +180,8 @@ class Diagnosis:
     mapped_terms: Mapping[str, tuple[str, ...]]
     imputed: tuple[str, ...]
     disclaimer: str
+    out_of_distribution: OutOfDistribution = OutOfDistribution()
+    next_tests: tuple[NextTest, ...] = ()
     run_id: str | None = None  # the run whose model answered
 
     @property
@@ -308,26 +377,63 @@ class Event:
 
 def _finding(d: Mapping[str, Any]) -> Finding:
     return Finding(
-        d["feature"], d["label"], d["value"], d.get("unit", ""), float(d["contribution"]),
-        d.get("flag", ""),
+        d["feature"], d["label"], d.get("value"), d.get("unit", ""), float(d["contribution"]),
+        d.get("flag", ""), d.get("status", ""), d.get("display", ""), d.get("odds", ""),
+        d.get("effect", ""),
+    )
+
+
+def _candidate(c: Mapping[str, Any]) -> Candidate:
+    base = c.get("baseline") or {}
+    return Candidate(
+        int(c["rank"]), c["name"], float(c["probability"]),
+        tuple(_finding(f) for f in c.get("findings", [])),
+        tuple(_finding(f) for f in c.get("evidence_for", [])),
+        tuple(_finding(f) for f in c.get("evidence_against", [])),
+        tuple(
+            EvidenceGroup(g["status"], g["label"], int(g["count"]), float(g["contribution"]),
+                          g.get("odds", ""), g.get("effect", ""))
+            for g in c.get("groups", [])
+        ),
+        None if "contribution" not in base else float(base["contribution"]),
+        str(base.get("effect", "")),
+    )
+
+
+def _ood(d: Mapping[str, Any] | None) -> OutOfDistribution:
+    if not d:
+        return OutOfDistribution()
+    return OutOfDistribution(
+        bool(d.get("flag", False)),
+        tuple(OodReason(r["kind"], r["message"], r.get("feature", ""))
+              for r in d.get("reasons", [])),
+        tuple(d.get("checked", [])),
+    )
+
+
+def _next_test(t: Mapping[str, Any]) -> NextTest:
+    return NextTest(
+        t["kind"], t["feature"], t["label"], t["question"], float(t["swing"]), t["reason"],
+        tuple(
+            Outcome(o["answer"], o["top"], float(o["top_probability"]), float(o["gap_change"]),
+                    {k: float(v) for k, v in o.get("probabilities", {}).items()},
+                    None if o.get("value") is None else float(o["value"]))
+            for o in t.get("outcomes", [])
+        ),
     )
 
 
 def _diagnosis(d: Mapping[str, Any]) -> Diagnosis:
     return Diagnosis(
-        differential=tuple(
-            Candidate(
-                int(c["rank"]), c["name"], float(c["probability"]),
-                tuple(_finding(f) for f in c.get("findings", [])),
-            )
-            for c in d["differential"]
-        ),
+        differential=tuple(_candidate(c) for c in d["differential"]),
         model_hash=d["model_hash"],
         model_round=int(d["model_round"]),
         unknown_terms=tuple(d.get("unknown_terms", [])),
         mapped_terms={k: tuple(v) for k, v in d.get("mapped_terms", {}).items()},
         imputed=tuple(d.get("imputed", [])),
         disclaimer=d.get("disclaimer", ""),
+        out_of_distribution=_ood(d.get("out_of_distribution")),
+        next_tests=tuple(_next_test(t) for t in d.get("next_tests", [])),
         run_id=d.get("run_id"),
     )
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from medimesh.cross_baselines import score_isolated
 from medimesh.errors import ConfigError
+from medimesh.explain import count_findings, finding_histogram, symptom_mask
 from medimesh.features import Standardizer, combine_stats, local_stats, log_transform
 from medimesh.model import (
     Model,
@@ -98,8 +99,15 @@ class HospitalNode:
         )
         return SetupStats(
             msg.spec_hash, s.n_examples, s.count, s.total, s.total_sq, s.class_counts,
-            top1, top3, self.n_test,
+            top1, top3, self.n_test, self.finding_histogram(),
         )
+
+    def finding_histogram(self) -> np.ndarray | None:
+        """Training rows per bin of recorded symptoms; None without symptom columns."""
+        mask = symptom_mask(self._info.feature_names)
+        if not mask.any():
+            return None
+        return finding_histogram(count_findings(self._x_train_raw, mask))
 
     def isolated_baseline(self, steps: int = ISOLATED_STEPS) -> tuple[float, float]:
         """Top-1/top-3 on this site's test rows of a model trained on this site alone.

@@ -119,7 +119,11 @@ class Message:
         arrays: dict[str, np.ndarray] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.default is not dataclasses.MISSING and value == f.default:
+            if (
+                f.default is not dataclasses.MISSING
+                and not isinstance(value, np.ndarray)
+                and value == f.default
+            ):
                 continue  # optional fields at their default stay off the wire (older peers)
             if isinstance(value, np.ndarray):
                 arrays[f.name] = value
@@ -152,8 +156,10 @@ class Message:
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             kind = str(f.type)
-            if kind == "np.ndarray":
+            if kind.startswith("np.ndarray"):
                 if f.name not in arrays:
+                    if kind != "np.ndarray" and f.default is not dataclasses.MISSING:
+                        continue  # optional array (``np.ndarray | None``) from an older peer
                     raise MalformedPayload(f"{cls.TYPE}: missing array {f.name!r}")
                 kwargs[f.name] = arrays[f.name]
                 continue
@@ -212,6 +218,10 @@ class SetupStats(Message):
     isolated_top1: float = float("nan")
     isolated_top3: float = float("nan")
     n_test: int = 0
+    # Training rows per bin of recorded symptoms (medimesh.explain.FINDING_BINS): lets the
+    # oracle say a query has far fewer findings than any training row. Counts only, coarse
+    # bins (docs/privacy.md); None from sites without symptom columns or older peers.
+    finding_hist: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)

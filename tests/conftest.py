@@ -58,7 +58,7 @@ def _free_port() -> int:
 def live_oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real oracle (uvicorn, real PostgreSQL with a published model) on a free port."""
     from medimesh.actors.oracle import OracleConfig, build_app
-    from medimesh.bench.oracle import publish_model, train_quick_model
+    from medimesh.bench.oracle import publish_model, quick_finding_hist, train_quick_model
     from medimesh.store import Store, embedded_server
 
     server = embedded_server(Path(tmp_path_factory.mktemp("schema")) / "pg")
@@ -68,7 +68,7 @@ def live_oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         store = await Store.open(url)
         try:
             model, mean, std = train_quick_model(steps=60)
-            await publish_model(store, model, mean, std, 1)
+            await publish_model(store, model, mean, std, 1, finding_hist=quick_finding_hist())
         finally:
             await store.close()
 

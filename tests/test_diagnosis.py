@@ -261,3 +261,65 @@ def test_excluding_a_parent_excludes_panel_descendants(engine: DiagnosisEngine) 
     assert _column(engine, y, f"excluded:{child}") == 0.0
     _, unknown, _ = engine.encode(PatientRequest(excluded_symptoms=("HP:9999999",)))
     assert unknown == ["HP:9999999"]
+
+
+def test_evidence_groups_add_up_to_the_log_odds(engine: DiagnosisEngine) -> None:
+    """baseline + Σ group shares = each explained candidate's logit minus the mean logit."""
+    req = PatientRequest(symptoms=("HP:0001014", "HP:0000966", "HP:0000093"))
+    d = engine.diagnose(req)
+    x, _, _ = engine.encode(req)
+    z = engine.saved.prepare(x[None, :])[0]
+    w = np.asarray(engine.saved.model.weights, dtype=float)
+    logits = z @ w + np.asarray(engine.saved.model.bias, dtype=float)
+    for c in d.differential[:3]:
+        k = engine.saved.classes.index(c.name)
+        assert c.baseline is not None
+        total = c.baseline + sum(g.contribution for g in c.groups)
+        # groups below 0.01 are left out, rounding to 4 places: a loose but real bound
+        assert total == pytest.approx(logits[k] - logits.mean(), abs=0.05)
+        assert c.evidence_against and all(f.contribution < 0 for f in c.evidence_against)
+        assert all(f.contribution > 0 for f in c.evidence_for)
+    statuses = {g.status for g in d.differential[0].groups}
+    assert "not_mentioned" in statuses  # the silence is shown, not hidden in the bias
+
+
+@pytest.mark.parametrize("with_ontology", [False, True])
+def test_next_test_answers_equal_the_re_encoded_request(
+    engine: DiagnosisEngine, with_ontology: bool
+) -> None:
+    """Every probed answer (edited from the encoded row for speed) has exactly the
+    probabilities of the request with that answer added, re-encoded from scratch."""
+    import dataclasses
+
+    if with_ontology:
+        from medimesh.hpo import HpoAncestors
+
+        engine = DiagnosisEngine(engine.saved, engine.features, HpoAncestors.load())
+    # HP:0001250 (seizure) excluded: with the ontology its panel descendants are too.
+    req = PatientRequest(symptoms=("HP:0001744",), excluded_symptoms=("HP:0001250",),
+                         biomarkers={"ck": Measurement(300.0, "U/L")}, age=6.0)
+    x, _, _ = engine.encode(req)
+    probes = engine._probes(req, x)
+    assert {p.kind for p in probes} == {"symptom", "biomarker", "genetic_test"}
+    units = {f.name: f.unit for f in engine.features}
+    genes = sorted(f.name[5:] for f in engine.features if f.name.startswith("gene:"))
+    for probe in probes:
+        if probe.kind == "symptom":
+            variants = [
+                dataclasses.replace(req, symptoms=(*req.symptoms, probe.feature)),
+                dataclasses.replace(req, excluded_symptoms=(*req.excluded_symptoms,
+                                                            probe.feature)),
+            ]
+        elif probe.kind == "biomarker":
+            variants = [
+                dataclasses.replace(req, biomarkers={
+                    **req.biomarkers, probe.feature: Measurement(float(v or 0),
+                                                                 units[probe.feature])})
+                for v in probe.values
+            ]
+        else:
+            variants = [dataclasses.replace(req, genes=(g,), sequenced=True) for g in genes]
+            variants.append(dataclasses.replace(req, sequenced=True))
+        rows = np.vstack([engine.encode(v)[0] for v in variants])
+        expect = engine.saved.predict_proba(rows)
+        assert probe.proba == pytest.approx(expect, abs=1e-12), probe.feature

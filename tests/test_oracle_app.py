@@ -19,7 +19,7 @@ import pytest
 
 from medimesh.actors.oracle import OracleConfig, OracleState, build_app
 from medimesh.audit import AuditChain, sign_event
-from medimesh.bench.oracle import publish_model, train_quick_model
+from medimesh.bench.oracle import publish_model, quick_finding_hist, train_quick_model
 from medimesh.identity import Identity, Member
 from medimesh.model import Model
 from medimesh.store import Store
@@ -131,6 +131,66 @@ def test_diagnose_returns_typed_differential(url: str, models: Models) -> None:
             )
             assert r.status_code == 200, r.text
             assert r.json()["unknown_terms"] == ["HP:9999998"]
+
+    run(scenario())
+
+
+def test_diagnose_says_why_flags_ood_and_suggests_tests(url: str, models: Models) -> None:
+    """The answer explains for and against, flags an unusual query and ranks next tests.
+
+    Published with the setup round's symptom-count histogram (as the coordinator does), a
+    query with one symptom and a lyso-Gb3 of 100,000 ng/mL is flagged for both reasons.
+    """
+    a, b, mean, std = models
+
+    async def scenario() -> None:
+        async with await Store.open(url) as store:
+            h = await publish_model(store, a, mean, std, 1, finding_hist=quick_finding_hist())
+        async with oracle(url) as (client, _):
+            await ready_with(client, h)
+            body = {"symptoms": ["HP:0001744"],
+                    "biomarkers": {"lyso_gb3": {"value": 100000, "unit": "ng/mL"}}}
+            r = await client.post("/diagnose", json=body)
+            assert r.status_code == 200, r.text
+            d = r.json()
+            ood = d["out_of_distribution"]
+            assert ood["flag"] is True
+            assert {x["kind"] for x in ood["reasons"]} == {"few_findings", "extreme_value"}
+            assert ood["checked"] == ["findings", "extreme_value", "rare_input", "unknown_terms"]
+            extreme = next(x for x in ood["reasons"] if x["kind"] == "extreme_value")
+            assert extreme["feature"] == "lyso_gb3" and "100,000 ng/mL" in extreme["message"]
+            top = d["differential"][0]
+            assert top["findings"] is not None  # the old field stays
+            for f in top["evidence_for"] + top["evidence_against"]:
+                assert f["effect"].startswith("makes ") and "vs the average class" in f["effect"]
+                assert "e+" not in f["display"] and f["odds"][0] in "×÷"
+            assert top["evidence_against"] and top["groups"] and "effect" in top["baseline"]
+            lyso = [f for c in d["differential"][:3] for f in c["evidence_for"]
+                    + c["evidence_against"] if f["feature"] == "lyso_gb3"]
+            assert lyso and lyso[0]["display"] == "100,000 ng/mL (high)"
+            assert lyso[0]["label"] == "Lyso-Gb3"
+            assert all(c["evidence_for"] == [] and c["baseline"] is None
+                       for c in d["differential"][3:])
+            # An uncertain record (one sign, a lab measured, no genetic test): tests to order.
+            uncertain: dict[str, Any] = {
+                "symptoms": ["HP:0001744"], "sequenced": False,
+                "biomarkers": {"lyso_gb3": {"value": 1.0, "unit": "ng/mL"}},
+            }
+            tests = (await client.post("/diagnose", json=uncertain)).json()["next_tests"]
+            assert 1 <= len(tests) <= 5
+            assert [t["swing"] for t in tests] == sorted((t["swing"] for t in tests), reverse=True)
+            assert all(t["feature"] != "lyso_gb3" for t in tests)  # measured: not asked
+            for t in tests:
+                assert t["kind"] in {"symptom", "biomarker", "genetic_test"} and t["reason"]
+                assert t["outcomes"] and all(o["top"] for o in t["outcomes"])
+            # A model published without the histogram: the count is not judged, and it says so.
+            h2 = await publish(url, b, mean, std, 2)
+            await ready_with(client, h2)
+            d2 = (await client.post("/diagnose", json={"symptoms": ["HP:0001744"]})).json()
+            assert d2["out_of_distribution"] == {
+                "flag": False, "reasons": [],
+                "checked": ["extreme_value", "rare_input", "unknown_terms"],
+            }
 
     run(scenario())
 

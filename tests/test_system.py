@@ -15,6 +15,7 @@ import ray
 
 from medimesh.actors.runtime import Consortium, RunConfig
 from medimesh.errors import NotEnrolled
+from medimesh.explain import FINDING_BINS
 from medimesh.identity import Identity
 from medimesh.protocol import MESSAGE_TYPES, Update
 from medimesh.sites import load_site
@@ -121,7 +122,10 @@ def test_no_patient_rows_or_labels_cross_the_router_or_reach_the_audit(
     keys = {i.peer_id: i for i in fed.identities.values()}
     n_features = len(fed.info.feature_names)
     n_classes = len(fed.info.class_names)
-    allowed_shapes = {(n_features, n_classes), (n_classes,), (n_features,)}
+    # Model-shaped arrays, per-feature/per-class counts, and the setup round's coarse
+    # histogram of recorded symptoms per row (counts per bin, medimesh.explain).
+    allowed_shapes = {(n_features, n_classes), (n_classes,), (n_features,),
+                      (len(FINDING_BINS),)}
     sites = [load_site(d) for d in fed.descriptors]
     secrets: list[bytes] = []
     for s in sites:
@@ -146,6 +150,24 @@ def test_no_patient_rows_or_labels_cross_the_router_or_reach_the_audit(
     for s in sites:
         assert json.dumps(s.y_train[:16].tolist())[1:-1] not in audit_text
         assert repr(float(s.x_train[0, -1])) not in audit_text or s.x_train[0, -1] in (0.0, 1.0)
+
+
+def test_setup_publishes_the_symptom_count_histogram_for_the_oracle(
+    run: dict[str, Any],
+) -> None:
+    """The checkpoint the oracle reads carries the sites' summed histogram, which matches
+    one rebuilt outside the actors and adds up to the committed training rows."""
+    from medimesh.explain import TrainingProfile, combine_finding_hists
+    from medimesh.hospital import HospitalNode
+
+    fed: Consortium = run["fed"]
+    cp = ray.get(fed.handles["auditor"].latest_checkpoint.remote())
+    hist = cp["state"]["finding_hist"]
+    nodes = [HospitalNode(load_site(d), fed.info) for d in fed.descriptors]
+    expected = combine_finding_hists([(n.finding_histogram(), n.n_train) for n in nodes])
+    assert expected is not None and list(hist) == list(expected)
+    assert sum(hist) == sum(n.n_train for n in nodes)
+    assert TrainingProfile.from_state(cp["state"]).rows == sum(hist)
 
 
 def test_hospital_actor_answers_with_counts_only(run: dict[str, Any]) -> None:

@@ -189,15 +189,24 @@ def test_form_mistakes_and_api_refusals_read_as_sentences(live_oracle: str) -> N
     with Client(live_oracle) as c:
         v = c.vocabulary()
         rows = views.marker_rows(v, {"ck": (900.0, "U/L")})
-        bad_value = [r if r[4] != "ck" else [r[0], "lots", r[2], r[3], r[4]] for r in rows]
+        assert len(rows[0]) == 4 and "ck" not in rows[0]  # no internal key column shown
+        ck = "Creatine kinase"
+        bad_value = [r if r[0] != ck else [r[0], "lots", r[2], r[3]] for r in rows]
         with pytest.raises(views.FormError, match="Creatine kinase: 'lots' is not a number"):
             views.form_request([], bad_value, [], None, "unknown", v)
         with pytest.raises(views.FormError, match="Age: 'twelve' is not a number"):
             views.form_request([], rows, [], "twelve", "F", v)
         blank = views.form_request([], views.marker_rows(v), [], "", "unknown", v)
         assert blank == {"symptoms": [], "biomarkers": {}, "genes": [], "age": None,
-                         "sex": None}
-        bad_unit = [r if r[4] != "ck" else [r[0], 900, "furlongs", r[3], r[4]] for r in rows]
+                         "sex": None, "excluded_symptoms": [], "sequenced": None}
+        with pytest.raises(views.FormError, match="Marked both observed and absent"):
+            views.form_request(["HP:0001744"], rows, [], None, "F", v, ["HP:0001744"])
+        with pytest.raises(views.FormError, match="'not done' but variant genes"):
+            views.form_request([], rows, ["GLA"], None, "F", v, [], "not done")
+        done = views.form_request([], rows, [], None, "F", v, ["HP:0001744"], "done")
+        assert done["excluded_symptoms"] == ["HP:0001744"] and done["sequenced"] is True
+        assert done["biomarkers"] == {"ck": (900.0, "U/L")}
+        bad_unit = [r if r[0] != ck else [r[0], 900, "furlongs", r[3]] for r in rows]
         req = views.form_request([], bad_unit, [], None, "unknown", v)
         with pytest.raises(ValidationFailed) as info:
             c.diagnose(**req)
@@ -416,3 +425,29 @@ def test_rounds_table_names_who_was_rejected_or_flagged_and_why() -> None:
     # Older rows without names still show the reason counts.
     old = views.rounds_table_html([RoundInfo(1, {"rejected": 1, "reasons": {"x": 1}}, "", None)])
     assert "x×1" in old
+
+
+def test_diagnosis_view_shows_ood_next_tests_and_what_argues_against(live_oracle: str) -> None:
+    """One observed finding, one marked absent, no genetic test: the flag with its reasons,
+    the next tests, and for/against rows in plain words (odds, no 'logit', no exponents)."""
+    with Client(live_oracle) as c:
+        v = c.vocabulary()
+        rows = views.marker_rows(v)
+        req = views.form_request(["HP:0001744"], rows, [], None, "unknown", v,
+                                 ["HP:0001250"], "not done")
+        dx = c.diagnose(**req)
+        extreme = c.diagnose(symptoms=["HP:0001744"],
+                             biomarkers={"lyso_gb3": (100000.0, "ng/mL")})
+    html = views.diagnosis_html(dx)
+    assert 'data-ood="true"' in html and "data-ood-kind='few_findings'" in html
+    assert html.count("<tr data-group='excluded'><td>symptoms marked absent (1)</td>") == 3
+    assert 'data-table="next-tests"' in html and dx.next_tests
+    assert all(f"data-next-test='{t.feature}'" in html for t in dx.next_tests)
+    assert "data-evidence='against'" in html and "Argues against" in html
+    assert "logit" not in html and "e+0" not in html
+    assert re.search(r"makes [^<]+ (more|less) likely \(odds [×÷]", html)
+    excluded = [f for c in dx.differential[:3] for f in (*c.evidence_for, *c.evidence_against)
+                if f.feature == "HP:0001250"]
+    assert all(f.status == "excluded" and f.display == "absent (excluded)" for f in excluded)
+    html2 = views.diagnosis_html(extreme)
+    assert "data-ood-kind='extreme_value'" in html2 and "Lyso-Gb3 = 100,000 ng/mL" in html2

@@ -379,3 +379,75 @@ def test_page_loads_and_says_so_when_the_oracle_is_down(
     finally:
         code = _stop(ui, timeout=20)
     assert code == 0, _tail(ui)
+
+
+def _pick(driver: Any, elem_id: str, text: str, option: str) -> None:
+    """Type into a Gradio multiselect dropdown and click the option labelled ``option``."""
+    from selenium.webdriver.common.keys import Keys
+
+    box = _css(driver, f"#{elem_id} input")
+    box.click()
+    box.send_keys(text)
+    item = _wait(f"the option {option!r}",
+                 lambda: _css(driver, f"#{elem_id} li[aria-label='{option}']"), 10)
+    item.click()
+    time.sleep(0.3)
+    box.send_keys(Keys.ESCAPE)
+
+
+def test_diagnose_marks_a_finding_absent_and_reads_ood_next_tests_and_against(
+    browser: Any, shots: Path, live_oracle: str, tmp_path: Path
+) -> None:
+    """The dashboard (``medimesh ui``) on a real oracle: mark a finding ABSENT, say genetic
+    testing was not done, submit a record with no observed finding (no training patient had
+    none, so the out-of-distribution flag must be up), and read the flag, the suggested next
+    tests and an "argues against" row naming the absent finding."""
+    from selenium.webdriver.common.by import By
+
+    ui = _spawn(["ui", "--api", live_oracle, "--port", str(_free_port())], tmp_path,
+                tmp_path / "ui.log")
+    try:
+        d = browser
+        d.get(_url(ui, timeout=60))
+        _wait("the status banner to say connected",
+              lambda: _attr(d, "#mm-status [data-status]", "data-status") == "connected", 30, ui)
+        _wait("the vocabulary (worked examples shown)",
+              lambda: _css(d, "#mm-example-0").is_displayed(), 20, ui)
+        _pick(d, "mm-excluded", "HP:0001744", "Splenomegaly (HP:0001744)")
+        chosen = _wait("the absent finding to be chosen",
+                       lambda: "Splenomegaly" in _css(d, "#mm-excluded").text, 10, ui)
+        assert chosen
+        no = next(e for e in d.find_elements(By.CSS_SELECTOR, "#mm-genetic label")
+                  if e.text.strip() == "not done")
+        no.click()
+        _css(d, "#mm-diagnose").click()
+        _wait("a ranked diagnosis", lambda: _attr(d, "#mm-result .mm-dx", "data-top"), 20, ui)
+        assert _attr(d, "#mm-result [data-ood]", "data-ood") == "true"
+        reasons = [e.get_attribute("data-ood-kind")
+                   for e in d.find_elements(By.CSS_SELECTOR, "#mm-result [data-ood-kind]")]
+        assert "few_findings" in reasons, reasons
+        assert "Outside what the model was trained on" in _css(d, "#mm-result .mm-ood").text
+        tests = d.find_elements(By.CSS_SELECTOR, "#mm-result [data-next-test]")
+        assert 1 <= len(tests) <= 5
+        assert "Suggested next tests" in _css(d, "#mm-result").text
+        kinds = {t.get_attribute("data-kind") for t in tests}
+        assert kinds <= {"symptom", "biomarker", "genetic_test"}
+        against = d.find_elements(By.CSS_SELECTOR, "#mm-result tr[data-evidence='against']")
+        assert against and "Argues against" in _css(d, "#mm-result").text
+        # The absent finding is accounted for in every explained candidate (its own row when
+        # it weighs among the top five, and always in the totals by kind).
+        groups = d.find_elements(By.CSS_SELECTOR, "#mm-result tr[data-group='excluded']")
+        assert len(groups) == 3 and all("symptoms marked absent (1)" in g.text for g in groups)
+        absent = [r for r in d.find_elements(By.CSS_SELECTOR, "#mm-result tr[data-evidence]")
+                  if r.get_attribute("data-status") == "excluded"]
+        assert all("Splenomegaly" in r.text and "absent (excluded)" in r.text for r in absent)
+        text = _css(d, "#mm-result").text
+        assert "logit" not in text and re.search(r"odds [×÷]", text)
+        # The biomarker table shows full names and no internal key column.
+        headers = [th.text.strip() for th in d.find_elements(By.CSS_SELECTOR, "#mm-markers th")]
+        assert "key" not in headers
+        assert "Hexosaminidase A (% of total hexosaminidase)" in _css(d, "#mm-markers").text
+        _shot(d, shots, "diagnose-absent")
+    finally:
+        code = _stop(ui, timeout=20)
+    assert code == 0, _tail(ui)

@@ -66,6 +66,11 @@ CSS = """
 .mm-findings { margin: 6px 0; font-size: 13px; }
 .mm-findings table { border-collapse: collapse; width: 100%; font-size: 12px; }
 .mm-model { margin: 4px 0 8px; }
+.mm-ood { background: #fffbeb; border: 1px solid #f59e0b; color: #92400e; padding: 6px 10px;
+          border-radius: 6px; margin: 4px 0; font-size: 13px; }
+.mm-ood ul { margin: 4px 0 0 18px; }
+.mm-ood-ok { color: #065f46; font-size: 12px; margin: 4px 0; }
+.mm-ev-head { font-weight: 600; margin: 8px 0 2px; font-size: 13px; }
 """
 
 
@@ -198,23 +203,35 @@ def build_blocks(dash: Dashboard) -> gr.Blocks:
                         ]
                     symptoms = gr.Dropdown(
                         choices=[], value=[], multiselect=True, filterable=True,
-                        label="Symptoms (HPO terms) — type to search by name or id",
+                        label="Observed findings (HPO terms) — type to search by name or id",
                         elem_id="mm-symptoms",
+                    )
+                    excluded = gr.Dropdown(
+                        choices=[], value=[], multiselect=True, filterable=True,
+                        label="Checked and ABSENT (excluded) — a finding in neither list "
+                              "is 'not mentioned', which is not the same as absent",
+                        elem_id="mm-excluded",
                     )
                     markers = gr.Dataframe(
                         headers=views.MARKER_HEADERS,
-                        datatype=["str", "number", "str", "str", "str"],
-                        static_columns=[0, 3, 4], interactive=True, type="array",
-                        column_widths=["38%", "14%", "18%", "18%", "12%"], max_height=330,
+                        datatype=["str", "number", "str", "str"],
+                        static_columns=[0, 3], interactive=True, type="array",
+                        column_widths=["46%", "14%", "18%", "22%"], max_height=360,
+                        wrap=True,
                         label="Biomarkers (leave blank if not measured; units may be "
                               "changed to an accepted alternative)",
                         elem_id="mm-markers",
                     )
-                    genes = gr.Dropdown(
-                        choices=[], value=[], multiselect=True, allow_custom_value=True,
-                        label="Variant genes ((likely) pathogenic findings)",
-                        elem_id="mm-genes",
-                    )
+                    with gr.Row():
+                        genetic = gr.Radio(
+                            views.GENETIC_CHOICES, value="not said",
+                            label="Genetic testing done?", elem_id="mm-genetic", scale=2,
+                        )
+                        genes = gr.Dropdown(
+                            choices=[], value=[], multiselect=True, allow_custom_value=True,
+                            label="Variant genes ((likely) pathogenic findings)",
+                            elem_id="mm-genes", scale=3,
+                        )
                     with gr.Row():
                         age = gr.Textbox(label="Age at symptom onset (years)",
                                          placeholder="unknown", elem_id="mm-age")
@@ -268,7 +285,7 @@ def build_blocks(dash: Dashboard) -> gr.Blocks:
 
         live_outputs = [status, accuracy, updates, duration, rounds_table, topology, net_summary,
                         feed, head]
-        vocab_outputs = [symptoms, genes, markers, attribution, *examples]
+        vocab_outputs = [symptoms, excluded, genes, markers, attribution, *examples]
 
         def refresh(state: dict[str, Any], chosen: str | None) -> list[Any]:
             state = dict(state)
@@ -326,26 +343,29 @@ def build_blocks(dash: Dashboard) -> gr.Blocks:
                 try:
                     ex = dash.vocabulary().examples[i]
                 except Exception as exc:
-                    return [gr.skip()] * 5 + [dash.error(exc)]
+                    return [gr.skip()] * 7 + [dash.error(exc)]
                 return [
                     list(ex.symptoms),
                     views.marker_rows(dash.vocabulary(), ex.biomarkers),
                     list(ex.genes),
                     "" if ex.age is None else f"{ex.age:g}",
                     ex.sex or "unknown",
+                    [],
+                    "done" if ex.genes else "not said",
                     _NOTE.format(f"Loaded “{ex.name}”. Press Diagnose."),
                 ]
 
             return load
 
-        form = [symptoms, markers, genes, age, sex]
+        form = [symptoms, markers, genes, age, sex, excluded, genetic]
         for i, button in enumerate(examples):
             button.click(load_example(i), None, [*form, result])
 
         def run_diagnosis(
-            s: list[str] | None, m: Any, g: list[str] | None, a: str | None, x: str | None
+            s: list[str] | None, m: Any, g: list[str] | None, a: str | None, x: str | None,
+            e: list[str] | None, gt: str | None,
         ) -> str:
-            request = views.form_request(s, m, g, a, x, dash.vocabulary())
+            request = views.form_request(s, m, g, a, x, dash.vocabulary(), e, gt)
             return views.diagnosis_html(dash.client.diagnose(**request))
 
         diagnose.click(_guard(dash, run_diagnosis), form, result)
@@ -355,7 +375,7 @@ def build_blocks(dash: Dashboard) -> gr.Blocks:
                 rows = views.marker_rows(dash.vocabulary())
             except Exception:
                 rows = []
-            return [[], rows, [], "", "unknown", _NOTE.format("Form cleared.")]
+            return [[], rows, [], "", "unknown", [], "not said", _NOTE.format("Form cleared.")]
 
         clear.click(clear_form, None, [*form, result])
 
@@ -399,8 +419,10 @@ def _vocab_updates(vocab: Vocabulary) -> list[Any]:
     shown = vocab.examples[:MAX_EXAMPLES]
     buttons = [gr.update(value=ex.name, visible=True) for ex in shown]
     buttons += [gr.update(visible=False)] * (MAX_EXAMPLES - len(shown))
+    choices = views.symptom_choices(vocab)
     return [
-        gr.update(choices=views.symptom_choices(vocab)),
+        gr.update(choices=choices),
+        gr.update(choices=choices),
         gr.update(choices=list(vocab.genes)),
         views.marker_rows(vocab),
         f"<small>HPO release {vocab.hpo_release}. {vocab.attribution}</small>",

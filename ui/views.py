@@ -17,7 +17,9 @@ from typing import Any
 from medimesh.client import (
     ApiError,
     AuditEntry,
+    Candidate,
     Diagnosis,
+    Finding,
     ModelInfo,
     Network,
     ReadyState,
@@ -28,6 +30,7 @@ from medimesh.client import (
     VerifyResult,
     Vocabulary,
 )
+from medimesh.explain import fmt_number, fmt_odds, fmt_pct
 from medimesh.rounds import describe_verdicts
 from medimesh.ui.charts import (
     Bar,
@@ -41,6 +44,8 @@ from medimesh.ui.charts import (
 from medimesh.ui.live import FeedRow
 
 __all__ = [
+    "GENETIC_CHOICES",
+    "MARKER_HEADERS",
     "FormError",
     "audit_table_html",
     "baselines_of",
@@ -54,6 +59,8 @@ __all__ = [
     "marker_rows",
     "model_choices",
     "network_summary_html",
+    "next_tests_html",
+    "ood_html",
     "provenance_html",
     "round_points",
     "rounds_table_html",
@@ -63,7 +70,8 @@ __all__ = [
     "verify_html",
 ]
 
-MARKER_HEADERS = ["test", "value", "unit", "reference range", "key"]
+MARKER_HEADERS = ["test", "value", "unit", "reference range"]
+GENETIC_CHOICES = ["not said", "done", "not done"]  # → sequenced None / True / False
 
 
 class FormError(ValueError):
@@ -141,12 +149,15 @@ def _range(r: tuple[float, float] | None, unit: str) -> str:
 def marker_rows(
     vocab: Vocabulary, values: Mapping[str, tuple[float, str]] | None = None
 ) -> list[list[Any]]:
-    """One table row per biomarker: test, value (blank = not measured), unit, range, key."""
+    """One table row per biomarker: full name, value (blank = not measured), unit, range.
+
+    No internal key column: :func:`form_request` finds the marker by its (unique) name.
+    """
     values = values or {}
     rows: list[list[Any]] = []
     for b in vocab.biomarkers:
         value, unit = values.get(b.name, (None, b.unit))
-        rows.append([b.label, value, unit, _range(b.reference_range, b.unit), b.name])
+        rows.append([b.label, value, unit, _range(b.reference_range, b.unit)])
     return rows
 
 
@@ -176,24 +187,31 @@ def form_request(
     age: str | float | None,
     sex: str | None,
     vocab: Vocabulary,
+    excluded: Sequence[str] | None = None,
+    genetic: str | None = None,
 ) -> dict[str, Any]:
-    """The form's values as ``Client.diagnose`` keyword arguments; FormError if unreadable."""
-    known = {b.name: b for b in vocab.biomarkers}
+    """The form's values as ``Client.diagnose`` keyword arguments; FormError if unreadable.
+
+    ``excluded``: findings checked and ABSENT; ``genetic``: one of :data:`GENETIC_CHOICES`.
+    """
+    by_label = {b.label: b for b in vocab.biomarkers}
     biomarkers: dict[str, tuple[float, str]] = {}
-    for row in _table_rows(markers):
-        if len(row) < 5 or _blank(row[1]) or _blank(row[4]):
+    for i, row in enumerate(_table_rows(markers)):
+        if len(row) < 2 or _blank(row[1]):
             continue
-        name = str(row[4])
-        spec = known.get(name)
-        label = spec.label if spec else name
+        spec = by_label.get(str(row[0]).strip())
+        if spec is None and i < len(vocab.biomarkers):  # renamed cell: fall back to the row
+            spec = vocab.biomarkers[i]
+        if spec is None:
+            raise FormError(f"{row[0]}: not a biomarker the model knows")
         try:
             value = float(str(row[1]).replace(",", "."))
         except ValueError:
-            raise FormError(f"{label}: {row[1]!r} is not a number") from None
+            raise FormError(f"{spec.label}: {row[1]!r} is not a number") from None
         if not math.isfinite(value) or value < 0:
-            raise FormError(f"{label}: the value must be a number ≥ 0")
-        unit = str(row[2]).strip() if not _blank(row[2]) else (spec.unit if spec else "")
-        biomarkers[name] = (value, unit)
+            raise FormError(f"{spec.label}: the value must be a number ≥ 0")
+        unit = str(row[2]).strip() if len(row) > 2 and not _blank(row[2]) else spec.unit
+        biomarkers[spec.name] = (value, unit)
     years: float | None = None
     if not _blank(age):
         try:
@@ -202,58 +220,164 @@ def form_request(
             raise FormError(f"Age: {age!r} is not a number of years") from None
         if not (math.isfinite(years) and 0 <= years <= 130):
             raise FormError("Age must be between 0 and 130 years")
+    observed = list(symptoms or [])
+    absent = list(excluded or [])
+    both = sorted(set(observed) & set(absent))
+    if both:
+        names = {t.id: t.name for t in vocab.symptoms}
+        raise FormError("Marked both observed and absent: "
+                        + ", ".join(f"{names.get(t, t)} ({t})" for t in both))
+    gene_list = [g.strip() for g in (genes or []) if g and g.strip()]
+    sequenced = {"done": True, "not done": False}.get(genetic or "not said")
+    if sequenced is False and gene_list:
+        raise FormError("Genetic testing is marked 'not done' but variant genes are listed")
     return {
-        "symptoms": list(symptoms or []),
+        "symptoms": observed,
         "biomarkers": biomarkers,
-        "genes": [g.strip() for g in (genes or []) if g and g.strip()],
+        "genes": gene_list,
         "age": years,
         "sex": sex if sex in ("F", "M") else None,
+        "excluded_symptoms": absent,
+        "sequenced": sequenced,
     }
 
 
-def _value(v: float | bool | str, unit: str) -> str:
+def _evidence_rows(findings: Sequence[Finding], side: str) -> str:
+    return "".join(
+        f"<tr data-evidence='{side}' data-feature='{escape(f.feature)}' "
+        f"data-status='{escape(f.status)}'><td>{escape(f.label)}</td>"
+        f"<td>{escape(f.display or _value(f.value, f.unit))}</td><td>{escape(f.effect)}</td>"
+        f"<td class='mm-num'>{escape(f.odds)}</td></tr>"
+        for f in findings
+    )
+
+
+def _candidate_html(c: Candidate) -> str:
+    """For / against tables and the per-kind totals of one explained candidate."""
+    head = "<tr><th>finding</th><th>value</th><th>what it does</th><th>odds</th></tr>"
+    pro = _evidence_rows(c.evidence_for, "for")
+    con = _evidence_rows(c.evidence_against, "against")
+    groups = "".join(
+        f"<tr data-group='{escape(g.status)}'><td>{escape(g.label)} ({g.count})</td>"
+        f"<td>{escape(g.effect)}</td><td class='mm-num'>{escape(g.odds)}</td></tr>"
+        for g in c.groups
+    )
+    return (
+        f'<details open class="mm-findings" data-rank="{c.rank}"><summary>{c.rank}. '
+        f"{escape(c.name)} — {fmt_pct(c.probability)}: findings that support it and what "
+        "argues against it</summary>"
+        + (f'<p class="mm-note">Starting point: {escape(c.baseline_effect)}.</p>'
+           if c.baseline_effect else "")
+        + '<p class="mm-ev-head">Evidence for</p>'
+        + (f"<table data-table='evidence-for'>{head}{pro}</table>" if pro
+           else '<p class="mm-note">Nothing in this record raises its odds.</p>')
+        + '<p class="mm-ev-head">Argues against</p>'
+        + (f"<table data-table='evidence-against'>{head}{con}</table>" if con
+           else '<p class="mm-note">Nothing in this record lowers its odds.</p>')
+        + ("<p class='mm-ev-head'>All inputs, by kind</p><table data-table='groups'>"
+           f"<tr><th>inputs</th><th>together they…</th><th>odds</th></tr>{groups}</table>"
+           if groups else "")
+        + "</details>"
+    )
+
+
+def _legacy_candidate_html(c: Candidate) -> str:
+    """An older oracle without evidence lists: its supporting findings only."""
+    rows = "".join(
+        f"<tr data-evidence='for'><td>{escape(f.label)}</td>"
+        f"<td>{escape(_value(f.value, f.unit))}</td><td>{escape(f.flag)}</td>"
+        f"<td class='mm-num'>{fmt_odds(f.contribution)}</td></tr>"
+        for f in c.findings
+    )
+    return (
+        f'<details open class="mm-findings" data-rank="{c.rank}"><summary>{c.rank}. '
+        f"{escape(c.name)} — {fmt_pct(c.probability)}: findings that support it</summary>"
+        "<table><tr><th>finding</th><th>value</th><th>flag</th><th>odds</th></tr>"
+        f"{rows}</table></details>"
+    )
+
+
+def _value(v: float | bool | str | None, unit: str) -> str:
+    if v is None:
+        return "not given"
     if isinstance(v, bool):
         return "present" if v else "absent"
     if isinstance(v, float):
-        return f"{v:.3g} {unit}".strip()
+        return f"{fmt_number(v)} {unit}".strip()
     return f"{v} {unit}".strip()
 
 
+def ood_html(dx: Diagnosis) -> str:
+    """The out-of-distribution flag: a warning with its reasons, or a quiet line."""
+    ood = dx.out_of_distribution
+    if not ood.flag:
+        checked = ", ".join(c.replace("_", " ") for c in ood.checked) or "nothing"
+        return (f'<div class="mm-ood-ok" data-ood="false">Within the training data '
+                f"(checked: {escape(checked)}).</div>")
+    items = "".join(
+        f"<li data-ood-kind='{escape(r.kind)}'>{escape(r.message)}</li>" for r in ood.reasons
+    )
+    return (
+        '<div class="mm-ood" data-ood="true"><b>Outside what the model was trained on</b>'
+        f"<ul>{items}</ul></div>"
+    )
+
+
+def next_tests_html(dx: Diagnosis) -> str:
+    """What to ask or order next, ranked by how far one answer could move the ranking."""
+    if not dx.next_tests:
+        return ('<p class="mm-note" data-next-tests="0">No single further test would move the '
+                "gap between the first two candidates by a point.</p>")
+    rows = "".join(
+        f"<tr data-next-test='{escape(t.feature)}' data-kind='{escape(t.kind)}'>"
+        f"<td>{i}</td><td>{escape(t.question)}</td><td>{escape(t.reason)}</td>"
+        f"<td class='mm-num'>{t.swing * 100:.0f} pts</td></tr>"
+        for i, t in enumerate(dx.next_tests, start=1)
+    )
+    return (
+        '<p class="mm-ev-head">Suggested next tests</p>'
+        f'<table class="mm-table" data-table="next-tests" data-next-tests="{len(dx.next_tests)}">'
+        "<tr><th>#</th><th>test</th><th>what the answer could do</th>"
+        "<th title='largest change of the gap between the first two candidates'>swing</th></tr>"
+        f"{rows}</table>"
+        '<p class="mm-note">Swing: the largest change, over the possible answers, of the gap '
+        "between the first two candidates' probabilities (in percentage points). Assumed lab "
+        "values come from the training distribution the model holds (mean ± SD on its log "
+        "scale).</p>"
+    )
+
+
 def diagnosis_html(dx: Diagnosis) -> str:
-    """Ranked bar chart, the findings behind each explained candidate, and which model."""
+    """Ranked bar chart, OOD flag, next tests, evidence for and against, and which model."""
     chart = probability_chart([Bar(c.name, c.probability) for c in dx.differential])
     parts = [
         f'<div class="mm-dx" data-model-hash="{escape(dx.model_hash)}" '
         f'data-model-round="{dx.model_round}" data-top="{escape(dx.top.name)}">',
         '<div class="mm-model">Answered by model '
         f"<code>{escape(dx.model_hash[:16])}…</code> from round <b>{dx.model_round}</b></div>",
+        ood_html(dx),
         chart,
+        next_tests_html(dx),
     ]
     for c in dx.differential:
-        if not c.findings:
-            continue
-        rows = "".join(
-            f"<tr><td>{escape(f.label)}</td><td>{escape(_value(f.value, f.unit))}</td>"
-            f"<td>{escape(f.flag)}</td><td class='mm-num'>{f.contribution:+.2f}</td></tr>"
-            for f in c.findings
-        )
-        parts.append(
-            f'<details open class="mm-findings" data-rank="{c.rank}"><summary>{c.rank}. '
-            f"{escape(c.name)} — {c.probability:.1%}: findings that support it</summary>"
-            "<table><tr><th>finding</th><th>value</th><th>flag</th><th>logit push</th></tr>"
-            f"{rows}</table></details>"
-        )
-    explained = sum(1 for c in dx.differential if c.findings)
+        if c.baseline is not None:
+            parts.append(_candidate_html(c))
+        elif c.findings:
+            parts.append(_legacy_candidate_html(c))
+    explained = sum(1 for c in dx.differential if c.baseline is not None or c.findings)
     notes = []
     if explained < len(dx.differential):
         notes.append(f"The oracle explains its top {explained} candidates; the others are "
-                     "ranked by probability only.")
+                     "ranked by probability only. Odds are against the average class; each "
+                     "share is exact for this linear model, measured from the average "
+                     "training patient.")
     if dx.unknown_terms:
         notes.append("Not in the model's vocabulary (ignored): " + ", ".join(dx.unknown_terms))
     for term, hits in dx.mapped_terms.items():
         notes.append(f"{term} counted as {', '.join(hits)}")
     if dx.imputed:
-        notes.append(f"{len(dx.imputed)} biomarkers not given (no evidence either way)")
+        notes.append(f"{len(dx.imputed)} biomarkers not measured (the model is told they are "
+                     "missing; no value is assumed for them)")
     parts += [f'<p class="mm-note">{escape(n)}</p>' for n in notes]
     parts.append(f'<p class="mm-disclaimer">{escape(dx.disclaimer)}</p></div>')
     return "".join(parts)

@@ -35,6 +35,7 @@ from medimesh.runs import UNNAMED_RUN
 __all__ = [
     "main",
     "publish_model",
+    "quick_finding_hist",
     "request_from_row",
     "run_oracle_bench",
     "sample_requests",
@@ -68,6 +69,23 @@ def train_quick_model(
     return model.astype32(), std.mean, std.std
 
 
+def quick_finding_hist(seed: int = 0, hospitals: int = 8) -> tuple[float, ...] | None:
+    """The setup round's symptom-count histogram for :func:`train_quick_model`'s sites."""
+    from medimesh.explain import combine_finding_hists
+    from medimesh.hospital import HospitalNode
+    from medimesh.sites import SiteDescriptor, dataset_info, load_site
+
+    info = dataset_info("rare")
+    params = {"n_hospitals": hospitals, "seed": seed}
+    nodes = [
+        HospitalNode(
+            load_site(SiteDescriptor("rare", f"site-{i}", {"cohort": params, "site": i})), info
+        )
+        for i in range(hospitals)
+    ]
+    return combine_finding_hists([(n.finding_histogram(), n.n_train) for n in nodes])
+
+
 async def publish_model(
     store: Any,
     model: Model,
@@ -75,16 +93,20 @@ async def publish_model(
     std: np.ndarray,
     round_: int,
     parent_hash: str | None = None,
+    finding_hist: Sequence[float] | None = None,
     run: str = UNNAMED_RUN,
 ) -> str:
     """Store a model as the coordinator/auditor would: model row, round row, checkpoint,
-    all under ``run`` (default: the run of rows written without a federation)."""
+    all under ``run`` (default: the run of rows written without a federation); the
+    checkpoint carries the setup round's symptom-count histogram when given."""
     digest: str = await store.put_model(model, round_, parent_hash=parent_hash, run=run)
     await store.put_round(round_, {"source": "bench"}, digest, time.time(), run=run)
-    await store.save_checkpoint(
-        round_, {"round": round_, "mean": np.asarray(mean).tolist(),
-                 "std": np.asarray(std).tolist()}, digest, run=run
-    )
+    state: dict[str, Any] = {
+        "round": round_, "mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()
+    }
+    if finding_hist is not None:
+        state["finding_hist"] = [float(v) for v in finding_hist]
+    await store.save_checkpoint(round_, state, digest, run=run)
     return digest
 
 
