@@ -52,11 +52,13 @@ def _names(fed: Consortium) -> dict[str, str]:
 def test_with_f_declared_a_repeat_offender_is_quarantined_and_a_restarted_validator_keeps_it(
     ray_session: None,
 ) -> None:
-    """f = 1: a sign-flipper is excluded, quarantined after two flags, and still on probation
+    """f = 1: a x10 scaler is excluded, quarantined after two flags, and still on probation
     after the validator actor is killed and restarted (its state comes back from the trail);
-    the honest hospitals are never excluded."""
+    the honest hospitals are never excluded. (A scaler, not a sign-flipper: the norm test
+    fires every round whatever the data, while the direction test is judged only in rounds
+    where the honest updates agree — on the staged rare cohort mostly round 1.)"""
     cfg = RunConfig(hospitals=5, rounds=3, seed=4, tolerate=1, round_timeout_s=2.0,
-                    behaviours=(("hospital-05", "sign_flip"),))
+                    behaviours=(("hospital-05", "scaling"),))
     fed = Consortium(cfg)
     try:
         fed.start()
