@@ -458,3 +458,17 @@ def test_symptoms_only_removes_labs_and_genetics() -> None:
     np.testing.assert_array_equal(s[:, : 2 * t], x[:, : 2 * t])
     np.testing.assert_array_equal(s[:, -2:], x[:, -2:])
     assert np.isnan(x[:, 2 * t : 2 * t + k]).mean() < 0.8  # the original is untouched
+
+
+def test_onset_ages_stay_within_a_lifetime() -> None:
+    """The lognormal onset tail is capped: every sampled age is one the oracle accepts."""
+    from medimesh.data.cohort import MAX_ONSET_YEARS, CohortConfig, make_site
+
+    cfg = CohortConfig(n_hospitals=8, seed=0)
+    col = [f.name for f in cohort.features()].index("age_onset_years")
+    ages = np.concatenate([
+        np.concatenate([s.x_train[:, col], s.x_test[:, col]])
+        for s in (make_site(cfg, i) for i in range(8))
+    ])
+    ages = ages[~np.isnan(ages)]
+    assert ages.size > 500 and ages.min() >= 0 and ages.max() <= MAX_ONSET_YEARS

@@ -321,6 +321,7 @@ _ONSET: Final[dict[int, tuple[tuple[float, float, float], ...]]] = {
     OTHER: ((0.5, 3.0, 1.2), (0.5, 25.0, 0.8)),
 }
 _ONSET_MISSING: Final = 0.05
+MAX_ONSET_YEARS: Final = 80.0
 _MALE_FRACTION: Final = {FABRY: 0.62}  # diagnosed Fabry cohorts are male-enriched
 
 # "Other" referrals come in two kinds. Phenocopies (_PHENOCOPY_FRACTION) are differential
@@ -676,6 +677,9 @@ def _sample_block(
     if cls == FABRY:
         med_age = np.where(male, 8.0, 15.0)  # hemizygous males present earlier
     age = _lognormal(rng, med_age, np.hypot(sd_age, 0.15))  # 0.15: recall/recording noise
+    # The lognormal tail reaches past a lifetime (a 240-year onset, which the oracle rightly
+    # refuses); symptoms of these diseases begin by late adulthood, so cap at 80 years.
+    age = np.minimum(age, MAX_ONSET_YEARS)
     age[rng.random(n) < _ONSET_MISSING] = np.nan
     x[:, col] = np.round(age, 2)
     x[:, col + 1] = male
