@@ -1208,6 +1208,11 @@ def deploy(
     """
     from ray import serve
 
+    # Serve's driver-side INFO lines are chatter for a MediMesh user, and one misleads: every
+    # serve.run after serve.start logs "New http_options ... will not be applied" although
+    # serve.start already applied them (Ray 2.60 serve.run always calls serve_start). The
+    # callers print the oracle's URL themselves; Serve's warnings and errors still show.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     dep = oracle_deployment().options(num_replicas=num_replicas)
     serve.run(
