@@ -112,8 +112,14 @@ def load_site(desc: SiteDescriptor) -> LocalData:
         from medimesh.data import cohort
 
         cfg = cohort.CohortConfig(**desc.params["cohort"])
-        s = cohort.make_site(cfg, int(desc.params["site"]))
-        return LocalData(desc.name, s.x_train, s.y_train, s.x_test, s.y_test)
+        site = int(desc.params["site"])
+        s = cohort.make_site(cfg, site)
+        # The hospital's local recipe: shorter copies of its training records (issue 14).
+        rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(2, site)))
+        x_train, y_train = cohort.shortened_records(
+            s.x_train, s.y_train, rng, cfg.short_record_copies
+        )
+        return LocalData(desc.name, x_train, y_train, s.x_test, s.y_test)
     if desc.kind == "sparse":
         from medimesh.data import sparse
 

@@ -472,3 +472,50 @@ def test_onset_ages_stay_within_a_lifetime() -> None:
     ])
     ages = ages[~np.isnan(ages)]
     assert ages.size > 500 and ages.min() >= 0 and ages.max() <= MAX_ONSET_YEARS
+
+
+def test_shortened_records_keep_a_few_specific_terms_of_the_same_patient() -> None:
+    """Each shorter copy is its source row with only 1-6 of its most specific observed terms
+    (true path re-applied), every other column and the label unchanged; the originals come
+    first, untouched; ``load_site`` applies the config's number of copies to training rows
+    only."""
+    from medimesh.hpo import HpoAncestors
+    from medimesh.sites import SiteDescriptor, load_site
+
+    t, _ = _blocks()
+    terms = [f.name for f in features()[:t]]
+    index = {name: j for j, name in enumerate(terms)}
+    onto = HpoAncestors.load()
+    rng = np.random.default_rng(3)
+    x = np.vstack([sample_patients(c, 40, rng) for c in range(N_CLASSES)])
+    y = np.repeat(np.arange(N_CLASSES), 40)
+    xa, ya = cohort.shortened_records(x, y, np.random.default_rng(5), copies=2)
+    assert xa.shape == (3 * len(x), x.shape[1])
+    np.testing.assert_array_equal(ya, np.tile(y, 3))
+    np.testing.assert_array_equal(xa[: len(x)], x)
+    leaves_before = []
+    for short in (xa[len(x) : 2 * len(x)], xa[2 * len(x) :]):
+        np.testing.assert_array_equal(short[:, t:], x[:, t:])  # excluded, labs, genes, age, sex
+        obs, src = short[:, :t] == 1.0, x[:, :t] == 1.0
+        assert not (obs & ~src).any()  # nothing new is observed
+        for row, full in zip(obs, src, strict=True):
+            leaves = [j for j in np.flatnonzero(row)
+                      if not any(terms[j] in onto.ancestors(terms[k]) for k in np.flatnonzero(row))]
+            full_leaves = [j for j in np.flatnonzero(full) if not any(
+                terms[j] in onto.ancestors(terms[k]) for k in np.flatnonzero(full))]
+            assert 1 <= len(leaves) <= min(6, len(full_leaves))
+            assert set(leaves) <= set(full_leaves)
+            for j in np.flatnonzero(row):
+                assert row[[index[a] for a in onto.ancestors(terms[j]) if a in index]].all()
+            leaves_before.append(len(full_leaves))
+    assert np.mean(leaves_before) > 6  # the copies really are shorter than the records
+    with pytest.raises(ValueError):
+        CohortConfig(short_record_copies=-1)
+    params = {"cohort": {"n_hospitals": 4, "seed": 2, "short_record_copies": 1}, "site": 1}
+    site = make_site(CohortConfig(n_hospitals=4, seed=2), 1)
+    local = load_site(SiteDescriptor("rare", "h", params))
+    assert local.x_train.shape[0] == 2 * site.x_train.shape[0]
+    np.testing.assert_array_equal(local.x_test, site.x_test)
+    plain = load_site(SiteDescriptor("rare", "h", {**params, "cohort": {"n_hospitals": 4,
+                                                                        "seed": 2}}))
+    np.testing.assert_array_equal(plain.x_train, site.x_train)

@@ -58,6 +58,7 @@ __all__ = [
     "load_panel",
     "make_site",
     "sample_patients",
+    "shortened_records",
     "site_mixes",
     "site_sizes",
     "symptom_probabilities",
@@ -102,6 +103,11 @@ class CohortConfig:
     imprecision: float = 0.1
     noise_terms: float = 0.5
     excluded_terms: float = 1.5
+    # Training recipe, not patients: shorter copies of each training row a hospital adds
+    # locally before training (:func:`shortened_records`; applied by ``sites.load_site``).
+    # Off by default: it helps short textbook queries but not the symptom-only test rows
+    # (docs/cohort.md, "Why Other keeps short textbook presentations").
+    short_record_copies: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -144,6 +150,10 @@ class CohortConfig:
             raise ValueError(f"noise_terms must be in [0, 20], got {self.noise_terms}")
         if not 0.0 <= self.excluded_terms <= 20.0:
             raise ValueError(f"excluded_terms must be in [0, 20], got {self.excluded_terms}")
+        if not isinstance(self.short_record_copies, int) or not 0 <= self.short_record_copies <= 5:
+            raise ValueError(
+                f"short_record_copies must be an int in 0..5, got {self.short_record_copies!r}"
+            )
 
     def recording(self) -> Recording:
         """How clinicians record what they see (the realism parameters, issue 14)."""
@@ -342,6 +352,9 @@ _MIN_FEATURE_FREQUENCY: Final = 0.05  # keep terms >= "occasional" in at least o
 REFERRAL, WORK_UP, CONFIRMED = range(3)
 _RECORDED_MIN: Final = 3
 _RECORDED_MAX: Final = 12
+# Shorter copies of each training record (see shortened_records): at most this many of the
+# record's most specific observed terms are kept.
+_SHORT_MAX_TERMS: Final = 6
 
 
 @functools.cache
@@ -394,6 +407,7 @@ class _Model:
     mimic: FloatArray  # (10, T) "Other" mimic profile at m = 1
     nonspecific: FloatArray  # (T,) extra rate for terms shared by >= 3 diseases
     up: _Closure  # term -> itself and its panel ancestors (the true-path rule)
+    strict_up: _Closure  # term -> its strict panel ancestors
     down: _Closure  # term -> itself and its panel descendants
     parents: tuple[tuple[int, ...], ...]  # per term: its strict panel ancestors
     noise_weight: FloatArray  # (T,) how often a term is coded as noise (diseases annotating)
@@ -435,7 +449,8 @@ def _model() -> _Model:
             below[a].append(j)
     return _Model(
         terms, tuple(names[t] for t in terms), annotated, p, mimic, nonspecific, up,
-        _closure(below), parents, noise_weight=n_dis / n_dis.sum(),
+        _closure([list(above) for above in parents]), _closure(below), parents,
+        noise_weight=n_dis / n_dis.sum(),
         salience=_salience(terms), checked_weight=p.max(axis=0),
     )
 
@@ -727,6 +742,41 @@ def site_sizes(config: CohortConfig) -> tuple[int, ...]:
 def site_mixes(config: CohortConfig) -> FloatArray:
     """Planned class mixture per site, shape (n_hospitals, n_classes); rows sum to 1."""
     return _plan(config)[1].copy()
+
+
+def shortened_records(
+    x: FloatArray, y: IntArray, rng: np.random.Generator, copies: int = 1
+) -> tuple[FloatArray, IntArray]:
+    """Training rows plus ``copies`` shorter records of each (a hospital's local training
+    recipe, issue 14; the rows never leave the site).
+
+    A shorter record keeps a uniformly drawn 1 to min(6, n) of the row's n most specific
+    observed terms (observed columns none of whose panel descendants is observed), re-applies
+    the true-path rule and keeps everything else (excluded findings, labs, genetics, age,
+    sex). It is the same patient as a clinician who codes only a handful of findings would
+    record them: without it every training record of a disease with a rich phenotype carries
+    ~12 coded terms (Fabry, MPS I, Wilson have ~43 true findings, 30 % of which are coded),
+    so the model learns "short record → Other" and spreads a disease's evidence over many
+    terms instead of weighting its hallmarks (``docs/cohort.md``). This is feature-dropout
+    ("blankout") corruption of the training set, van der Maaten et al., ICML 2013; test rows
+    are never touched.
+    """
+    if copies < 0:
+        raise ValueError(f"copies must be >= 0, got {copies}")
+    m = _model()
+    n_terms = len(m.terms)
+    observed = x[:, :n_terms] > 0
+    leaves = observed & ~m.strict_up.apply(observed)
+    xs, ys = [x], [y]
+    for _ in range(copies):
+        n_leaves = leaves.sum(axis=1)
+        k = rng.integers(1, np.clip(n_leaves, 1, _SHORT_MAX_TERMS) + 1).astype(np.int64)
+        kept = _pick(leaves.astype(np.float64), k, rng)
+        short = x.copy()
+        short[:, :n_terms] = m.up.apply(kept)
+        xs.append(short)
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def make_site(config: CohortConfig, site: int) -> SiteData:
