@@ -583,7 +583,10 @@ class DiagnosisEngine:
         if "sex_male" in self._index:
             if req.sex not in (None, "F", "M"):
                 raise ValidationError("sex", "expected 'F', 'M' or null")
-            x[self._index["sex_male"]] = np.nan if req.sex is None else float(req.sex == "M")
+            j = self._index["sex_male"]
+            # Not given is not female: a 0/1 column left NaN would be read as 0, so an unknown
+            # sex takes the training share of males (as a lab not measured takes its mean).
+            x[j] = float(self.saved.mean[j]) if req.sex is None else float(req.sex == "M")
         return x, unknown, mapped
 
     # -- scoring

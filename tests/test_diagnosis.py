@@ -323,3 +323,16 @@ def test_next_test_answers_equal_the_re_encoded_request(
         rows = np.vstack([engine.encode(v)[0] for v in variants])
         expect = engine.saved.predict_proba(rows)
         assert probe.proba == pytest.approx(expect, abs=1e-12), probe.feature
+
+
+def test_unknown_sex_is_not_read_as_female(engine: DiagnosisEngine) -> None:
+    """A 0/1 column left empty would mean "female"; unknown sex takes the training share."""
+    base = {"symptoms": ["HP:0001744", "HP:0002240"]}
+    unknown, _, _ = engine.encode(PatientRequest.from_dict(base))
+    female, _, _ = engine.encode(PatientRequest.from_dict({**base, "sex": "F"}))
+    male, _, _ = engine.encode(PatientRequest.from_dict({**base, "sex": "M"}))
+    share = _column(engine, unknown, "sex_male")
+    assert _column(engine, female, "sex_male") == 0.0 and _column(engine, male, "sex_male") == 1.0
+    assert 0.0 < share < 1.0
+    j = engine.saved.feature_names.index("sex_male")
+    assert share == pytest.approx(float(engine.saved.mean[j]))
