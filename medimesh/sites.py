@@ -146,21 +146,26 @@ def load_site(desc: SiteDescriptor) -> LocalData:
     )
 
 
+def _local_split(y: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Train/test row indices for a file-backed site (``test_fraction`` <= 0: all train)."""
+    from medimesh.spec import split_site
+
+    fraction = float(params.get("test_fraction", 0.3))
+    if fraction <= 0:
+        return np.arange(len(y)), np.zeros(0, dtype=np.int64)
+    return split_site(y, fraction, int(params.get("seed", 0)))
+
+
 def _load_csv_site(desc: SiteDescriptor) -> LocalData:
     """Encode this site's own CSV against the consortium spec and split it locally."""
-    from medimesh.spec import encode_csv, load_spec, split_site
+    from medimesh.spec import encode_csv, load_spec
 
     p = desc.params
     spec = load_spec(p["spec"])
     site = encode_csv(Path(p["path"]), spec, skip_bad_rows=bool(p.get("skip_bad_rows", False)))
     if len(site.y) == 0:
         raise ConfigError(f"{desc.name}: {p['path']} has no usable rows")
-    fraction = float(p.get("test_fraction", 0.3))
-    if fraction <= 0:
-        train = np.arange(len(site.y))
-        test = np.zeros(0, dtype=np.int64)
-    else:
-        train, test = split_site(site.y, fraction, int(p.get("seed", 0)))
+    train, test = _local_split(site.y, p)
     return LocalData(
         desc.name,
         site.x[train],
@@ -187,7 +192,7 @@ def _load_phenopacket_site(desc: SiteDescriptor) -> LocalData:
         request_encoder,
         spec_encoder,
     )
-    from medimesh.spec import load_spec, split_site
+    from medimesh.spec import load_spec
 
     p = desc.params
     codes = LabelCodes.from_dict(p["codes"])
@@ -206,12 +211,7 @@ def _load_phenopacket_site(desc: SiteDescriptor) -> LocalData:
     if len(enc.y) == 0:
         raise ConfigError(f"{desc.name}: no usable phenopackets in {Path(p['path']).name} "
                           f"({report['files_read']} read, skipped {report['skipped']})")
-    fraction = float(p.get("test_fraction", 0.3))
-    if fraction <= 0:
-        train = np.arange(len(enc.y))
-        test = np.zeros(0, dtype=np.int64)
-    else:
-        train, test = split_site(enc.y, fraction, int(p.get("seed", 0)))
+    train, test = _local_split(enc.y, p)
     return LocalData(
         desc.name, enc.x[train], enc.y[train], enc.x[test], enc.y[test],
         skipped_rows=report["files_read"] - report["used"],
