@@ -882,7 +882,7 @@ def _phenopacket_scores(
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    cfg = _config(args) if args.bench not in ("audit", "oracle", "clean") else None
+    cfg = _config(args) if args.bench not in ("audit", "oracle", "clean", "operator") else None
     progress = (
         None if args.json or cfg is None or args.bench in ("byzantine", "chaos", "privacy")
         else _progress(cfg.rounds)
@@ -952,6 +952,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from medimesh.bench.codes import run_codes
 
         result = run_codes(cfg, progress)
+    elif args.bench == "operator":
+        from medimesh.bench.operator import run_operator
+
+        def told(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        result = run_operator(args.attacks, told)
     else:
         from medimesh.bench.rounds import run_rounds
 
@@ -1129,6 +1136,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="runs per budget (the DP noise differs each run)")
     priv.add_argument("--secagg-hospitals", type=_positive_int, default=10)
     priv.set_defaults(func=cmd_bench)
+    op = bsub.add_parser("operator", help="every operator attack against the real system")
+    op.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
+                    help="run only these attacks (default: all)")
+    op.add_argument("--json", action="store_true")
+    op.add_argument("-v", "--verbose", action="store_true")
+    op.set_defaults(func=cmd_bench)
     rounds = bsub.add_parser("rounds", help="startup and per-round wall time")
     _run_args(rounds, hospitals=10, rounds=30)
     _ray_dashboard_args(rounds, default_on=False)  # what the dashboard adds to startup
