@@ -105,6 +105,11 @@ def run_operator(
         raise ValueError(f"unknown attack(s) {unknown}; known: {sorted(table)}")
     started_ray = False
     if not ray.is_initialized():
+        import os
+
+        from medimesh.actors.runtime import choose_auth_mode
+
+        choose_auth_mode(os.environ)  # as the CLI does: tokens on, without Ray's notice
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  namespace="medimesh-bench-operator", configure_logging=False)
         started_ray = True
@@ -131,5 +136,5 @@ def run_operator(
         "attacks": outcomes,
         "attempted": sum(1 for o in outcomes if o["attempted"]),
         "caught": caught,
-        "all_caught": caught == len(outcomes),
+        "all_caught": bool(outcomes) and caught == len(outcomes),
     }
