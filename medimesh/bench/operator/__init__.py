@@ -75,7 +75,7 @@ class Lab:
 Scenario = Callable[[Lab], AttackOutcome]
 
 # One module per area of issue 15; each defines SCENARIOS.
-AREAS = ("secagg", "hospital_policy", "audit_trail", "models", "setup_reports")
+AREAS = ("secagg", "hospital_policy", "audit_trail", "models", "setup_reports", "outside")
 
 
 def scenarios() -> dict[str, Scenario]:
