@@ -25,6 +25,7 @@ from medimesh.protocol import (
     ModelPublished,
     RoundStart,
     SecAggAdverts,
+    SecAggCheckRequest,
     SecAggInbox,
     SecAggUnmaskRequest,
     SetupRequest,
@@ -32,6 +33,8 @@ from medimesh.protocol import (
     Update,
     decode,
 )
+from medimesh.secagg_lie import LIAR_SHIFT, lie
+from medimesh.secagg_policy import SecAggPolicy, SecAggRefused
 from medimesh.secagg_round import SecAggHospital
 from medimesh.sites import SiteDescriptor, dataset_info, load_site
 from medimesh.wire import open_envelope
@@ -39,8 +42,9 @@ from medimesh.wire import open_envelope
 __all__ = ["DRILLS", "Hospital"]
 
 # Behaviours that are not attacks but failure drills. "secagg_dropout": in a secure round,
-# send the masked update, then vanish (never answer the unmasking request).
-DRILLS = frozenset({"secagg_dropout"})
+# send the masked update, then vanish (never answer the unmasking request). "secagg_liar":
+# add LIAR_SHIFT * C to the first coordinate of its masked input (medimesh.secagg_lie).
+DRILLS = frozenset({"secagg_dropout", "secagg_liar"})
 
 log = structlog.get_logger("medimesh.hospital")
 
@@ -60,9 +64,12 @@ class Hospital(Node):
         n_byzantine: int = 0,
         *,
         cross_baselines: bool = True,
+        secure_aggregation: bool = False,
     ) -> None:
         """``cross_baselines`` is this site's own policy: whether it may send its isolated
-        model to its peer hospitals when the coordinator asks (medimesh.cross_baselines)."""
+        model to its peer hospitals when the coordinator asks (medimesh.cross_baselines).
+        ``secure_aggregation``: this site answers only secure rounds, under its own
+        SecAggPolicy (medimesh.secagg_policy), whatever a RoundStart asks."""
         super().__init__(seed, roster_json, router, auditor)
         self._share_isolated = cross_baselines
         known = behaviour in ATTACKS or behaviour in PROTOCOL_ATTACKS or behaviour in DRILLS
@@ -91,7 +98,9 @@ class Hospital(Node):
         self._first_base: np.ndarray | None = None
         self._last_base: tuple[str, np.ndarray] | None = None
         self._step: np.ndarray | None = None
-        self._secagg = SecAggHospital(self.identity)
+        self._secagg = SecAggHospital(
+            self.identity, SecAggPolicy.from_roster(self.roster, secure_aggregation)
+        )
         self.rounds_trained = 0
 
     def _misbehave(self, update: Update, start: RoundStart) -> Update:
@@ -167,6 +176,10 @@ class Hospital(Node):
                 self.send(report, [self._coordinator], h.round)
             else:
                 self._handle(h.type, h.round, opened.payload)
+        except SecAggRefused as exc:  # its own policy said no: nothing was sent
+            log.warning("secure aggregation refused", type=h.type, rule=exc.rule)
+            self.audit.record("secagg_refused", h.round, h.message_id,
+                              {"type": h.type, **exc.audit_body()})
         except MediMeshError as exc:
             log.warning("message not handled", type=h.type, error=str(exc))
             self.audit.record("message_failed", h.round, h.message_id, {"error": str(exc)})
@@ -190,6 +203,7 @@ class Hospital(Node):
 
         elif type_ == RoundStart.TYPE:
             start = decode(type_, payload, RoundStart)
+            self._secagg.admit(start)  # the site's own SecAgg policy, before any training
             update = self._misbehave(node.on_round_start(start), start)
             if start.secagg_threshold:
                 # Secure round: the delta stays here until it leaves masked (phase 2).
@@ -222,7 +236,15 @@ class Hospital(Node):
             self.post(shares, [self._coordinator], round_)
         elif type_ == SecAggInbox.TYPE:
             masked = self._secagg.on_inbox(decode(type_, payload, SecAggInbox))
+            if self._behaviour == "secagg_liar":
+                params = self._secagg.params(round_)
+                shift = np.zeros(params.dim)
+                shift[0] = LIAR_SHIFT * params.quantizer.clip
+                masked = lie(masked, self.identity, params, shift)
             self.post(masked, [self._validator, self._coordinator], round_)
+        elif type_ == SecAggCheckRequest.TYPE:
+            check = self._secagg.on_check_request(decode(type_, payload, SecAggCheckRequest))
+            self.post(check, [self._coordinator], round_)
         elif type_ == SecAggUnmaskRequest.TYPE:
             request = decode(type_, payload, SecAggUnmaskRequest)
             if self._behaviour == "secagg_dropout":

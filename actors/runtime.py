@@ -582,6 +582,7 @@ class Consortium:
                 self._by_name("adversary:colluders") if d.name in colluding else None,
                 self.cfg.n_byzantine,
                 cross_baselines=self.cfg.cross_baselines_active,
+                secure_aggregation=self.cfg.secure_aggregation is not None,
             )
             for d in self.descriptors
         }
