@@ -612,7 +612,8 @@ class Coordinator(Node):
     async def _secure_close(
         self, state: RoundState, attempt: int, marks: dict[str, float]
     ) -> tuple[tuple[Model, ServerState, list[str], list[str]], int]:
-        """Secure round: the four SecAgg phases through the router, then one server step.
+        """Secure round: the SecAgg phases (consistency check included) through the router, then
+        one server step.
 
         Returns the close result and the bytes this side sent. Only masked vectors and public
         counts are ever held here; too few hospitals in any phase is a QuorumNotReached (the

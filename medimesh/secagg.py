@@ -31,7 +31,7 @@ quantizes its vector to integers mod 2^32 and adds masks that cancel in the sum:
 
 Threat model: a malicious coordinator colluding with fewer than ``2t - n`` hospitals, if every
 hospital also enforces its own policy (:mod:`medimesh.secagg_policy`; docs/privacy.md).
-All of this is pure logic on bytes; :func:`run_protocol` drives all four rounds in process
+All of this is pure logic on bytes; :func:`run_protocol` drives all rounds in process
 (the benchmark and the tests use it with real keys and real ciphers).
 """
 
