@@ -97,6 +97,10 @@ def _run_args(p: argparse.ArgumentParser, hospitals: int = 8, rounds: int = 20) 
     p.add_argument("--alpha", type=float, default=None,
                    help="Dirichlet concentration of the hospitals' disease mix "
                         "(default: rare 0.5, sparse 0.3)")
+    p.add_argument("--diseases", type=int, default=10, metavar="N",
+                   help="rare cohort: N diseases, the ten hand-picked ones plus N-10 Orphanet "
+                        "differentials from the bundled HPO annotations (10..100; "
+                        "docs/cohort.md)")
     p.add_argument("--data-dir", default=None, help="heart data folder")
     p.add_argument("--local-steps", type=_positive_int, default=None)
     p.add_argument("--l2", type=float, default=None)
@@ -208,6 +212,7 @@ def _config(args: argparse.Namespace) -> Any:
         rounds=args.rounds,
         seed=args.seed,
         alpha=_alpha(args),
+        n_diseases=args.diseases,
         train=train,
         data_dir=args.data_dir,
         audit_path=getattr(args, "audit_file", None),
