@@ -563,7 +563,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medimesh.actors.runtime import Consortium
     from medimesh.modelfile import save_model
 
-    if args.dataset not in ("sparse", "heart"):  # those two: hospitals build their own rows
+    synthetic_rare = args.dataset == "rare" and not args.site and args.spec is None
+    # sparse, heart and (no --site, no --spec) the synthetic rare cohort: the hospitals build
+    # their own rows; otherwise every site is a CSV file or a directory of phenopackets.
+    if args.dataset not in ("sparse", "heart") and not synthetic_rare:
         args.dataset = _site_kind(args)
     cfg = _config(args)
     t0 = time.perf_counter()

@@ -616,3 +616,27 @@ def test_larger_panel_through_the_run_config() -> None:
         RunConfig(n_diseases=7)
     with pytest.raises(ConfigError, match="rare cohort only"):
         RunConfig(dataset="sparse", n_diseases=12)
+
+
+def test_oracle_reads_a_larger_panel_model_from_its_class_count() -> None:
+    """The oracle (``medimesh demo --diseases N``) builds its engine from the stored model:
+    N + 1 classes mean the larger panel's columns and names; a differential's own hallmark
+    term is read (not reported unknown)."""
+    from medimesh.actors.oracle import _engine_from
+    from medimesh.diagnosis import PatientRequest
+    from medimesh.model import init_model
+    from medimesh.store import StoredModel
+
+    width = len(features(N_LARGER))
+    model = init_model(width, N_LARGER + 1)
+    stored = StoredModel(
+        "h", 1, None, model.weights.astype("<f4").tobytes(), model.bias.astype("<f4").tobytes(),
+        (width, N_LARGER + 1), {}, 0.0,
+    )
+    state = {"mean": np.zeros(width), "std": np.ones(width)}
+    engine = _engine_from(stored, state)
+    assert engine.saved.classes == class_names(N_LARGER)
+    term = next(f.name for f in features(N_LARGER)
+                if f.name.startswith("HP:") and f.name not in {g.name for g in features()})
+    d = engine.diagnose(PatientRequest(symptoms=(term,)))
+    assert not d.unknown_terms and len(d.differential) == N_LARGER + 1
