@@ -64,6 +64,7 @@ class RunConfig:
     rounds: int = 20
     seed: int = 0
     alpha: float = 0.5
+    n_diseases: int = 10  # rare cohort: the ten panel diseases + Orphanet differentials
     train: TrainConfig = field(default_factory=TrainConfig)
     aggregator: str = DEFAULT_AGGREGATOR
     validator_scoring: bool = True
@@ -126,6 +127,16 @@ class RunConfig:
             raise ConfigError("--rounds must be at least 1")
         if self.alpha <= 0:
             raise ConfigError("--alpha must be positive")
+        if self.n_diseases != 10:
+            from medimesh.data.cohort import MAX_DISEASES, PANEL_SIZE
+
+            if self.dataset != "rare":
+                raise ConfigError("--diseases applies to the rare cohort only (--dataset rare)")
+            if not PANEL_SIZE <= self.n_diseases <= MAX_DISEASES:
+                raise ConfigError(
+                    f"--diseases must be between {PANEL_SIZE} (the hand-picked panel) and "
+                    f"{MAX_DISEASES}, got {self.n_diseases}"
+                )
         if self.dataset not in ("rare", "sparse", "heart", "csv", "phenopackets"):
             raise ConfigError(
                 f"unknown dataset {self.dataset!r}; expected rare, sparse, heart, csv or "
@@ -185,7 +196,10 @@ class RunConfig:
 def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
     """One small recipe per hospital: the only thing about data the driver ships."""
     if cfg.dataset == "rare":
-        cohort = {"n_hospitals": cfg.hospitals, "seed": cfg.seed, "alpha": cfg.alpha}
+        cohort: dict[str, Any] = {"n_hospitals": cfg.hospitals, "seed": cfg.seed,
+                                  "alpha": cfg.alpha}
+        if cfg.n_diseases != 10:  # default descriptors stay as they were
+            cohort["n_diseases"] = cfg.n_diseases
         return [
             SiteDescriptor("rare", f"hospital-{i + 1:02d}", {"cohort": cohort, "site": i})
             for i in range(cfg.hospitals)
