@@ -62,9 +62,10 @@ class Lab:
                 await conn.close()
 
         asyncio.run(create())
-        base, _, _ = self.admin_url.rpartition("/")
-        query = self.admin_url.partition("?")[2]
-        return f"{base}/{name}" + (f"?{query}" if query else "")
+        # Replace the URL's path only: pgserver's URL carries a socket path in ?host=/….
+        from urllib.parse import urlsplit, urlunsplit
+
+        return urlunsplit(urlsplit(self.admin_url)._replace(path=f"/{name}"))
 
     def subdir(self, name: str) -> Path:
         path = self.workdir / name
