@@ -28,6 +28,7 @@ from medimesh.identity import Identity, Roster, verify_key
 __all__ = [
     "DOMAIN_ROSTER",
     "UnverifiedRoster",
+    "add_signature",
     "roster_bytes",
     "sign_all",
     "sign_roster",
@@ -68,6 +69,28 @@ def signed_roster_json(roster: Roster, signatures: Mapping[str, str]) -> str:
 def sign_all(roster: Roster, identities: Iterable[Identity]) -> str:
     """The signed roster file when one party holds every member's key (the demo, a drill)."""
     return signed_roster_json(roster, {i.peer_id: sign_roster(i, roster) for i in identities})
+
+
+def add_signature(text: str, identity: Identity) -> str:
+    """The roster file ``text`` with ``identity``'s signature added; signatures that no longer
+    match the member list (it changed since they were made) are dropped."""
+    roster = Roster.from_json(text)
+    try:
+        old = json.loads(text).get("signatures") or {}
+    except (AttributeError, json.JSONDecodeError):
+        old = {}
+    message = roster_bytes(roster)
+    kept: dict[str, str] = {}
+    for m in roster:
+        sig = old.get(m.peer_id) if isinstance(old, dict) else None
+        if isinstance(sig, str):
+            try:
+                verify_key(m.peer_id).verify(message, bytes.fromhex(sig))
+            except (BadSignatureError, ValueError):
+                continue
+            kept[m.peer_id] = sig
+    kept[identity.peer_id] = sign_roster(identity, roster)
+    return signed_roster_json(roster, kept)
 
 
 def verify_signed_roster(text: str) -> Roster:
