@@ -16,7 +16,7 @@ import datetime as dt
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -173,7 +173,7 @@ def read_witness(directory: Path) -> list[tuple[str, SignedHead]]:
 async def check_trail(
     store: Store,
     rosters: list[Roster] | None,
-    heads: list[tuple[str, SignedHead]] = (),  # type: ignore[assignment]
+    heads: Sequence[tuple[str, SignedHead]] = (),
 ) -> dict[str, Any]:
     """The whole verdict (medimesh.trail_check): chain, signers from ``rosters`` (None: not
     checked, never a pass), per-actor gaps and witnessed heads."""
