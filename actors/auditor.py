@@ -198,13 +198,26 @@ class Auditor:
         max_buffer: int = 10_000,
         run_id: str = UNNAMED_RUN,
         run_info: dict[str, Any] | None = None,
+        router: Any = None,
+        signer_rosters: Sequence[str] = (),
     ) -> None:
         """``max_buffer`` bounds the entries held while the database is down (then backpressure).
         ``run_id`` names the run whose records this auditor keeps; ``run_info`` (JSON) is
-        stored with the run's row."""
+        stored with the run's row. ``router`` (a handle or ActorName): where signed chain
+        heads go to every hospital each round (medimesh.witness); None sends none.
+        ``signer_rosters``: signed roster files (their text) of earlier runs whose members may
+        also have signed this chain; each must verify (medimesh.signed_roster)."""
+        from medimesh.signed_roster import verify_signed_roster
+
         self._identity = Identity.from_seed(seed)
         self.run_id = run_id
         self._roster = Roster.from_json(roster_json)
+        self._signers = {m.peer_id for m in self._roster}
+        for text in signer_rosters:
+            self._signers |= {m.peer_id for m in verify_signed_roster(text)}
+        self._router_ref = router
+        self._router: Any = None
+        self.heads_sent = 0
         self._lock = threading.RLock()
         self._closed = False
         self._pending: list[_Record] = []
@@ -212,7 +225,14 @@ class Auditor:
         self._buffered: BufferedSink | None = None
         self._sink: AuditSink
         if database_url:
-            self._pg = PostgresSink(database_url)
+            # The owner only migrates and grants; the trail is written as the app role, which
+            # can neither alter the append-only trigger nor update or delete (medimesh.db_roles).
+            import asyncio
+
+            from medimesh.db_roles import ensure_app_role
+
+            self.database_url = asyncio.run(ensure_app_role(database_url))
+            self._pg = PostgresSink(self.database_url, migrate=False)
             try:
                 head = self._pg.head()  # no safe chain without knowing where it ends
                 members = list(self._roster)
@@ -297,17 +317,39 @@ class Auditor:
             return rows[-limit:] if limit else rows
 
     def verify(self) -> dict[str, Any]:
-        """Recompute the whole chain; the known signers are the roster's peer ids, and on a
-        database also every member an earlier run enrolled there (each run signs with its own
-        keys and the chain continues across runs, as the oracle's /audit/verify checks it)."""
-        known = {m.peer_id for m in self._roster}
+        """Recompute the whole chain; the known signers are this run's roster and the signed
+        rosters it was given, never the database's ``nodes`` table (which the database's
+        operator can rewrite)."""
+        known = set(self._signers)
         with self._lock:
             if self._pg is not None and self._buffered is not None:
                 if self._buffered.flush(timeout=0):
-                    known |= {n.peer_id for n in self._pg.call(lambda s: s.nodes())}
                     return self._pg.verify(known).to_dict()  # also checks body vs canonical
                 return verify_chain(self._buffered.entries(), known).to_dict()
             return verify_chain(self._sink.entries(), known).to_dict()
+
+    def witness_head(self, round_: int = -1) -> dict[str, Any]:
+        """Sign the chain head and send it, sealed, to every hospital on the roster (through the
+        router, fire-and-forget); returns the head. Hospitals keep it (medimesh.witness)."""
+        from medimesh.protocol import ChainHead
+        from medimesh.wire import seal
+        from medimesh.witness import sign_head
+
+        with self._lock:
+            length, head_hash = self._chain.head
+        head = sign_head(self._identity, length, head_hash, time.time())
+        hospitals = sorted(m.peer_id for m in self._roster.with_role("hospital"))
+        if self._router_ref is not None and hospitals and length > 0:
+            from medimesh.actors.base import resolve
+
+            if self._router is None:
+                self._router = resolve(self._router_ref)
+            msg = ChainHead(head.length, head.head_hash, head.at, head.signature)
+            envelope = seal(self._identity, msg.TYPE, hospitals, max(round_, 0), msg.to_payload())
+            self._router.send.remote(envelope)
+            self.heads_sent += 1
+        return {"length": head.length, "head_hash": head.head_hash, "writer": head.writer,
+                "at": head.at, "signature": head.signature}
 
     # ------------------------------------------------------------------------------ records
 
@@ -384,6 +426,7 @@ class Auditor:
     def record_round(self, round_: int, metrics: dict[str, Any], model_hash: str) -> None:
         """Store a closed round's aggregate metrics (NaN becomes null) and resulting model."""
         self._record(_RoundRec(int(round_), _plain(metrics), model_hash or None, time.time()))
+        self.witness_head(int(round_))
 
     def save_checkpoint(self, round_: int, state: dict[str, Any], model_hash: str) -> None:
         """Save coordinator state so a restarted coordinator resumes at this round."""

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from medimesh.audit import AuditRecorder
+from medimesh.audit import AuditEvent, AuditRecorder
 from medimesh.identity import Identity, Roster
 from medimesh.protocol import Message
 from medimesh.wire import seal
@@ -119,6 +119,9 @@ class Audited:
         self.audit = AuditRecorder(self.identity)
         self._auditor = resolve(auditor)
         self._last_flush = time.monotonic()
+        self._inflight: list[tuple[Any, list[AuditEvent]]] = []  # (append ref, its events)
+        self.audit_refusals = 0
+        self.last_audit_error = ""
 
     @property
     def peer_id(self) -> str:
@@ -129,23 +132,67 @@ class Audited:
         if len(self.audit) >= AUDIT_FLUSH_EVENTS or now - self._last_flush > AUDIT_FLUSH_S:
             self.flush_audit()
 
+    def _reclaim(self) -> None:
+        """Events of earlier flushes the auditor refused (e.g. StoreBackpressure) go back to the
+        front of the buffer, to be offered again: a refused batch is kept, never dropped."""
+        if not self._inflight:
+            return
+        import ray
+
+        refs = [ref for ref, _ in self._inflight]
+        done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        kept, refused = [], []
+        for ref, events in self._inflight:
+            if ref not in done:
+                kept.append((ref, events))
+                continue
+            try:
+                ray.get(ref, timeout=0)
+            except Exception as exc:  # the auditor's refusal, re-raised by Ray
+                refused.extend(events)
+                self.audit_refusals += 1
+                self.last_audit_error = f"{type(exc).__name__}: {exc}"
+        self._inflight = kept
+        if refused:
+            self.audit.restore(refused)
+
     def flush_audit(self) -> int:
-        """Hand buffered events to the auditor; returns how many were handed over."""
+        """Hand buffered events to the auditor; returns how many were handed over.
+
+        The append is not awaited, but its result is kept: a batch the auditor refused is put
+        back in the buffer on the next flush and offered again.
+        """
         self._last_flush = time.monotonic()
+        self._reclaim()
         events = self.audit.drain()
         if events and self._auditor is not None:
-            self._auditor.append.remote(events)
+            self._inflight.append((self._auditor.append.remote(events), events))
         return len(events)
 
     def sync_audit(self) -> int:
-        """Flush and wait until the auditor has chained the events (used at shutdown)."""
+        """Flush and wait until the auditor has chained the events (used at shutdown).
+
+        Raises the auditor's error (e.g. StoreBackpressure) with the events still buffered.
+        """
         import ray
 
         self._last_flush = time.monotonic()
+        if self._inflight:
+            refs = [ref for ref, _ in self._inflight]
+            ray.wait(refs, num_returns=len(refs))
+        self._reclaim()
         events = self.audit.drain()
         if events and self._auditor is not None:
-            ray.get(self._auditor.append.remote(events))
+            try:
+                ray.get(self._auditor.append.remote(events))
+            except BaseException:
+                self.audit.restore(events)
+                raise
         return len(events)
+
+    def audit_pending(self) -> int:
+        """Events not yet known to be chained: buffered plus appends still in flight."""
+        return len(self.audit) + sum(len(events) for _, events in self._inflight)
 
 
 class Node(Audited):

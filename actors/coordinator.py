@@ -402,9 +402,14 @@ class Coordinator(Node):
 
     async def sync_audit(self) -> int:  # type: ignore[override]
         """Async twin of Node.sync_audit: an async actor must not block its event loop."""
+        self._reclaim()
         events = self.audit.drain()
         if events and self._auditor is not None:
-            await self._auditor.append.remote(events)
+            try:
+                await self._auditor.append.remote(events)
+            except BaseException:
+                self.audit.restore(events)  # kept for the next flush, never dropped
+                raise
         return len(events)
 
     # -- federated rounds ------------------------------------------------------------------

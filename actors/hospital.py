@@ -15,12 +15,14 @@ import ray
 import structlog
 
 from medimesh.actors.base import Node, resolve
+from medimesh.actors.witness import WitnessLog
 from medimesh.adversary import PROTOCOL_ATTACKS, AttackContext, protocol_envelope
 from medimesh.aggregation import flatten, unflatten
 from medimesh.attacks import ATTACKS, COLLUDING, FRAMING, attack_update, flip_labels
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError
 from medimesh.hospital import HospitalNode
 from medimesh.protocol import (
+    ChainHead,
     IsolatedModel,
     ModelPublished,
     RoundStart,
@@ -65,12 +67,16 @@ class Hospital(Node):
         *,
         cross_baselines: bool = True,
         secure_aggregation: bool = False,
+        witness_dir: str | None = None,
     ) -> None:
         """``cross_baselines`` is this site's own policy: whether it may send its isolated
         model to its peer hospitals when the coordinator asks (medimesh.cross_baselines).
         ``secure_aggregation``: this site answers only secure rounds, under its own
-        SecAggPolicy (medimesh.secagg_policy), whatever a RoundStart asks."""
+        SecAggPolicy (medimesh.secagg_policy), whatever a RoundStart asks.
+        ``witness_dir``: this site's own state directory for the audit writer's signed chain
+        heads (``heads.jsonl``, medimesh.witness); None keeps none."""
         super().__init__(seed, roster_json, router, auditor)
+        self._witness = WitnessLog(witness_dir, self.roster) if witness_dir else None
         self._share_isolated = cross_baselines
         known = behaviour in ATTACKS or behaviour in PROTOCOL_ATTACKS or behaviour in DRILLS
         if not known:
@@ -164,6 +170,12 @@ class Hospital(Node):
             self.audit.record("envelope_refused", -1, "", {"reason": type(exc).__name__})
             return
         h = opened.header
+        if self._witness is not None and h.type == ChainHead.TYPE:
+            problem = self._witness.receive(h.sender, opened.payload)
+            if problem:
+                self.audit.record("chain_head_refused", h.round, h.message_id, {"reason": problem})
+            self.maybe_flush()
+            return
         from_peer = h.type == IsolatedModel.TYPE and h.sender in self._peers
         if h.sender != self._coordinator and not from_peer:
             self.audit.record("unexpected_sender", h.round, h.message_id, {"type": h.type})

@@ -32,6 +32,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal, cast
 
 import numpy as np
@@ -42,6 +43,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from medimesh.audit import AuditEntry
+from medimesh.audit_cli import check_trail, read_signed_rosters
 from medimesh.data import cohort
 from medimesh.diagnosis import (
     UNIT_CONVERSIONS,
@@ -51,6 +53,7 @@ from medimesh.diagnosis import (
     ValidationError,
     saved_model_for,
 )
+from medimesh.errors import MediMeshError
 from medimesh.explain import TrainingProfile
 from medimesh.runs import RUN_ID_PATTERN, UNNAMED_RUN
 from medimesh.store import (
@@ -59,7 +62,6 @@ from medimesh.store import (
     StoredModel,
     StoreError,
     StoreUnavailable,
-    verify,
 )
 
 __all__ = [
@@ -108,6 +110,9 @@ class OracleConfig:
     # Phenopacket queries: the assay → biomarker mapping file's JSON (medimesh.phenopackets);
     # give the one the sites trained with, so a phenopacket is encoded alike at both ends.
     label_codes: dict[str, Any] | None = None
+    # /audit/verify's trusted signers: a signed roster file, or a directory of them (issue 15);
+    # None: the chain is recomputed but the answer is never ok ("signers not checked").
+    roster_path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -890,11 +895,17 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         "/audit/verify", summary="Recompute the hash chain and signatures", responses={503: _ERR}
     )
     async def audit_verify(request: Request) -> dict[str, Any]:
-        store = await (await st(request)).require_store()
-        nodes = await store.nodes()
-        known = {n.peer_id for n in nodes} or None
-        r = await verify(store, known)
-        return {**r.to_dict(), "signers_checked": known is not None}
+        state = await st(request)
+        store = await state.require_store()
+        path = state.config.roster_path
+        # Signers from the signed roster the oracle was given, never the database's nodes.
+        try:
+            rosters = read_signed_rosters([FilePath(path)]) if path else None
+        except MediMeshError as exc:  # a roster copy that does not verify: nothing trusted
+            doc = await check_trail(store, None)
+            return {**doc, "problem": f"roster refused: {exc}",
+                    "problems": [f"roster refused: {exc}", *doc["problems"]]}
+        return await check_trail(store, rosters)
 
     @app.get(
         "/rounds",
@@ -1170,10 +1181,11 @@ def oracle_deployment() -> Any:
             poll_interval: float = 1.0,
             run_id: str | None = None,
             label_codes: dict[str, Any] | None = None,
+            roster_path: str | None = None,
         ) -> None:
             self._config = OracleConfig(
                 database_url, router_name, router_namespace, poll_interval, run_id=run_id,
-                label_codes=label_codes,
+                label_codes=label_codes, roster_path=roster_path,
             )
 
         def __serve_build_asgi_app__(self) -> FastAPI:
@@ -1191,6 +1203,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         float(args.get("poll_interval", 1.0)),
         args.get("run_id"),
         args.get("label_codes"),
+        args.get("roster_path"),
     )
 
 
@@ -1204,9 +1217,11 @@ def deploy(
     num_replicas: int = 1,
     run_id: str | None = None,
     label_codes: dict[str, Any] | None = None,
+    roster_path: str | None = None,
 ) -> str:
     """Start Serve on 127.0.0.1:``port`` with the oracle at ``/``; returns the base URL.
-    ``run_id``: the run to serve (None: the newest run with a model).
+    ``run_id``: the run to serve (None: the newest run with a model). ``roster_path``: the
+    signed roster(s) ``/audit/verify`` takes its signers from.
 
     Needs a running Ray (``ray.init``); Serve's controller and proxy start on first call.
     """
@@ -1220,7 +1235,8 @@ def deploy(
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     dep = oracle_deployment().options(num_replicas=num_replicas)
     serve.run(
-        dep.bind(database_url, router_name, router_namespace, poll_interval, run_id, label_codes),
+        dep.bind(database_url, router_name, router_namespace, poll_interval, run_id, label_codes,
+                 roster_path),
         name=APP_NAME,
         route_prefix="/",
     )

@@ -119,6 +119,12 @@ class RunConfig:
     ray_dashboard: bool = False
     ray_dashboard_port: int = DASHBOARD_PORT
     ray_metrics_port: int | None = None
+    # Issue 15 (docs/threat-model/audit_trail.md). roster_dir: the run writes its roster, signed
+    # by every member, to ROSTER_DIR/<run id>.json, and the auditor also accepts signers from the
+    # other signed rosters there (earlier runs on the same chain). witness_dir: each hospital
+    # keeps the auditor's signed chain heads in WITNESS_DIR/<site>/heads.jsonl.
+    roster_dir: str | None = None
+    witness_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -525,9 +531,12 @@ class Consortium:
             if n not in ("router", "auditor")
         }
         pin = self.cfg.placement == "pinned"
+        earlier = self._write_signed_roster()
         auditor = _actor(Auditor, self._name("auditor"), here=pin).remote(
             seed["auditor"].seed, roster_json, self.cfg.audit_path, self.cfg.database_url,
             run_id=self.run_id, run_info=self._run_info(),
+            router=self._by_name("router") if self.cfg.witness_dir else None,
+            signer_rosters=earlier,
         )
         router = _actor(Router, self._name("router"), self.cfg.restarts, here=pin).remote(
             seed["router"].seed, roster_json, self._by_name("auditor"), self.cfg.seed,
@@ -597,6 +606,7 @@ class Consortium:
                 self.cfg.n_byzantine,
                 cross_baselines=self.cfg.cross_baselines_active,
                 secure_aggregation=self.cfg.secure_aggregation is not None,
+                witness_dir=self.witness_path(d.name),
             )
             for d in self.descriptors
         }
@@ -632,6 +642,35 @@ class Consortium:
             "startup_s": t_setup - t0,
         }
         return self.timings
+
+    @property
+    def signed_roster_path(self) -> Path | None:
+        """Where this run's signed roster is (with ``roster_dir``)."""
+        return Path(self.cfg.roster_dir) / f"{self.run_id}.json" if self.cfg.roster_dir else None
+
+    def witness_path(self, site: str) -> str | None:
+        """A hospital's witness directory (with ``witness_dir``)."""
+        return str(Path(self.cfg.witness_dir) / site) if self.cfg.witness_dir else None
+
+    def _write_signed_roster(self) -> list[str]:
+        """Write this run's roster signed by every member (the runtime holds every key here);
+        return the other signed rosters in ``roster_dir`` that verify (earlier runs)."""
+        path = self.signed_roster_path
+        if path is None:
+            return []
+        from medimesh.signed_roster import UnverifiedRoster, sign_all, verify_signed_roster
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        earlier = []
+        for other in sorted(path.parent.glob("*.json")):
+            text = other.read_text()
+            try:
+                verify_signed_roster(text)
+            except (UnverifiedRoster, ConfigError):
+                continue  # not a signed roster: its members are not trusted signers
+            earlier.append(text)
+        path.write_text(sign_all(self.roster, self.identities.values()) + "\n")
+        return earlier
 
     def _run_info(self) -> dict[str, Any]:
         """What the store keeps about this run beside its id (shown by ``/runs``)."""
@@ -686,7 +725,10 @@ class Consortium:
     def flush_store(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything the auditor buffered is in the database."""
         self.flush_audit()
-        return bool(ray.get(self.handles["auditor"].flush.remote(timeout_s)))
+        done = bool(ray.get(self.handles["auditor"].flush.remote(timeout_s)))
+        if self.cfg.witness_dir:
+            ray.get(self.handles["auditor"].witness_head.remote())
+        return done
 
     def final_model(self) -> dict[str, Any]:
         return dict(ray.get(self.handles["coordinator"].current_model.remote()))

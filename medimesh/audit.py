@@ -272,20 +272,32 @@ class JsonlSink:
 
 
 class AuditRecorder:
-    """An actor's outbox of signed audit events, drained in batches by its shell."""
+    """An actor's outbox of signed audit events, drained in batches by its shell.
+
+    Every event carries this recorder's own counter (medimesh.actor_seq) inside its signed
+    body, so an event the writer leaves out is a named gap, not a silence.
+    """
 
     def __init__(self, identity: Identity) -> None:
+        from medimesh.actor_seq import ActorCounter
+
         self._identity = identity
         self._buffer: list[AuditEvent] = []
+        self._counter = ActorCounter()
 
     def record(
         self, event: str, round_: int, subject: str = "", body: dict[str, Any] | None = None
     ) -> None:
-        self._buffer.append(sign_event(self._identity, event, round_, subject, body))
+        stamped = self._counter.stamp(body)
+        self._buffer.append(sign_event(self._identity, event, round_, subject, stamped))
 
     def drain(self) -> list[AuditEvent]:
         out, self._buffer = self._buffer, []
         return out
+
+    def restore(self, events: Sequence[AuditEvent]) -> None:
+        """Put events the writer refused back in front of the buffer (kept for a retry)."""
+        self._buffer = [*events, *self._buffer]
 
     def __len__(self) -> int:
         return len(self._buffer)

@@ -1,9 +1,11 @@
 """``medimesh audit verify | show | provenance``: read the trail and model lineage from the store.
 
 These commands trust nothing in the database: ``verify`` recomputes every hash and both
-signatures (the append-only trigger stops accidents, not a superuser), and the signers it
-accepts are the enrolled ``nodes``. Results go to the real stdout via ``medimesh.cli.emit``;
-``verify`` exits 1 when the chain is broken so scripts and CI can gate on it.
+signatures (the append-only trigger stops accidents, not a superuser), takes the signers it
+accepts from signed roster files (``--roster``), never from the database, and checks the
+chain against the heads hospitals witnessed (``--witness``). Results go to the real stdout
+via ``medimesh.cli.emit``; ``verify`` exits 1 when the chain is broken or was not fully
+checked, so scripts and CI can gate on it.
 """
 
 from __future__ import annotations
@@ -14,19 +16,24 @@ import datetime as dt
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from medimesh.errors import MediMeshError
+from medimesh.trail_check import NOT_CHECKED
 
 if TYPE_CHECKING:
     from pgserver.postgres_server import PostgresServer
 
+    from medimesh.identity import Roster
     from medimesh.store import Store, StoredModel
+    from medimesh.witness import SignedHead
 
-__all__ = ["add_audit_commands", "resolve_database"]
+__all__ = [
+    "add_audit_commands", "check_trail", "read_signed_rosters", "read_witness", "resolve_database",
+]
 
 T = TypeVar("T")
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -99,6 +106,11 @@ def add_audit_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
     verify = asub.add_parser("verify", help="recompute every hash and signature; exit 1 if broken")
     _db_args(verify)
+    verify.add_argument("--roster", type=Path, action="append", default=[], metavar="FILE",
+                        help="a signed roster file (or a directory of them) whose members are "
+                             "the trusted signers; repeatable. Without one: not a pass")
+    verify.add_argument("--witness", type=Path, default=None, metavar="DIR",
+                        help="check the chain against every witnessed head in DIR/**/heads.jsonl")
     verify.set_defaults(func=cmd_verify)
 
     show = asub.add_parser("show", help="list audit entries (newest last)")
@@ -119,28 +131,101 @@ def add_audit_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
 # ---------------------------------------------------------------------------------- verify
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    """Exit 0 when the stored chain is intact, 1 naming the first broken entry."""
+def read_signed_rosters(paths: list[Path]) -> list[Roster]:
+    """The verified rosters of ``paths`` (files, or directories of ``*.json`` roster files);
+    any copy that does not carry every member's valid signature is an error."""
+    from medimesh.signed_roster import verify_signed_roster
+
+    files: list[Path] = []
+    for p in paths:
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    if paths and not files:
+        raise MediMeshError(f"no roster files in {', '.join(map(str, paths))}")
+    out = []
+    for f in files:
+        try:
+            out.append(verify_signed_roster(f.read_text()))
+        except OSError as exc:
+            raise MediMeshError(f"cannot read roster {f}: {exc.strerror}") from None
+        except MediMeshError as exc:
+            raise MediMeshError(f"{f}: {exc}") from None
+    return out
+
+
+def read_witness(directory: Path) -> list[tuple[str, SignedHead]]:
+    """Every head in every ``heads.jsonl`` under ``directory``, named by its folder (the site)."""
+    from medimesh.witness import HEADS_FILE, parse_heads
+
+    if not directory.is_dir():
+        raise MediMeshError(f"no witness directory at {directory}")
+    out = []
+    for f in sorted(directory.rglob(HEADS_FILE)):
+        who = str(f.parent.relative_to(directory)) or f.parent.name
+        try:
+            out += [(who, h) for h in parse_heads(f.read_text())]
+        except MediMeshError as exc:
+            raise MediMeshError(f"{f}: {exc}") from None
+    if not out:
+        raise MediMeshError(f"no witnessed chain heads under {directory}")
+    return out
+
+
+async def check_trail(
+    store: Store,
+    rosters: list[Roster] | None,
+    heads: Sequence[tuple[str, SignedHead]] = (),
+) -> dict[str, Any]:
+    """The whole verdict (medimesh.trail_check): chain, signers from ``rosters`` (None: not
+    checked, never a pass), per-actor gaps and witnessed heads."""
+    from medimesh.actor_seq import actor_gaps
     from medimesh.store import verify
+    from medimesh.trail_check import signer_sets, trail_verdict
+    from medimesh.witness import check_heads
 
-    async def check(store: Store) -> tuple[Any, int]:
-        known = {n.peer_id for n in await store.nodes()}
-        return await verify(store, known), len(known)
+    known, writers = signer_sets(rosters or [])
+    report = await verify(store, known if rosters is not None else None)
+    entries = [e async for e in store.iter_entries()]
+    names = {m.peer_id: m.name for r in rosters or [] for m in r}
+    return trail_verdict(
+        report,
+        rosters is not None,
+        actor_gaps(entries),
+        check_heads(entries, heads, writers if rosters is not None else None),
+        names,
+        heads_checked=len(heads),
+    )
 
-    report, n_known = _with_store(args, check)
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 only when the chain is intact, its signers were checked against a signed roster,
+    no actor's sequence has a hole and no witnessed head is contradicted; else 1, naming it."""
+    rosters = read_signed_rosters(args.roster) if args.roster else None
+    heads = read_witness(args.witness) if args.witness else []
+
+    async def check(store: Store) -> dict[str, Any]:
+        return await check_trail(store, rosters, heads)
+
+    doc = _with_store(args, check)
+    n_known = len({m.peer_id for r in rosters or [] for m in r})
     if args.json:
-        _emit(json.dumps({**asdict(report), "known_signers": n_known}))
-    elif report.ok:
+        _emit(json.dumps({**doc, "known_signers": n_known}))
+    elif doc["ok"]:
         _emit(
-            f"audit trail intact: {report.entries} entries, head {report.head_hash[:16]}…, "
-            f"{n_known} enrolled signers"
+            f"audit trail intact: {doc['entries']} entries, head {doc['head_hash'][:16]}…, "
+            f"{n_known} enrolled signers from the signed roster, "
+            f"{doc['heads_checked']} witnessed heads"
+        )
+    elif doc["chain_ok"] and doc["problems"] == [NOT_CHECKED]:
+        _emit(
+            f"audit trail NOT VERIFIED: chain of {doc['entries']} entries recomputes, but "
+            f"{NOT_CHECKED}; the database's own node list is not trusted"
         )
     else:
-        _emit(
-            f"audit trail BROKEN at seq {report.broken_seq}: {report.problem} "
-            f"({report.entries} entries read; last good hash {report.head_hash[:16]}…)"
-        )
-    return 0 if report.ok else 1
+        where = f"at seq {doc['broken_seq']}" if doc["broken_seq"] is not None else ""
+        _emit(f"audit trail BROKEN {where}: {doc['problem']}".replace("  ", " "))
+        for extra in doc["problems"][1:]:
+            _emit(f"  also: {extra}")
+    return 0 if doc["ok"] else 1
 
 
 # ------------------------------------------------------------------------------------ show

@@ -217,6 +217,8 @@ def _config(args: argparse.Namespace) -> Any:
         data_dir=args.data_dir,
         audit_path=getattr(args, "audit_file", None),
         database_url=_database_url(getattr(args, "database_url", "none")),
+        roster_dir=_trail_dir(args, "rosters"),
+        witness_dir=_trail_dir(args, "witness"),
         pace_s=_pace(args),
         tolerate=args.tolerate,
         ray_address=args.ray_address,
@@ -344,6 +346,18 @@ def _database_url(choice: str | None) -> str | None:
     return choice
 
 
+STATE_DIR = Path(".medimesh")
+"""Where a run on a database keeps its signed rosters and the hospitals' witness logs."""
+
+
+def _trail_dir(args: argparse.Namespace, name: str) -> str | None:
+    """With a database: the signed roster goes to .medimesh/rosters/<run>.json and each hospital
+    witnesses chain heads in .medimesh/witness/<site>/ (docs/threat-model/audit_trail.md)."""
+    if _database_url(getattr(args, "database_url", "none")) is None:
+        return None
+    return str(STATE_DIR.resolve() / name)
+
+
 def _progress(total: int) -> Callable[[dict[str, Any]], None]:
     def show(m: dict[str, Any]) -> None:
         acc = "   n/a" if math.isnan(m["top1"]) else f"{m['top1']:.3f}"
@@ -399,7 +413,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if serving:
             assert cfg.database_url is not None
             _start_services(cfg.database_url, args, fed.router_name(), stops, _ray_banner(),
-                            fed.run_id)
+                            fed.run_id, cfg.roster_dir)
         elif not args.json:
             print(_ray_banner(), file=sys.stderr, flush=True)
         history = fed.run(None if args.json else _progress(cfg.rounds))
@@ -456,13 +470,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _start_services(
     database_url: str, args: argparse.Namespace, router_name: str,
     stops: list[Callable[[], None]], ray_banner: str = "", run_id: str | None = None,
+    roster_path: str | None = None,
 ) -> None:
     """Deploy the oracle on Ray Serve (serving ``run_id``) and start the UI (a thread here);
     print both URLs."""
     from medimesh.actors.oracle import deploy
 
     stops.append(_stop_serve)
-    url = deploy(database_url, router_name=router_name, port=args.port, run_id=run_id)
+    url = deploy(database_url, router_name=router_name, port=args.port, run_id=run_id,
+                 roster_path=roster_path)
     from medimesh.ui.app import UiServer
 
     ui = UiServer(url, host=args.ui_host, port=args.ui_port)
@@ -520,8 +536,9 @@ def _serve_forever(
     """Deploy the oracle on Ray Serve and block until Ctrl-C."""
     from medimesh.actors.oracle import deploy
 
+    rosters = STATE_DIR.resolve() / "rosters"  # the signed rosters runs here wrote
     url = deploy(database_url, router_name=router_name, port=port, run_id=run_id,
-                 label_codes=label_codes)
+                 label_codes=label_codes, roster_path=str(rosters) if rosters.is_dir() else None)
     print(
         f"\noracle: {url}  (API docs {url}/docs; try {url}/runs, {url}/rounds)\n"
         f"serving run {run_id or 'newest (follows new runs)'}\n"

@@ -40,6 +40,7 @@ __all__ = [
     "parse_peer_id",
     "read_pub",
     "save_roster",
+    "save_signed_roster",
     "write_axl_pem",
 ]
 
@@ -172,6 +173,14 @@ def save_roster(roster: Roster, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_public(path, roster.to_json() + "\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write roster {path}: {exc.strerror}") from None
+
+
+def save_signed_roster(text: str, path: Path) -> None:
+    """Replace a roster file with a signed copy (medimesh.signed_roster), atomically."""
+    try:
+        _write_public(path, text.rstrip("\n") + "\n")
     except OSError as exc:
         raise ConfigError(f"cannot write roster {path}: {exc.strerror}") from None
 

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from medimesh.errors import ConfigError
 from medimesh.identity import ROLES
 from medimesh.keys import (
     add_member,
@@ -22,6 +23,7 @@ from medimesh.keys import (
     new_key,
     parse_peer_id,
     read_pub,
+    save_signed_roster,
     write_axl_pem,
 )
 
@@ -89,6 +91,20 @@ def add_keys_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     _common(rshow)
     rshow.set_defaults(func=cmd_roster_show)
 
+    rsign = rsub.add_parser("sign", help="add your signature to the roster file (every member "
+                                          "signs; a copy is valid only with all signatures)")
+    rsign.add_argument("--key", type=Path, required=True, help="your NAME.key file")
+    rsign.add_argument("--roster", type=Path, default=DEFAULT_ROSTER,
+                       help=f"roster file (default {DEFAULT_ROSTER})")
+    _common(rsign)
+    rsign.set_defaults(func=cmd_roster_sign)
+
+    rverify = rsub.add_parser("verify", help="check that every member signed this roster copy")
+    rverify.add_argument("--roster", type=Path, default=DEFAULT_ROSTER,
+                         help=f"roster file (default {DEFAULT_ROSTER})")
+    _common(rverify)
+    rverify.set_defaults(func=cmd_roster_verify)
+
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
     made = new_key(args.name, args.dir, force=args.force)
@@ -132,4 +148,33 @@ def cmd_roster_add(args: argparse.Namespace) -> int:
 def cmd_roster_show(args: argparse.Namespace) -> int:
     roster = load_roster(args.roster)
     _emit(roster.to_json() if args.json else format_roster(roster))
+    return 0
+
+
+def cmd_roster_sign(args: argparse.Namespace) -> int:
+    from medimesh.signed_roster import add_signature
+
+    ident = load_key(args.key)
+    try:
+        text = args.roster.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read roster {args.roster}: {exc.strerror}") from None
+    signed = add_signature(text, ident)
+    save_signed_roster(signed, args.roster)
+    n = len(json.loads(signed)["signatures"])
+    total = len(load_roster(args.roster))
+    _emit(json.dumps({"peer_id": ident.peer_id, "signatures": n, "members": total})
+          if args.json else f"signed by {ident.peer_id[:12]}…: {n} of {total} members signed")
+    return 0
+
+
+def cmd_roster_verify(args: argparse.Namespace) -> int:
+    from medimesh.signed_roster import verify_signed_roster
+
+    try:
+        roster = verify_signed_roster(args.roster.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read roster {args.roster}: {exc.strerror}") from None
+    _emit(json.dumps({"ok": True, "members": len(roster)}) if args.json
+          else f"{args.roster}: signed by all {len(roster)} members")
     return 0

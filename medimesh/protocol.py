@@ -20,6 +20,7 @@ from medimesh.errors import MalformedPayload
 
 __all__ = [
     "MESSAGE_TYPES",
+    "ChainHead",
     "CrossEvalReport",
     "EvalReport",
     "IsolatedModel",
@@ -480,6 +481,19 @@ class SecAggUnmask(Message):
     answer: str
 
 
+@dataclass(frozen=True, slots=True)
+class ChainHead(Message):
+    """The audit writer's signed chain head (medimesh.witness), sent to every hospital each
+    round; ``signature`` is the writer's over the head itself, so a hospital can keep it and
+    anyone can check it later without the envelope."""
+
+    TYPE: ClassVar[str] = "chain_head"
+    length: int
+    head_hash: str
+    at: float
+    signature: str
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -503,6 +517,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SecAggCheck,
         SecAggUnmaskRequest,
         SecAggUnmask,
+        ChainHead,
     )
 }
 

@@ -549,8 +549,11 @@ class Store:
         max_size: int = 4,
         connect_timeout: float = 5.0,
         command_timeout: float = 60.0,
+        migrate: bool = True,
     ) -> Store:
-        """Connect (starting the embedded server if no URL is known) and migrate the schema."""
+        """Connect (starting the embedded server if no URL is known) and migrate the schema.
+        ``migrate=False``: the application role, which may not create tables (medimesh.db_roles);
+        the owner migrated already."""
         if url is None:
             url = await asyncio.to_thread(database_url)
         async with _db_errors("open"):
@@ -563,7 +566,8 @@ class Store:
             )
         store = cls(pool, url)
         try:
-            await store.migrate()
+            if migrate:
+                await store.migrate()
         except BaseException:
             pool.terminate()
             raise
@@ -1128,9 +1132,11 @@ class PostgresSink:
     """
 
     def __init__(
-        self, url: str | None = None, *, timeout: float = 30.0, connect_timeout: float = 5.0
+        self, url: str | None = None, *, timeout: float = 30.0, connect_timeout: float = 5.0,
+        migrate: bool = True,
     ) -> None:
         self._url = url if url is not None else database_url()
+        self._migrate = migrate
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._store: Store | None = None
@@ -1165,7 +1171,8 @@ class PostgresSink:
                 # min_size=0: no asyncpg background "restore the floor" retries while the
                 # server is down; this sink reconnects on its next call instead.
                 self._store = await Store.open(
-                    self._url, min_size=0, connect_timeout=self._connect_timeout
+                    self._url, min_size=0, connect_timeout=self._connect_timeout,
+                    migrate=self._migrate,
                 )
             store = self._store
         try:

@@ -64,16 +64,31 @@ def live_oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = embedded_server(Path(tmp_path_factory.mktemp("schema")) / "pg")
     url = server.get_uri()
 
+    from medimesh.audit import AuditChain, sign_event
+    from medimesh.identity import Identity, Member, Roster
+    from medimesh.signed_roster import sign_all
+
+    writer, coordinator = Identity.generate(), Identity.generate()
+    roster = Roster([Member("auditor", "auditor", writer.peer_id),
+                     Member("coordinator", "coordinator", coordinator.peer_id)])
+    roster_file = Path(tmp_path_factory.mktemp("roster")) / "roster.json"
+    roster_file.write_text(sign_all(roster, [writer, coordinator]))
+
     async def seed() -> None:
         store = await Store.open(url)
         try:
             model, mean, std = train_quick_model(steps=60)
-            await publish_model(store, model, mean, std, 1, finding_hist=quick_finding_hist())
+            h = await publish_model(store, model, mean, std, 1, finding_hist=quick_finding_hist())
+            # A non-empty trail, signed by the roster's members: the README verifies it.
+            events = [sign_event(coordinator, "model_published", 1, h, {"model_hash": h})]
+            await store.append_entries(AuditChain(writer).extend(events))
         finally:
             await store.close()
 
     asyncio.run(seed())
-    with _serve(build_app(OracleConfig(url, poll_interval=0.5, load_ontology=False))) as base:
+    config = OracleConfig(url, poll_interval=0.5, load_ontology=False,
+                          roster_path=str(roster_file))
+    with _serve(build_app(config)) as base:
         yield base
     server.cleanup()
 

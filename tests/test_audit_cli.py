@@ -26,6 +26,7 @@ from medimesh.audit import sign_event
 from medimesh.bench.audit import run_audit_bench
 from medimesh.identity import Identity, Member, Roster
 from medimesh.model import Model, model_hash
+from medimesh.signed_roster import sign_all
 from medimesh.store import DATA_DIR_ENV, DATABASE_URL_ENV
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ def audit(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 class Filled:
     """A database holding a small federation's trail and a three-model lineage."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, roster_file: Path | None = None) -> None:
         self.url = url
         coordinator, hospital, me = Identity.generate(), Identity.generate(), Identity.generate()
         roster = Roster(
@@ -88,6 +89,9 @@ class Filled:
                 Member("st-marys", "hospital", hospital.peer_id),
             ]
         )
+        self.roster = str(roster_file)
+        if roster_file is not None:  # every member's signature: the verifier's trusted copy
+            roster_file.write_text(sign_all(roster, [coordinator, hospital, me]))
         aud = Auditor(me.seed, roster.to_json(), database_url=url)
         try:
             events = [
@@ -118,24 +122,52 @@ class Filled:
 
 
 @pytest.fixture
-def filled(pg: PostgresServer) -> Filled:
+def filled(pg: PostgresServer, tmp_path: Path) -> Filled:
     name = f"c_{uuid.uuid4().hex[:12]}"
     run(_execute(pg.get_uri(), f'CREATE DATABASE "{name}"'))
-    return Filled(str(pg.get_uri(name)))
+    return Filled(str(pg.get_uri(name)), tmp_path / "roster.json")
 
 
 # ---------------------------------------------------------------------------------- verify
 
 
 def test_verify_intact(filled: Filled) -> None:
-    done = audit("verify", "--database-url", filled.url)
+    done = audit("verify", "--database-url", filled.url, "--roster", filled.roster)
     assert done.returncode == 0, done.stderr
     assert "intact: 12 entries" in done.stdout
-    done = audit("verify", "--json", env={DATABASE_URL_ENV: filled.url})  # env resolution
+    done = audit("verify", "--json", "--roster", filled.roster,
+                 env={DATABASE_URL_ENV: filled.url})  # env resolution
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["ok"] and report["entries"] == 12 and report["broken_seq"] is None
-    assert report["known_signers"] == 3
+    assert report["known_signers"] == 3 and report["signers_checked"]
+
+
+def test_verify_without_a_roster_is_not_a_pass(filled: Filled) -> None:
+    """No signed roster: the chain recomputes, but the answer is 'signers not checked', exit 1."""
+    done = audit("verify", "--database-url", filled.url)
+    assert done.returncode == 1, done.stderr
+    assert "NOT VERIFIED" in done.stdout and "signers not checked" in done.stdout
+    report = json.loads(audit("verify", "--database-url", filled.url, "--json").stdout)
+    assert not report["ok"] and report["chain_ok"] and not report["signers_checked"]
+
+
+def test_verify_refuses_an_edited_roster(filled: Filled, tmp_path: Path) -> None:
+    """A roster copy with a member added after signing is refused (exit 2, named)."""
+    doc = json.loads(Path(filled.roster).read_text())
+    doc["members"].append({"name": "mallory", "role": "hospital",
+                           "peer_id": Identity.generate().peer_id})
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(doc))
+    done = audit("verify", "--database-url", filled.url, "--roster", str(edited))
+    assert done.returncode == 2 and "member mallory (hospital) has not signed" in done.stderr
+
+
+def test_verify_ignores_the_nodes_table(filled: Filled) -> None:
+    """Emptying ``nodes`` changes nothing: signers come from the roster file."""
+    run(_execute(filled.url, "DELETE FROM nodes"))
+    done = audit("verify", "--database-url", filled.url, "--roster", filled.roster)
+    assert done.returncode == 0 and "intact: 12 entries" in done.stdout
 
 
 @pytest.mark.parametrize(
@@ -160,14 +192,13 @@ def test_verify_intact(filled: Filled) -> None:
             8,
             "prev_hash does not match",
         ),
-        (["DELETE FROM nodes WHERE name = 'st-marys'"], 2, "unknown signer: actor"),
         (
             ["UPDATE audit_entries SET writer_signature = repeat('0', 128) WHERE seq = 11"],
             11,
             "bad writer signature",
         ),
     ],
-    ids=["subject", "body", "removed", "reordered", "unknown-signer", "writer-signature"],
+    ids=["subject", "body", "removed", "reordered", "writer-signature"],
 )
 def test_verify_names_superuser_tampering(
     filled: Filled, statements: list[str], seq: int, problem: str
@@ -180,10 +211,10 @@ def test_verify_names_superuser_tampering(
             "ALTER TABLE audit_entries ENABLE TRIGGER audit_entries_append_only",
         )
     )
-    done = audit("verify", "--database-url", filled.url)
+    done = audit("verify", "--database-url", filled.url, "--roster", filled.roster)
     assert done.returncode == 1, done.stderr
     assert f"BROKEN at seq {seq}" in done.stdout and problem in done.stdout
-    done = audit("verify", "--database-url", filled.url, "--json")
+    done = audit("verify", "--database-url", filled.url, "--json", "--roster", filled.roster)
     assert done.returncode == 1
     report = json.loads(done.stdout)
     assert not report["ok"] and report["broken_seq"] == seq and problem in report["problem"]
@@ -198,8 +229,9 @@ def test_embedded_data_dir_resolution(tmp_path: Path, pg: PostgresServer) -> Non
     # An existing data directory: the embedded server is used (this one is already running,
     # and the child's handle does not stop it).
     done = audit("verify", "--json", env={DATA_DIR_ENV: str(pg.pgdata)})
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["ok"]
+    assert done.returncode == 1, done.stderr  # no roster given: not a pass
+    report = json.loads(done.stdout)
+    assert report["chain_ok"] and not report["signers_checked"]
 
 
 # ------------------------------------------------------------------------------------ show

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -20,8 +21,9 @@ import pytest
 from medimesh.actors.oracle import OracleConfig, OracleState, build_app
 from medimesh.audit import AuditChain, sign_event
 from medimesh.bench.oracle import publish_model, quick_finding_hist, train_quick_model
-from medimesh.identity import Identity, Member
+from medimesh.identity import Identity, Member, Roster
 from medimesh.model import Model
+from medimesh.signed_roster import sign_all
 from medimesh.store import Store
 
 if TYPE_CHECKING:
@@ -370,13 +372,22 @@ async def _audit(url: str, n: int, writer: Identity, actor: Identity, start: int
         await store.append_entries(chain.extend(events))
 
 
-def test_audit_paging_filters_and_verify(url: str) -> None:
-    """/audit pages by seq with has_more; filters by event and round; /audit/verify is ok."""
+def test_audit_paging_filters_and_verify(url: str, tmp_path: Path) -> None:
+    """/audit pages by seq with has_more; filters by event and round; /audit/verify is ok with
+    a signed roster, and never ok without one (signers not checked)."""
     writer, actor = Identity.generate(), Identity.generate()
+    roster = Roster([Member("auditor", "auditor", writer.peer_id),
+                     Member("coordinator", "coordinator", actor.peer_id)])
+    roster_file = tmp_path / "roster.json"
+    roster_file.write_text(sign_all(roster, [writer, actor]))
 
     async def scenario() -> None:
         await _audit(url, 25, writer, actor)
         async with oracle(url) as (client, _):
+            v = (await client.get("/audit/verify")).json()
+            assert not v["ok"] and v["chain_ok"] and not v["signers_checked"]
+            assert "signers not checked" in v["problem"]
+        async with oracle(url, roster_path=str(roster_file)) as (client, _):
             seen, after = [], 0
             while True:
                 page = (await client.get("/audit", params={"after_seq": after, "limit": 10})).json()
@@ -392,7 +403,7 @@ def test_audit_paging_filters_and_verify(url: str) -> None:
             assert (await client.get("/audit", params={"limit": 501})).status_code == 422
             assert (await client.get("/audit", params={"after_seq": -1})).status_code == 422
             v = (await client.get("/audit/verify")).json()
-            assert v["ok"] and v["entries"] == 25 and not v["signers_checked"]
+            assert v["ok"] and v["entries"] == 25 and v["signers_checked"]
 
     run(scenario())
 

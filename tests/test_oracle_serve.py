@@ -12,7 +12,8 @@ import pytest
 from medimesh.audit import AuditChain, sign_event
 from medimesh.bench.oracle import publish_model, train_quick_model
 from medimesh.client import Client, ValidationFailed
-from medimesh.identity import Identity
+from medimesh.identity import Identity, Member, Roster
+from medimesh.signed_roster import sign_all
 from medimesh.store import Store, embedded_server
 
 pytestmark = pytest.mark.ray
@@ -34,6 +35,10 @@ def test_oracle_on_serve_end_to_end(ray_session: None, tmp_path: Path) -> None:
     a, mean, std = train_quick_model(steps=120)
     b, _, _ = train_quick_model(steps=60)
     writer, actor = Identity.generate(), Identity.generate()
+    roster = Roster([Member("auditor", "auditor", writer.peer_id),
+                     Member("coordinator", "coordinator", actor.peer_id)])
+    roster_file = tmp_path / "roster.json"
+    roster_file.write_text(sign_all(roster, [writer, actor]))  # /audit/verify's signers
 
     async def put(model_round: int) -> str:
         async with await Store.open(url) as store:
@@ -45,7 +50,7 @@ def test_oracle_on_serve_end_to_end(ray_session: None, tmp_path: Path) -> None:
 
     try:
         ha = asyncio.run(put(1))
-        base = deploy(url, port=8765, poll_interval=0.5)
+        base = deploy(url, port=8765, poll_interval=0.5, roster_path=str(roster_file))
         with Client(base, timeout=10.0) as client:
             deadline = time.monotonic() + 60
             while not client.ready().ready:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import httpx
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 DEMO_URL = '"http://127.0.0.1:8000"'
 
@@ -23,3 +25,6 @@ def test_readme_sdk_example_runs(live_oracle: str) -> None:
         assert DEMO_URL in code, "the README example must define url (the demo's oracle)"
         code = code.replace(DEMO_URL, repr(live_oracle))
         exec(compile(code, "README.md", "exec"), {})
+    # The example's verify_audit().ok checked a non-empty trail, its signers from a roster.
+    verified = httpx.get(f"{live_oracle}/audit/verify", timeout=10).json()
+    assert verified["ok"] and verified["entries"] >= 1 and verified["signers_checked"]

@@ -93,13 +93,16 @@ def test_database_outage_mid_training_loses_nothing(ray_session: None, tmp_path:
 
 
 def test_a_second_run_on_the_same_database_verifies_the_whole_chain(
-    ray_session: None, url: str
+    ray_session: None, url: str, tmp_path: Path
 ) -> None:
     """`make demo` twice in one folder: the second run's chain continues the first's, signed by
-    other keys; its verification knows both runs' members (found by running the demo twice)."""
+    other keys; its verification knows both runs' members (found by running the demo twice)
+    from the signed rosters both runs wrote to one roster directory, never the database."""
     entries = []
+    rosters = str(tmp_path / "rosters")
     for seed in (1, 2):
-        fed = Consortium(RunConfig(hospitals=3, rounds=1, seed=seed, database_url=url))
+        fed = Consortium(RunConfig(hospitals=3, rounds=1, seed=seed, database_url=url,
+                                   roster_dir=rosters))
         try:
             fed.start()
             fed.run()

@@ -36,7 +36,8 @@ from medimesh.client import (
     Unavailable,
     ValidationFailed,
 )
-from medimesh.identity import Identity, Member
+from medimesh.identity import Identity, Member, Roster
+from medimesh.signed_roster import sign_all
 from medimesh.store import Store
 from medimesh.ui import views
 from medimesh.ui.charts import Bar, Baseline, RoundPoint, accuracy_chart, probability_chart
@@ -110,7 +111,9 @@ async def _seed(url: str, ids: dict[str, Identity]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def run_oracle(pg: Any, serve_app: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+def run_oracle(
+    pg: Any, serve_app: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """A real oracle (uvicorn) over a fresh database holding one small signed run."""
     name = f"ui_{uuid.uuid4().hex[:10]}"
 
@@ -125,7 +128,13 @@ def run_oracle(pg: Any, serve_app: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     url = str(pg.get_uri(name))
     ids = {n: Identity.generate() for n in NAMES}
     seeded = asyncio.run(_seed(url, ids))
-    with serve_app(build_app(OracleConfig(url, poll_interval=0.5, load_ontology=False))) as base:
+    roster = Roster(Member(n, ROLES.get(n, "hospital"), i.peer_id)  # type: ignore[arg-type]
+                    for n, i in ids.items())
+    roster_file = tmp_path_factory.mktemp("roster") / "roster.json"
+    roster_file.write_text(sign_all(roster, ids.values()))  # /audit/verify's trusted signers
+    config = OracleConfig(url, poll_interval=0.5, load_ontology=False,
+                          roster_path=str(roster_file))
+    with serve_app(build_app(config)) as base:
         yield base, seeded
 
 

@@ -62,11 +62,10 @@ class Lab:
                 await conn.close()
 
         asyncio.run(create())
-        # The query may hold a socket path with slashes (pgserver: ?host=/tmp/...): split it
-        # off before replacing the database name.
-        head, _, query = self.admin_url.partition("?")
-        base, _, _ = head.rpartition("/")
-        return f"{base}/{name}" + (f"?{query}" if query else "")
+        # Replace the URL's path only: pgserver's URL carries a socket path in ?host=/….
+        from urllib.parse import urlsplit, urlunsplit
+
+        return urlunsplit(urlsplit(self.admin_url)._replace(path=f"/{name}"))
 
     def subdir(self, name: str) -> Path:
         path = self.workdir / name
