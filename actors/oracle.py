@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
@@ -41,6 +42,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
+from medimesh.access import (
+    EXEMPT_PATHS,
+    AccessPolicy,
+    RateLimiter,
+    StreamSlots,
+    VerifyCache,
+    bearer_token,
+    is_loopback,
+    limit_group,
+    token_matches,
+)
 from medimesh.audit import AuditEntry
 from medimesh.data import cohort
 from medimesh.diagnosis import (
@@ -108,6 +120,8 @@ class OracleConfig:
     # Phenopacket queries: the assay → biomarker mapping file's JSON (medimesh.phenopackets);
     # give the one the sites trained with, so a phenopacket is encoded alike at both ends.
     label_codes: dict[str, Any] | None = None
+    # Who may call and how often (medimesh.access); None: AccessPolicy.local(), no token.
+    access: AccessPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +166,9 @@ class OracleState:
         self._ontology: Any = None
         self._router: Any = config.router
         self._connected = asyncio.Event()
+        policy = config.access or AccessPolicy.local()
+        self.verify_cache = VerifyCache(policy.verify_max_age, policy.verify_min_interval)
+        self._verify_lock = asyncio.Lock()
         self.phenopacket_codes: Any = None
         if config.label_codes is not None:
             from medimesh.phenopackets import load_label_codes
@@ -300,6 +317,27 @@ class OracleState:
         if self.store is None:
             raise HTTPException(503, f"store not reachable yet ({self.last_error or 'starting'})")
         return self.store
+
+    async def verified(self, store: Store) -> dict[str, Any]:
+        """The /audit/verify answer: reused per :class:`VerifyCache`, computed by one request
+        at a time (a flood waits for that one computation instead of starting its own)."""
+        _, head = await store.head()
+        answer = self.verify_cache.cached(head, time.monotonic())
+        cached = answer is not None
+        if answer is None:
+            async with self._verify_lock:
+                _, head = await store.head()
+                answer = self.verify_cache.cached(head, time.monotonic())
+                cached = answer is not None
+                if answer is None:
+                    known = {n.peer_id for n in await store.nodes()} or None
+                    r = await verify(store, known)
+                    answer = {**r.to_dict(), "signers_checked": known is not None,
+                              "computed_at": time.time(), "computed_for_head": head}
+                    self.verify_cache.put(head, time.monotonic(), answer)
+        at = self.verify_cache.computed_at()
+        age = 0.0 if at is None else max(0.0, time.monotonic() - at)
+        return {**answer, "cached": cached, "age_s": round(age, 3)}
 
     async def router(self) -> Any:
         """The router actor handle, looked up by name once; None when not configured."""
@@ -886,11 +924,10 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         "/audit/verify", summary="Recompute the hash chain and signatures", responses={503: _ERR}
     )
     async def audit_verify(request: Request) -> dict[str, Any]:
-        store = await (await st(request)).require_store()
-        nodes = await store.nodes()
-        known = {n.peer_id for n in nodes} or None
-        r = await verify(store, known)
-        return {**r.to_dict(), "signers_checked": known is not None}
+        # Cached (medimesh.access.VerifyCache): computed_at / computed_for_head / cached say
+        # which computation answered.
+        state = await st(request)
+        return await state.verified(await state.require_store())
 
     @app.get(
         "/rounds",
@@ -1069,9 +1106,72 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
 
 
 def configure(app: FastAPI, config: OracleConfig) -> None:
-    """Attach state to an app and install the body-size limit (before it starts serving)."""
+    """Attach state to an app and install the body-size limit and, outermost, the access
+    guard (token, rate limits, live-feed cap) before it starts serving."""
     app.state.oracle = OracleState(config)
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(_Guard, policy=config.access or AccessPolicy.local())
+
+
+class _Guard:
+    """The access policy (medimesh.access) at the ASGI edge: 401, 429 or 503 before routing.
+
+    The client address is the ASGI ``client`` (Serve's proxy passes it through; uvicorn
+    rewrites it from X-Forwarded-For only for peers in FORWARDED_ALLOW_IPS, 127.0.0.1 by
+    default).
+    """
+
+    def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
+        self._app = app
+        self.policy = policy
+        self.limiters = {g: RateLimiter(lim) for g, lim in policy.limits.items()}
+        self.streams = StreamSlots(policy.max_streams, policy.max_streams_per_client)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        path = str(scope.get("path", ""))
+        client = scope.get("client")
+        who = str(client[0]) if client else "unknown"
+        if self.policy.token is not None and path not in EXEMPT_PATHS:
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not token_matches(self.policy.token, bearer_token(auth.decode("latin-1"))):
+                await _refuse(send, 401, "missing or wrong API token: send 'Authorization: "
+                              "Bearer <token>' (the token `medimesh serve` printed or wrote to "
+                              "its token file; clients read $MEDIMESH_API_TOKEN)",
+                              [(b"www-authenticate", b'Bearer realm="medimesh"')])
+                return
+        group = limit_group(path)
+        limiter = self.limiters.get(group) if group is not None else None
+        if limiter is not None:
+            wait = limiter.take(who, time.monotonic())
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                await _refuse(send, 429, f"rate limit: too many {group} requests from this "
+                              f"address; retry after {retry} s",
+                              [(b"retry-after", str(retry).encode())])
+                return
+        if group != "events" or scope.get("method") != "GET":
+            await self._app(scope, receive, send)
+            return
+        refused = self.streams.acquire(who)
+        if refused is not None:
+            await _refuse(send, 503, refused, [(b"retry-after", b"5")])
+            return
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self.streams.release(who)
+
+
+async def _refuse(send: Send, status: int, detail: str,
+                  headers: list[tuple[bytes, bytes]]) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _BodyLimit:
@@ -1166,10 +1266,12 @@ def oracle_deployment() -> Any:
             poll_interval: float = 1.0,
             run_id: str | None = None,
             label_codes: dict[str, Any] | None = None,
+            access: dict[str, Any] | None = None,
         ) -> None:
             self._config = OracleConfig(
                 database_url, router_name, router_namespace, poll_interval, run_id=run_id,
                 label_codes=label_codes,
+                access=None if access is None else AccessPolicy.from_dict(access),
             )
 
         def __serve_build_asgi_app__(self) -> FastAPI:
@@ -1187,6 +1289,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         float(args.get("poll_interval", 1.0)),
         args.get("run_id"),
         args.get("label_codes"),
+        args.get("access"),
     )
 
 
@@ -1200,9 +1303,13 @@ def deploy(
     num_replicas: int = 1,
     run_id: str | None = None,
     label_codes: dict[str, Any] | None = None,
+    host: str = "127.0.0.1",
+    access: AccessPolicy | None = None,
 ) -> str:
-    """Start Serve on 127.0.0.1:``port`` with the oracle at ``/``; returns the base URL.
-    ``run_id``: the run to serve (None: the newest run with a model).
+    """Start Serve on ``host``:``port`` with the oracle at ``/``; returns the base URL.
+    ``run_id``: the run to serve (None: the newest run with a model). ``access``: the token,
+    rate limits and stream cap (None: AccessPolicy.local()); a ``host`` beyond loopback
+    without a token is refused (medimesh.access.policy_for picks one).
 
     Needs a running Ray (``ray.init``); Serve's controller and proxy start on first call.
     """
@@ -1213,14 +1320,18 @@ def deploy(
     # serve.start already applied them (Ray 2.60 serve.run always calls serve_start). The
     # callers print the oracle's URL themselves; Serve's warnings and errors still show.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    if not is_loopback(host) and (access is None or not access.requires_token):
+        raise ValueError(f"refusing to serve the oracle on {host} without an API token")
+    serve.start(http_options={"host": host, "port": port})
     dep = oracle_deployment().options(num_replicas=num_replicas)
     serve.run(
-        dep.bind(database_url, router_name, router_namespace, poll_interval, run_id, label_codes),
+        dep.bind(database_url, router_name, router_namespace, poll_interval, run_id, label_codes,
+                 None if access is None else access.to_dict()),
         name=APP_NAME,
         route_prefix="/",
     )
-    return f"http://127.0.0.1:{port}"
+    reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
 
 
 APP_NAME = "medimesh-oracle"
