@@ -85,6 +85,7 @@ __all__ = [
     "deploy",
     "entry_dict",
     "oracle_deployment",
+    "replica_access",
     "undeploy",
     "vocabulary_doc",
 ]
@@ -1267,17 +1268,36 @@ def oracle_deployment() -> Any:
             run_id: str | None = None,
             label_codes: dict[str, Any] | None = None,
             access: dict[str, Any] | None = None,
+            api_token_file: str | None = None,
         ) -> None:
             self._config = OracleConfig(
                 database_url, router_name, router_namespace, poll_interval, run_id=run_id,
-                label_codes=label_codes,
-                access=None if access is None else AccessPolicy.from_dict(access),
+                label_codes=label_codes, access=replica_access(access, api_token_file),
             )
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             return build_app(self._config)
 
     return Oracle
+
+
+def replica_access(
+    access: dict[str, Any] | None, api_token_file: str | None
+) -> AccessPolicy | None:
+    """A replica's policy: the one ``deploy`` passed, else (serve.yaml) a token from
+    ``$MEDIMESH_API_TOKEN`` or ``api_token_file`` on the replica's node (created 0600 there
+    if missing, medimesh.api_token); None: loopback defaults."""
+    if access is not None:
+        return AccessPolicy.from_dict(access)
+    if not api_token_file:
+        return None
+    import os
+    from pathlib import Path as _Path
+
+    from medimesh.api_token import resolve_token
+
+    token = resolve_token(None, os.environ, _Path(api_token_file).expanduser())
+    return AccessPolicy.exposed(token.token)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -1290,6 +1310,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         args.get("run_id"),
         args.get("label_codes"),
         args.get("access"),
+        args.get("api_token_file"),
     )
 
 

@@ -168,6 +168,29 @@ def test_cli_serve_beyond_loopback_gets_a_token(tmp_path: Path,
     assert isinstance(parser.parse_args(["ui", "--api", "http://x"]), argparse.Namespace)
 
 
+def test_serve_yaml_oracle_asks_for_a_token(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/serve.yaml binds 0.0.0.0: its api_token_file gives the replica a token (the
+    environment wins), and the policy deploy() passes is kept as is."""
+    import yaml
+
+    from medimesh.actors.oracle import replica_access
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve.yaml").read_text())
+    assert doc["http_options"]["host"] == "0.0.0.0"
+    assert doc["applications"][0]["args"]["api_token_file"]
+    monkeypatch.delenv("MEDIMESH_API_TOKEN", raising=False)
+    f = tmp_path / "tok"
+    policy = replica_access(None, str(f))
+    assert policy is not None and policy.token == f.read_text().strip()
+    assert stat.S_IMODE(f.stat().st_mode) == 0o600 and policy.limits
+    monkeypatch.setenv("MEDIMESH_API_TOKEN", "v" * 24)
+    assert (replica_access(None, str(f)) or AccessPolicy()).token == "v" * 24
+    assert replica_access(None, None) is None
+    kept = AccessPolicy.exposed("w" * 24)
+    assert replica_access(kept.to_dict(), str(f)) == kept
+
+
 def test_client_sends_the_token_and_names_refusals() -> None:
     """The SDK sends Authorization: Bearer; 401 is Unauthorized, 429 RateLimited(retry_after)."""
     seen: list[str | None] = []
