@@ -154,8 +154,9 @@ class AccessPolicy:
 
     @classmethod
     def local(cls) -> AccessPolicy:
-        """Loopback default: no token, no rate limits; stream cap and a short verify cache."""
-        return cls(verify_max_age=5.0, verify_min_interval=0.0)
+        """Loopback default: no token, no rate limits, a short verify cache; 64 streams in
+        all (every local client shares one address, so no per-address cap)."""
+        return cls(max_streams_per_client=64, verify_max_age=5.0, verify_min_interval=0.0)
 
     @classmethod
     def exposed(cls, token: str) -> AccessPolicy:
