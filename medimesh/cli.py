@@ -458,7 +458,10 @@ def _access(args: argparse.Namespace) -> Any:
     token = resolve_token(args.api_token, os.environ) if needed else None
     if token is not None:
         print(token.notice(), file=sys.stderr, flush=True)
-    return policy_for(args.host, None if token is None else token.token, args.require_token)
+    try:
+        return policy_for(args.host, None if token is None else token.token, args.require_token)
+    except ValueError as exc:  # e.g. a token shorter than 16 characters
+        raise MediMeshError(str(exc)) from None
 
 
 def _access_args(p: argparse.ArgumentParser) -> None:

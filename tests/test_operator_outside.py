@@ -33,7 +33,7 @@ from medimesh.api_token import resolve_token
 from medimesh.bench.operator import Lab
 from medimesh.bench.operator import outside as scenarios
 from medimesh.client import Client, RateLimited, Unauthorized
-from medimesh.errors import ConfigError
+from medimesh.errors import ConfigError, MediMeshError
 from medimesh.pg_auth import hba_problems, hba_text, ident_text, mode_problems
 
 # ------------------------------------------------------------------------ the rules (no I/O)
@@ -161,6 +161,8 @@ def test_cli_serve_beyond_loopback_gets_a_token(tmp_path: Path,
     token_file = tmp_path / ".medimesh" / "api-token"
     assert exposed.token == token_file.read_text().strip()
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    with pytest.raises(MediMeshError, match="16 characters"):
+        cli._access(parser.parse_args(["serve", "--api-token", "short"]))
     forced = cli._access(parser.parse_args(["demo", "--require-token"]))
     assert forced.token == exposed.token and forced.limits
     with pytest.raises(ValueError, match="without an API token"):
