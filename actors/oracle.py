@@ -1132,7 +1132,9 @@ class _Guard:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        path = str(scope.get("path", ""))
+        path, root = str(scope.get("path", "")), str(scope.get("root_path", ""))
+        if root and path.startswith(root):  # mounted under a prefix: judge the app's path
+            path = path[len(root):] or "/"
         client = scope.get("client")
         who = str(client[0]) if client else "unknown"
         if self.policy.token is not None and path not in EXEMPT_PATHS:
