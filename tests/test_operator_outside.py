@@ -237,7 +237,8 @@ def test_outside_verify_flood(pg: Any, tmp_path: Path) -> None:
     out = scenarios.outside_verify_flood(Lab(tmp_path, pg.get_uri()))
     d = out.details
     assert d["computations_during_flood"] == 1 and d["distinct_computed_at"] == 1
-    assert d["rate_limited"] > 0 and d["ok"] <= d["limit"]["burst"] + 2
+    # the burst, plus what the bucket refills while the flood runs (0.5/s)
+    assert d["rate_limited"] > 0 and d["ok"] < d["requests"] // 4
     assert d["retry_after"] and all(int(s) >= 1 for s in d["retry_after"])
     h = d["honest"]
     assert h["verify"] == 200 and h["diagnose"] == 200
