@@ -62,9 +62,10 @@ class Lab:
                 await conn.close()
 
         asyncio.run(create())
-        # the query (pgserver's ?host=/socket/dir) may hold slashes: split it off first
-        path, _, query = self.admin_url.partition("?")
-        base = path.rpartition("/")[0]
+        # The query may hold a socket path with slashes (pgserver: ?host=/tmp/...): split it
+        # off before replacing the database name.
+        head, _, query = self.admin_url.partition("?")
+        base, _, _ = head.rpartition("/")
         return f"{base}/{name}" + (f"?{query}" if query else "")
 
     def subdir(self, name: str) -> Path:
