@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path as FilePath
@@ -42,6 +43,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
+from medimesh.access import (
+    EXEMPT_PATHS,
+    AccessPolicy,
+    RateLimiter,
+    StreamSlots,
+    VerifyCache,
+    bearer_token,
+    is_loopback,
+    limit_group,
+    token_matches,
+)
 from medimesh.audit import AuditEntry
 from medimesh.audit_cli import check_trail, read_signed_rosters
 from medimesh.data import cohort
@@ -75,6 +87,7 @@ __all__ = [
     "deploy",
     "entry_dict",
     "oracle_deployment",
+    "replica_access",
     "undeploy",
     "vocabulary_doc",
 ]
@@ -113,6 +126,8 @@ class OracleConfig:
     # /audit/verify's trusted signers: a signed roster file, or a directory of them (issue 15);
     # None: the chain is recomputed but the answer is never ok ("signers not checked").
     roster_path: str | None = None
+    # Who may call and how often (medimesh.access); None: AccessPolicy.local(), no token.
+    access: AccessPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +176,9 @@ class OracleState:
         self._ontology: Any = None
         self._router: Any = config.router
         self._connected = asyncio.Event()
+        policy = config.access or AccessPolicy.local()
+        self.verify_cache = VerifyCache(policy.verify_max_age, policy.verify_min_interval)
+        self._verify_lock = asyncio.Lock()
         self.phenopacket_codes: Any = None
         if config.label_codes is not None:
             from medimesh.phenopackets import load_label_codes
@@ -309,6 +327,37 @@ class OracleState:
         if self.store is None:
             raise HTTPException(503, f"store not reachable yet ({self.last_error or 'starting'})")
         return self.store
+
+    async def verified(self, store: Store) -> dict[str, Any]:
+        """The /audit/verify answer: reused per :class:`VerifyCache`, computed by one request
+        at a time (a flood waits for that one computation instead of starting its own)."""
+        _, head = await store.head()
+        answer = self.verify_cache.cached(head, time.monotonic())
+        cached = answer is not None
+        if answer is None:
+            async with self._verify_lock:
+                _, head = await store.head()
+                answer = self.verify_cache.cached(head, time.monotonic())
+                cached = answer is not None
+                if answer is None:
+                    answer = {**await self._check_trail(store),
+                              "computed_at": time.time(), "computed_for_head": head}
+                    self.verify_cache.put(head, time.monotonic(), answer)
+        at = self.verify_cache.computed_at()
+        age = 0.0 if at is None else max(0.0, time.monotonic() - at)
+        return {**answer, "cached": cached, "age_s": round(age, 3)}
+
+    async def _check_trail(self, store: Store) -> dict[str, Any]:
+        """Recompute the chain; signers from the signed roster the oracle was given, never
+        the database's nodes (no roster: never ok, "signers not checked")."""
+        path = self.config.roster_path
+        try:
+            rosters = read_signed_rosters([FilePath(path)]) if path else None
+        except MediMeshError as exc:  # a roster copy that does not verify: nothing trusted
+            doc = await check_trail(store, None)
+            return {**doc, "problem": f"roster refused: {exc}",
+                    "problems": [f"roster refused: {exc}", *doc["problems"]]}
+        return await check_trail(store, rosters)
 
     async def router(self) -> Any:
         """The router actor handle, looked up by name once; None when not configured."""
@@ -895,17 +944,10 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         "/audit/verify", summary="Recompute the hash chain and signatures", responses={503: _ERR}
     )
     async def audit_verify(request: Request) -> dict[str, Any]:
+        # Cached (medimesh.access.VerifyCache): computed_at / computed_for_head / cached say
+        # which computation answered.
         state = await st(request)
-        store = await state.require_store()
-        path = state.config.roster_path
-        # Signers from the signed roster the oracle was given, never the database's nodes.
-        try:
-            rosters = read_signed_rosters([FilePath(path)]) if path else None
-        except MediMeshError as exc:  # a roster copy that does not verify: nothing trusted
-            doc = await check_trail(store, None)
-            return {**doc, "problem": f"roster refused: {exc}",
-                    "problems": [f"roster refused: {exc}", *doc["problems"]]}
-        return await check_trail(store, rosters)
+        return await state.verified(await state.require_store())
 
     @app.get(
         "/rounds",
@@ -1084,9 +1126,74 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
 
 
 def configure(app: FastAPI, config: OracleConfig) -> None:
-    """Attach state to an app and install the body-size limit (before it starts serving)."""
+    """Attach state to an app and install the body-size limit and, outermost, the access
+    guard (token, rate limits, live-feed cap) before it starts serving."""
     app.state.oracle = OracleState(config)
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(_Guard, policy=config.access or AccessPolicy.local())
+
+
+class _Guard:
+    """The access policy (medimesh.access) at the ASGI edge: 401, 429 or 503 before routing.
+
+    The client address is the ASGI ``client`` (Serve's proxy passes it through; uvicorn
+    rewrites it from X-Forwarded-For only for peers in FORWARDED_ALLOW_IPS, 127.0.0.1 by
+    default).
+    """
+
+    def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
+        self._app = app
+        self.policy = policy
+        self.limiters = {g: RateLimiter(lim) for g, lim in policy.limits.items()}
+        self.streams = StreamSlots(policy.max_streams, policy.max_streams_per_client)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        path, root = str(scope.get("path", "")), str(scope.get("root_path", ""))
+        if root and path.startswith(root):  # mounted under a prefix: judge the app's path
+            path = path[len(root):] or "/"
+        client = scope.get("client")
+        who = str(client[0]) if client else "unknown"
+        if self.policy.token is not None and path not in EXEMPT_PATHS:
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not token_matches(self.policy.token, bearer_token(auth.decode("latin-1"))):
+                await _refuse(send, 401, "missing or wrong API token: send 'Authorization: "
+                              "Bearer <token>' (the token `medimesh serve` printed or wrote to "
+                              "its token file; clients read $MEDIMESH_API_TOKEN)",
+                              [(b"www-authenticate", b'Bearer realm="medimesh"')])
+                return
+        group = limit_group(path)
+        limiter = self.limiters.get(group) if group is not None else None
+        if limiter is not None:
+            wait = limiter.take(who, time.monotonic())
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                await _refuse(send, 429, f"rate limit: too many {group} requests from this "
+                              f"address; retry after {retry} s",
+                              [(b"retry-after", str(retry).encode())])
+                return
+        if group != "events" or scope.get("method") != "GET":
+            await self._app(scope, receive, send)
+            return
+        refused = self.streams.acquire(who)
+        if refused is not None:
+            await _refuse(send, 503, refused, [(b"retry-after", b"5")])
+            return
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self.streams.release(who)
+
+
+async def _refuse(send: Send, status: int, detail: str,
+                  headers: list[tuple[bytes, bytes]]) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _BodyLimit:
@@ -1182,16 +1289,38 @@ def oracle_deployment() -> Any:
             run_id: str | None = None,
             label_codes: dict[str, Any] | None = None,
             roster_path: str | None = None,
+            access: dict[str, Any] | None = None,
+            api_token_file: str | None = None,
         ) -> None:
             self._config = OracleConfig(
                 database_url, router_name, router_namespace, poll_interval, run_id=run_id,
                 label_codes=label_codes, roster_path=roster_path,
+                access=replica_access(access, api_token_file),
             )
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             return build_app(self._config)
 
     return Oracle
+
+
+def replica_access(
+    access: dict[str, Any] | None, api_token_file: str | None
+) -> AccessPolicy | None:
+    """A replica's policy: the one ``deploy`` passed, else (serve.yaml) a token from
+    ``$MEDIMESH_API_TOKEN`` or ``api_token_file`` on the replica's node (created 0600 there
+    if missing, medimesh.api_token); None: loopback defaults."""
+    if access is not None:
+        return AccessPolicy.from_dict(access)
+    if not api_token_file:
+        return None
+    import os
+    from pathlib import Path as _Path
+
+    from medimesh.api_token import resolve_token
+
+    token = resolve_token(None, os.environ, _Path(api_token_file).expanduser())
+    return AccessPolicy.exposed(token.token)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -1204,6 +1333,8 @@ def app_builder(args: dict[str, Any]) -> Any:
         args.get("run_id"),
         args.get("label_codes"),
         args.get("roster_path"),
+        args.get("access"),
+        args.get("api_token_file"),
     )
 
 
@@ -1218,10 +1349,14 @@ def deploy(
     run_id: str | None = None,
     label_codes: dict[str, Any] | None = None,
     roster_path: str | None = None,
+    host: str = "127.0.0.1",
+    access: AccessPolicy | None = None,
 ) -> str:
-    """Start Serve on 127.0.0.1:``port`` with the oracle at ``/``; returns the base URL.
+    """Start Serve on ``host``:``port`` with the oracle at ``/``; returns the base URL.
     ``run_id``: the run to serve (None: the newest run with a model). ``roster_path``: the
-    signed roster(s) ``/audit/verify`` takes its signers from.
+    signed roster(s) ``/audit/verify`` takes its signers from. ``access``: the token,
+    rate limits and stream cap (None: AccessPolicy.local()); a ``host`` beyond loopback
+    without a token is refused (medimesh.access.policy_for picks one).
 
     Needs a running Ray (``ray.init``); Serve's controller and proxy start on first call.
     """
@@ -1232,15 +1367,18 @@ def deploy(
     # serve.start already applied them (Ray 2.60 serve.run always calls serve_start). The
     # callers print the oracle's URL themselves; Serve's warnings and errors still show.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    if not is_loopback(host) and (access is None or not access.requires_token):
+        raise ValueError(f"refusing to serve the oracle on {host} without an API token")
+    serve.start(http_options={"host": host, "port": port})
     dep = oracle_deployment().options(num_replicas=num_replicas)
     serve.run(
         dep.bind(database_url, router_name, router_namespace, poll_interval, run_id, label_codes,
-                 roster_path),
+                 roster_path, None if access is None else access.to_dict()),
         name=APP_NAME,
         route_prefix="/",
     )
-    return f"http://127.0.0.1:{port}"
+    reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
 
 
 APP_NAME = "medimesh-oracle"

@@ -467,6 +467,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _access(args: argparse.Namespace) -> Any:
+    """The oracle's access policy for ``--host``/``--api-token``/``--require-token``; prints
+    where the token comes from (the token itself only when it was just generated)."""
+    from medimesh.access import is_loopback, policy_for
+    from medimesh.api_token import resolve_token
+
+    needed = args.require_token or args.api_token is not None or not is_loopback(args.host)
+    token = resolve_token(args.api_token, os.environ) if needed else None
+    if token is not None:
+        print(token.notice(), file=sys.stderr, flush=True)
+    try:
+        return policy_for(args.host, None if token is None else token.token, args.require_token)
+    except ValueError as exc:  # e.g. a token shorter than 16 characters
+        raise MediMeshError(str(exc)) from None
+
+
+def _access_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1",
+                   help="oracle bind address (default %(default)s); any other address (e.g. "
+                        "0.0.0.0) requires an API token (docs/security.md)")
+    p.add_argument("--api-token", default=None, metavar="TOKEN",
+                   help="require this token (prefer $MEDIMESH_API_TOKEN: a flag shows in ps)")
+    p.add_argument("--require-token", action="store_true",
+                   help="require a token on loopback too ($MEDIMESH_API_TOKEN, else "
+                        ".medimesh/api-token, generated on first use)")
+
+
 def _start_services(
     database_url: str, args: argparse.Namespace, router_name: str,
     stops: list[Callable[[], None]], ray_banner: str = "", run_id: str | None = None,
@@ -476,12 +503,17 @@ def _start_services(
     print both URLs."""
     from medimesh.actors.oracle import deploy
 
+    access = _access(args)
     stops.append(_stop_serve)
     url = deploy(database_url, router_name=router_name, port=args.port, run_id=run_id,
-                 roster_path=roster_path)
+                 roster_path=roster_path, host=args.host, access=access)
+    from medimesh.access import is_loopback
     from medimesh.ui.app import UiServer
 
-    ui = UiServer(url, host=args.ui_host, port=args.ui_port)
+    if access.requires_token and not is_loopback(args.ui_host):
+        print(f"warning: the dashboard on {args.ui_host} has no login and holds the API token",
+              file=sys.stderr, flush=True)
+    ui = UiServer(url, host=args.ui_host, port=args.ui_port, token=access.token)
     stops.append(ui.stop)
     ui.start()
     print(
@@ -517,9 +549,11 @@ def _wait_for_ctrl_c() -> None:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the dashboard for an oracle somewhere else; it never talks to Ray."""
+    from medimesh.access import TOKEN_ENV
     from medimesh.ui.app import UiServer
 
-    ui = UiServer(args.api, host=args.host, port=args.port)
+    ui = UiServer(args.api, host=args.host, port=args.port,
+                  token=os.environ.get(TOKEN_ENV) or None)
     ui.start()
     print(f"ui: {ui.url}  (oracle {args.api})\npress Ctrl-C to stop", file=sys.stderr, flush=True)
     try:
@@ -531,14 +565,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def _serve_forever(
     database_url: str, port: int, router_name: str | None, run_id: str | None = None,
-    label_codes: dict[str, Any] | None = None,
+    label_codes: dict[str, Any] | None = None, host: str = "127.0.0.1", access: Any = None,
 ) -> None:
     """Deploy the oracle on Ray Serve and block until Ctrl-C."""
     from medimesh.actors.oracle import deploy
 
     rosters = STATE_DIR.resolve() / "rosters"  # the signed rosters runs here wrote
     url = deploy(database_url, router_name=router_name, port=port, run_id=run_id,
-                 label_codes=label_codes, roster_path=str(rosters) if rosters.is_dir() else None)
+                 label_codes=label_codes, roster_path=str(rosters) if rosters.is_dir() else None,
+                 host=host, access=access)
     print(
         f"\noracle: {url}  (API docs {url}/docs; try {url}/runs, {url}/rounds)\n"
         f"serving run {run_id or 'newest (follows new runs)'}\n"
@@ -570,8 +605,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             load_label_codes(codes)
         except PhenopacketError as exc:
             raise MediMeshError(str(exc)) from None
+    access = _access(args)
     ensure_ray()
-    _serve_forever(url, args.port, None, args.run, codes)
+    _serve_forever(url, args.port, None, args.run, codes, args.host, access)
     return 0
 
 
@@ -853,7 +889,7 @@ def _evaluate_served(args: argparse.Namespace) -> int:
     classes = cohort.class_names()
     index = {c: i for i, c in enumerate(classes)}
     hashes: set[str] = set()
-    with Client(args.api) as client:
+    with Client.from_env(args.api) as client:
 
         def answer(req: Any) -> tuple[Any, list[str], dict[str, Any]]:
             try:
@@ -1015,6 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="PostgreSQL for the audit trail: a URL, 'embedded' (default: an "
                            "embedded server in .medimesh/pg) or 'none' (in memory)")
     demo.add_argument("--port", type=int, default=8000, help="oracle HTTP port")
+    _access_args(demo)
     demo.add_argument("--ui-host", default="127.0.0.1", help="dashboard host")
     demo.add_argument("--ui-port", type=int, default=7860, help="dashboard HTTP port")
     demo.add_argument("--pace", type=float, default=None, metavar="SECONDS",
@@ -1023,7 +1060,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "or --json; --pace 0 trains at full speed)")
     demo.set_defaults(func=cmd_demo)
     ui_p = sub.add_parser("ui", help="serve the Gradio dashboard for a running oracle")
-    ui_p.add_argument("--api", required=True, metavar="URL", help="the oracle's base URL")
+    ui_p.add_argument("--api", required=True, metavar="URL",
+                      help="the oracle's base URL (its token, if any: $MEDIMESH_API_TOKEN)")
     ui_p.add_argument("--host", default="127.0.0.1")
     ui_p.add_argument("--port", type=int, default=7860)
     ui_p.add_argument("-v", "--verbose", action="store_true")
@@ -1031,6 +1069,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="serve the oracle (Ray Serve) on an existing store")
     serve_p.add_argument("--database-url", default="embedded")
     serve_p.add_argument("--port", type=int, default=8000)
+    _access_args(serve_p)
     serve_p.add_argument("--run", default=None, metavar="RUN_ID",
                          help="serve this run's model (default: the newest run with a model; "
                               "GET /runs lists them)")

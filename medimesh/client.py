@@ -8,13 +8,19 @@ sent twice behind the caller's back).
 
 Exceptions: :class:`ApiError` (``status``, ``message``) for any non-2xx answer,
 :class:`ValidationFailed` for 422 (``field`` names the offending input), :class:`NotFound` for
-404, :class:`Unavailable` when the server cannot be reached after the retries (or answers 503).
+404, :class:`Unavailable` when the server cannot be reached after the retries (or answers 503),
+:class:`Unauthorized` for 401 (no or a wrong API token), :class:`RateLimited` for 429
+(``retry_after`` in seconds).
+
+An oracle that faces the network asks for an API token (docs/security.md): pass ``token=`` or
+use :meth:`Client.from_env`, which reads ``$MEDIMESH_API_TOKEN``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -22,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from medimesh.access import TOKEN_ENV
 from medimesh.errors import MediMeshError
 
 __all__ = [
@@ -46,11 +53,13 @@ __all__ = [
     "OodReason",
     "OutOfDistribution",
     "Outcome",
+    "RateLimited",
     "ReadyState",
     "RoundInfo",
     "RunInfo",
     "SiteBaseline",
     "SymptomTerm",
+    "Unauthorized",
     "Unavailable",
     "ValidationFailed",
     "VerifyResult",
@@ -86,6 +95,18 @@ class NotFound(ApiError):
 
 class Unavailable(ApiError):
     """The oracle could not be reached after retries, or said 503 (not ready)."""
+
+
+class Unauthorized(ApiError):
+    """401: the oracle asks for an API token and none, or a wrong one, was sent."""
+
+
+class RateLimited(ApiError):
+    """429: too many requests from this address; ``retry_after`` seconds until the next."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None) -> None:
+        super().__init__(status, message)
+        self.retry_after = retry_after
 
 
 # ------------------------------------------------------------------------------ result types
@@ -251,6 +272,8 @@ class VerifyResult:
     broken_seq: int | None
     problem: str
     signers_checked: bool
+    computed_at: float | None = None  # when the oracle computed it (it reuses answers)
+    cached: bool = False  # this answer was computed for an earlier request
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,7 +568,25 @@ def _error(resp: httpx.Response) -> ApiError:
         return NotFound(status, message)
     if status == 503:
         return Unavailable(status, message)
+    if status == 401:
+        return Unauthorized(status, message)
+    if status == 429:
+        try:
+            retry: float | None = float(resp.headers.get("retry-after", ""))
+        except ValueError:
+            retry = None
+        return RateLimited(status, message, retry)
     return ApiError(status, message)
+
+
+def _auth(token: str | None) -> dict[str, str]:
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
+def _verify_result(d: Mapping[str, Any]) -> VerifyResult:
+    return VerifyResult(d["ok"], d["entries"], d["head_hash"], d.get("broken_seq"),
+                        d.get("problem", ""), bool(d.get("signers_checked", False)),
+                        d.get("computed_at"), bool(d.get("cached", False)))
 
 
 def _check(resp: httpx.Response) -> Any:
@@ -659,7 +700,8 @@ def _delay(attempt: int, backoff: float) -> float:
 
 
 class Client:
-    """Synchronous SDK. ``transport`` (e.g. ``httpx.MockTransport``) replaces the network."""
+    """Synchronous SDK. ``transport`` (e.g. ``httpx.MockTransport``) replaces the network.
+    ``token``: the oracle's API token, sent as ``Authorization: Bearer`` on every request."""
 
     def __init__(
         self,
@@ -668,10 +710,17 @@ class Client:
         retries: int = 3,
         transport: httpx.BaseTransport | None = None,
         backoff: float = 0.1,
+        token: str | None = None,
     ) -> None:
         self.retries = max(retries, 0)
         self.backoff = backoff
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport,
+                                  headers=_auth(token))
+
+    @classmethod
+    def from_env(cls, base_url: str, **kwargs: Any) -> Client:
+        """A client with ``$MEDIMESH_API_TOKEN`` as its token (none when unset or empty)."""
+        return cls(base_url, token=os.environ.get(TOKEN_ENV) or None, **kwargs)
 
     def close(self) -> None:
         self._http.close()
@@ -745,9 +794,7 @@ class Client:
                          bool(d["has_more"]))
 
     def verify_audit(self) -> VerifyResult:
-        d = self._get("/audit/verify")
-        return VerifyResult(d["ok"], d["entries"], d["head_hash"], d.get("broken_seq"),
-                            d.get("problem", ""), bool(d.get("signers_checked", False)))
+        return _verify_result(self._get("/audit/verify"))
 
     def rounds(self, run: str | None = None) -> list[RoundInfo]:
         """One run's closed rounds (default: the run the oracle serves); NotFound if unknown."""
@@ -824,10 +871,17 @@ class AsyncClient:
         retries: int = 3,
         transport: httpx.AsyncBaseTransport | None = None,
         backoff: float = 0.1,
+        token: str | None = None,
     ) -> None:
         self.retries = max(retries, 0)
         self.backoff = backoff
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport,
+                                       headers=_auth(token))
+
+    @classmethod
+    def from_env(cls, base_url: str, **kwargs: Any) -> AsyncClient:
+        """A client with ``$MEDIMESH_API_TOKEN`` as its token (none when unset or empty)."""
+        return cls(base_url, token=os.environ.get(TOKEN_ENV) or None, **kwargs)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -895,9 +949,7 @@ class AsyncClient:
                          bool(d["has_more"]))
 
     async def verify_audit(self) -> VerifyResult:
-        d = await self._get("/audit/verify")
-        return VerifyResult(d["ok"], d["entries"], d["head_hash"], d.get("broken_seq"),
-                            d.get("problem", ""), bool(d.get("signers_checked", False)))
+        return _verify_result(await self._get("/audit/verify"))
 
     async def rounds(self, run: str | None = None) -> list[RoundInfo]:
         return [_round(r) for r in await self._get("/rounds", _run_params(run))]

@@ -266,7 +266,44 @@ def embedded_server(data_dir: str | os.PathLike[str] | None = None) -> PostgresS
         warnings.simplefilter("ignore")
         from pgserver.postgres_server import get_server
 
-        return get_server(path, cleanup_mode="stop")
+        server = get_server(path, cleanup_mode="stop")
+    _lock_down(server)
+    return server
+
+
+def _lock_down(server: PostgresServer) -> None:
+    """Replace pgserver's ``trust`` with peer auth and close the socket to other OS users
+    (medimesh/pg_auth.py says what and why). Idempotent; reloads the server if it changed."""
+    import pwd
+    import signal
+
+    from medimesh import pg_auth
+
+    pgdata = Path(server.pgdata)
+    owner = pgdata.stat()
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    changed = False
+    for name, text in (("pg_hba.conf", pg_auth.hba_text()),
+                       ("pg_ident.conf", pg_auth.ident_text({me}))):
+        conf = pgdata / name
+        if conf.read_text() != text:
+            conf.write_text(text)  # rewriting keeps the server user's ownership and mode
+            changed = True
+    main = pgdata / "postgresql.conf"
+    if pg_auth.CONF_MARK not in main.read_text():
+        with main.open("a") as fh:
+            fh.write("\n" + "\n".join(pg_auth.conf_lines()) + "\n")  # from the next start on
+    info = server.get_postmaster_info()
+    sock_dir = info.socket_dir
+    if sock_dir is not None:
+        if sock_dir.resolve() != pgdata:  # pgserver's runtime-directory fallback, made 0777
+            os.chown(sock_dir, owner.st_uid, owner.st_gid)
+            sock_dir.chmod(pg_auth.SOCKET_DIR_MODE)
+        sock = info.socket_path
+        if sock is not None and sock.exists():
+            sock.chmod(0o700)
+    if changed and info.pid is not None:
+        os.kill(info.pid, signal.SIGHUP)  # reload pg_hba.conf / pg_ident.conf
 
 
 def database_url(data_dir: str | os.PathLike[str] | None = None) -> str:

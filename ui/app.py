@@ -92,9 +92,12 @@ class Dashboard:
     the SDK's default backoff; the timer retries anyway.
     """
 
-    def __init__(self, api_url: str, client: Client | None = None) -> None:
+    def __init__(
+        self, api_url: str, client: Client | None = None, token: str | None = None
+    ) -> None:
         self.api_url = api_url.rstrip("/")
-        self.client = client or Client(self.api_url, timeout=5.0, retries=1, backoff=0.2)
+        self.client = client or Client(self.api_url, timeout=5.0, retries=1, backoff=0.2,
+                                       token=token)
         self.audit = AuditLog()
         self.names: dict[str, str] = {}
         self._vocab: Vocabulary | None = None
@@ -430,9 +433,10 @@ def _vocab_updates(vocab: Vocabulary) -> list[Any]:
     ]
 
 
-def build_app(api_url: str, dash: Dashboard | None = None) -> FastAPI:
-    """A FastAPI app serving the dashboard at ``/`` (plus ``/healthz`` for probes)."""
-    dash = dash or Dashboard(api_url)
+def build_app(api_url: str, dash: Dashboard | None = None, token: str | None = None) -> FastAPI:
+    """A FastAPI app serving the dashboard at ``/`` (plus ``/healthz`` for probes); ``token``:
+    the oracle's API token, kept server-side (the browser never sees it)."""
+    dash = dash or Dashboard(api_url, token=token)
     app = FastAPI(title="MediMesh dashboard", docs_url=None, redoc_url=None)
 
     @app.get("/healthz")
@@ -448,12 +452,14 @@ def build_app(api_url: str, dash: Dashboard | None = None) -> FastAPI:
 class UiServer:
     """The dashboard on uvicorn in a daemon thread (the demo's driver process hosts it)."""
 
-    def __init__(self, api_url: str, host: str = "127.0.0.1", port: int = 7860) -> None:
+    def __init__(
+        self, api_url: str, host: str = "127.0.0.1", port: int = 7860, token: str | None = None
+    ) -> None:
         self.api_url = api_url
         self.host, self.port = host, port
         # Open browser tabs hold streaming connections: do not wait for them on shutdown.
-        config = uvicorn.Config(build_app(api_url), host=host, port=port, log_level="warning",
-                                lifespan="on", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(build_app(api_url, token=token), host=host, port=port,
+                                log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="medimesh-ui",
                                         daemon=True)

@@ -22,9 +22,11 @@ from medimesh.client import (
     Finding,
     ModelInfo,
     Network,
+    RateLimited,
     ReadyState,
     RoundInfo,
     SiteBaseline,
+    Unauthorized,
     Unavailable,
     ValidationFailed,
     VerifyResult,
@@ -88,6 +90,11 @@ def error_message(exc: BaseException, api_url: str) -> str:
     if isinstance(exc, ValidationFailed):
         where = f" ({exc.field})" if exc.field else ""
         return f"The oracle refused the request{where}: {exc.message}"
+    if isinstance(exc, Unauthorized):
+        return (f"The oracle at {api_url} wants an API token: start the dashboard with "
+                "$MEDIMESH_API_TOKEN set to it")
+    if isinstance(exc, RateLimited):
+        return f"The oracle is rate limiting this dashboard: {exc.message}"
     if isinstance(exc, Unavailable):
         if exc.status == 0:
             return f"Oracle unreachable at {api_url}: {exc.message}"
