@@ -33,7 +33,8 @@ from medimesh.attacks import COLLUDING, FRAMING, framing_victim
 from medimesh.errors import ConfigError
 from medimesh.identity import Identity, Member, Roster
 from medimesh.model import TrainConfig
-from medimesh.privacy import PrivacyConfig
+from medimesh.policy import PolicyConfig
+from medimesh.privacy import PrivacyConfig, check_delta
 from medimesh.routing import Faults
 from medimesh.runs import new_run_id
 from medimesh.secagg import SecAggConfig
@@ -118,6 +119,10 @@ class RunConfig:
     ray_dashboard: bool = False
     ray_dashboard_port: int = DASHBOARD_PORT
     ray_metrics_port: int | None = None
+    # Each hospital's own directory (<state_dir>/<site>): its policy.toml and the policy state
+    # that must survive a restart (local-DP spend, last round). None: kept in memory only, and
+    # a hospital Ray restarts refuses local-DP releases (medimesh.policy, docs/privacy.md §6).
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -582,6 +587,11 @@ class Consortium:
                 self._by_name("adversary:colluders") if d.name in colluding else None,
                 self.cfg.n_byzantine,
                 cross_baselines=self.cfg.cross_baselines_active,
+                policy=PolicyConfig.from_run(self.privacy),
+                state_dir=(
+                    None if self.cfg.state_dir is None
+                    else str(Path(self.cfg.state_dir).resolve() / d.name)
+                ),
             )
             for d in self.descriptors
         }
@@ -609,6 +619,12 @@ class Consortium:
                 raise ConfigError(f"hospital {name} could not load its data: {cause}") from None
         t_actors = time.perf_counter()
         self.setup_summary = ray.get(coordinator.setup.remote())
+        if self.privacy is not None:  # δ must be below 1/N for the N patients it protects
+            try:
+                check_delta(self.privacy.delta, int(self.setup_summary["n_train"]))
+            except ConfigError:
+                self.shutdown()
+                raise
         t_setup = time.perf_counter()
         self.timings = {
             "ray_init_s": t_ray - t0,

@@ -62,8 +62,10 @@ class Lab:
                 await conn.close()
 
         asyncio.run(create())
-        base, _, _ = self.admin_url.rpartition("/")
-        query = self.admin_url.partition("?")[2]
+        # The query may hold a socket path with slashes (pgserver: ?host=/tmp/...): split it
+        # off before replacing the database name.
+        url, _, query = self.admin_url.partition("?")
+        base, _, _ = url.rpartition("/")
         return f"{base}/{name}" + (f"?{query}" if query else "")
 
     def subdir(self, name: str) -> Path:
