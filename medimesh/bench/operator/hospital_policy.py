@@ -25,7 +25,7 @@ __all__ = ["SCENARIOS", "HostileCoordinator", "Inbox"]
 
 NUMBER = 7  # issue 15, attack 7: push local DP (and evaluations) past what a hospital agreed to
 HOSPITALS = 3
-WAIT_S = 20.0
+WAIT_S = 60.0  # generous: a loaded 2-core machine; every wait returns once satisfied
 
 
 class Inbox:
