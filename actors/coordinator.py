@@ -34,6 +34,7 @@ from medimesh.protocol import (
     ModelPublished,
     RoundStart,
     SecAggAdverts,
+    SecAggCheckRequest,
     SecAggInbox,
     SecAggMasked,
     SecAggUnmaskRequest,
@@ -611,7 +612,8 @@ class Coordinator(Node):
     async def _secure_close(
         self, state: RoundState, attempt: int, marks: dict[str, float]
     ) -> tuple[tuple[Model, ServerState, list[str], list[str]], int]:
-        """Secure round: the four SecAgg phases through the router, then one server step.
+        """Secure round: the SecAgg phases (consistency check included) through the router, then
+        one server step.
 
         Returns the close result and the bytes this side sent. Only masked vectors and public
         counts are ever held here; too few hospitals in any phase is a QuorumNotReached (the
@@ -650,16 +652,24 @@ class Coordinator(Node):
                 if verdict is not None and verdict[0].accepted and verdict[0].hospital == peer:
                     accepted.add(peer)
             survivors = sa.close_masked(accepted)
-            await send(SecAggUnmaskRequest(r, survivors), list(survivors))
+            # Consistency check (Bonawitz et al.): survivors sign U3 before revealing shares.
+            await send(SecAggCheckRequest(r, survivors), list(survivors))
             marks["masked_input"] = time.perf_counter()
             phase_end = time.time() + sac.phase_timeout_s
-            await self._phase(lambda: len(sa.answers), len(survivors), t, phase_end)
+            await self._phase(lambda: len(sa.checks), len(survivors), t, phase_end)
+            signed = sa.close_check()
+            await send(SecAggUnmaskRequest(r, survivors, signed), list(sa.signers))
+            marks["consistency"] = time.perf_counter()
+            phase_end = time.time() + sac.phase_timeout_s
+            await self._phase(lambda: len(sa.answers), len(sa.signers), t, phase_end)
             state.closed = True
             if len(survivors) < state.min_updates:
                 raise QuorumNotReached(
                     f"round {r}: {len(survivors)} masked update(s), {state.min_updates} required"
                 )
             agg = sa.aggregate()
+            if sa.sum_check is not None and sa.sum_check.clamped:
+                self.audit.record("secagg_sum_out_of_bounds", r, parent, sa.sum_check.to_dict())
             marks["unmask"] = time.perf_counter()
         except (SecAggError, QuorumNotReached) as exc:
             self._sa = None
@@ -698,6 +708,8 @@ class Coordinator(Node):
             "dropped_after_masking": len(sa.survivors) - len(sa.answers),
             "quantizer_bits": sa.params.quantizer.bits,
             "clip": sa.params.quantizer.clip,
+            "signed_survivors": len(sa.signers),
+            "sum_check": None if sa.sum_check is None else sa.sum_check.to_dict(),
         }
 
     def _round_failed(

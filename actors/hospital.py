@@ -26,6 +26,7 @@ from medimesh.protocol import (
     ModelPublished,
     RoundStart,
     SecAggAdverts,
+    SecAggCheckRequest,
     SecAggInbox,
     SecAggUnmaskRequest,
     SetupRequest,
@@ -33,6 +34,8 @@ from medimesh.protocol import (
     Update,
     decode,
 )
+from medimesh.secagg_lie import LIAR_SHIFT, lie
+from medimesh.secagg_policy import SecAggPolicy, SecAggRefused
 from medimesh.secagg_round import SecAggHospital
 from medimesh.sites import SiteDescriptor, dataset_info, load_site
 from medimesh.wire import open_envelope
@@ -40,8 +43,9 @@ from medimesh.wire import open_envelope
 __all__ = ["DRILLS", "Hospital"]
 
 # Behaviours that are not attacks but failure drills. "secagg_dropout": in a secure round,
-# send the masked update, then vanish (never answer the unmasking request).
-DRILLS = frozenset({"secagg_dropout"})
+# send the masked update, then vanish (never answer the unmasking request). "secagg_liar":
+# add LIAR_SHIFT * C to the first coordinate of its masked input (medimesh.secagg_lie).
+DRILLS = frozenset({"secagg_dropout", "secagg_liar"})
 
 log = structlog.get_logger("medimesh.hospital")
 
@@ -63,12 +67,15 @@ class Hospital(Node):
         cross_baselines: bool = True,
         policy: PolicyConfig | None = None,
         state_dir: str | None = None,
+        secure_aggregation: bool = False,
     ) -> None:
         """``cross_baselines`` is this site's own policy: whether it may send its isolated
         model to its peer hospitals when the coordinator asks (medimesh.cross_baselines).
         ``policy``: its own limits from the run it was started with, overridden by a
         ``policy.toml`` in ``state_dir``, where its policy state is also kept
-        (medimesh.policy, docs/privacy.md §6)."""
+        (medimesh.policy, docs/privacy.md §6).
+        ``secure_aggregation``: this site answers only secure rounds, under its own
+        SecAggPolicy (medimesh.secagg_policy), whatever a RoundStart asks."""
         super().__init__(seed, roster_json, router, auditor)
         self._share_isolated = cross_baselines
         known = behaviour in ATTACKS or behaviour in PROTOCOL_ATTACKS or behaviour in DRILLS
@@ -99,7 +106,9 @@ class Hospital(Node):
         self._first_base: np.ndarray | None = None
         self._last_base: tuple[str, np.ndarray] | None = None
         self._step: np.ndarray | None = None
-        self._secagg = SecAggHospital(self.identity)
+        self._secagg = SecAggHospital(
+            self.identity, SecAggPolicy.from_roster(self.roster, secure_aggregation)
+        )
         self.rounds_trained = 0
 
     def _own_policy(self, config: PolicyConfig) -> HospitalPolicy:
@@ -215,6 +224,10 @@ class Hospital(Node):
             log.warning("request refused by policy", type=h.type, rule=exc.rule)
             self.audit.record("policy_refused", h.round, h.message_id,
                               {**exc.to_audit(), "type": h.type})
+        except SecAggRefused as exc:  # its own policy said no: nothing was sent
+            log.warning("secure aggregation refused", type=h.type, rule=exc.rule)
+            self.audit.record("secagg_refused", h.round, h.message_id,
+                              {"type": h.type, **exc.audit_body()})
         except MediMeshError as exc:
             log.warning("message not handled", type=h.type, error=str(exc))
             self.audit.record("message_failed", h.round, h.message_id, {"error": str(exc)})
@@ -238,6 +251,7 @@ class Hospital(Node):
 
         elif type_ == RoundStart.TYPE:
             start = decode(type_, payload, RoundStart)
+            self._secagg.admit(start)  # the site's own SecAgg policy, before any training
             update = self._misbehave(node.on_round_start(start, self._coordinator), start)
             self._policy_saved()
             if start.secagg_threshold:
@@ -272,7 +286,15 @@ class Hospital(Node):
             self.post(shares, [self._coordinator], round_)
         elif type_ == SecAggInbox.TYPE:
             masked = self._secagg.on_inbox(decode(type_, payload, SecAggInbox))
+            if self._behaviour == "secagg_liar":
+                params = self._secagg.params(round_)
+                shift = np.zeros(params.dim)
+                shift[0] = LIAR_SHIFT * params.quantizer.clip
+                masked = lie(masked, self.identity, params, shift)
             self.post(masked, [self._validator, self._coordinator], round_)
+        elif type_ == SecAggCheckRequest.TYPE:
+            check = self._secagg.on_check_request(decode(type_, payload, SecAggCheckRequest))
+            self.post(check, [self._coordinator], round_)
         elif type_ == SecAggUnmaskRequest.TYPE:
             request = decode(type_, payload, SecAggUnmaskRequest)
             if self._behaviour == "secagg_dropout":

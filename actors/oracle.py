@@ -125,15 +125,19 @@ def _engine_from(stored: StoredModel, state: dict[str, Any]) -> DiagnosisEngine:
     """Join a stored model with the setup round's statistics (kept in the checkpoint)."""
     if "mean" not in state or "std" not in state:
         raise StoreError("latest checkpoint has no standardization (mean/std)")
+    model = stored.to_model()
+    # A rare cohort with a larger panel (--diseases N) has N + 1 classes; its columns follow.
+    n_diseases = model.n_classes - 1 if model.n_classes > cohort.N_CLASSES else cohort.PANEL_SIZE
+    feats = cohort.features(n_diseases)
     saved = saved_model_for(
-        stored.to_model(),
-        cohort.features(),
-        cohort.class_names(),
+        model,
+        feats,
+        cohort.class_names(n_diseases),
         np.asarray(state["mean"], dtype=float),
         np.asarray(state["std"], dtype=float),
         round_=stored.round,
     )
-    return DiagnosisEngine(saved, cohort.features(), profile=TrainingProfile.from_state(state))
+    return DiagnosisEngine(saved, feats, profile=TrainingProfile.from_state(state))
 
 
 class OracleState:

@@ -65,6 +65,7 @@ class RunConfig:
     rounds: int = 20
     seed: int = 0
     alpha: float = 0.5
+    n_diseases: int = 10  # rare cohort: the ten panel diseases + Orphanet differentials
     train: TrainConfig = field(default_factory=TrainConfig)
     aggregator: str = DEFAULT_AGGREGATOR
     validator_scoring: bool = True
@@ -131,6 +132,16 @@ class RunConfig:
             raise ConfigError("--rounds must be at least 1")
         if self.alpha <= 0:
             raise ConfigError("--alpha must be positive")
+        if self.n_diseases != 10:
+            from medimesh.data.cohort import MAX_DISEASES, PANEL_SIZE
+
+            if self.dataset != "rare":
+                raise ConfigError("--diseases applies to the rare cohort only (--dataset rare)")
+            if not PANEL_SIZE <= self.n_diseases <= MAX_DISEASES:
+                raise ConfigError(
+                    f"--diseases must be between {PANEL_SIZE} (the hand-picked panel) and "
+                    f"{MAX_DISEASES}, got {self.n_diseases}"
+                )
         if self.dataset not in ("rare", "sparse", "heart", "csv", "phenopackets"):
             raise ConfigError(
                 f"unknown dataset {self.dataset!r}; expected rare, sparse, heart, csv or "
@@ -190,7 +201,10 @@ class RunConfig:
 def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
     """One small recipe per hospital: the only thing about data the driver ships."""
     if cfg.dataset == "rare":
-        cohort = {"n_hospitals": cfg.hospitals, "seed": cfg.seed, "alpha": cfg.alpha}
+        cohort: dict[str, Any] = {"n_hospitals": cfg.hospitals, "seed": cfg.seed,
+                                  "alpha": cfg.alpha}
+        if cfg.n_diseases != 10:  # default descriptors stay as they were
+            cohort["n_diseases"] = cfg.n_diseases
         return [
             SiteDescriptor("rare", f"hospital-{i + 1:02d}", {"cohort": cohort, "site": i})
             for i in range(cfg.hospitals)
@@ -587,6 +601,7 @@ class Consortium:
                 self._by_name("adversary:colluders") if d.name in colluding else None,
                 self.cfg.n_byzantine,
                 cross_baselines=self.cfg.cross_baselines_active,
+                secure_aggregation=self.cfg.secure_aggregation is not None,
                 policy=PolicyConfig.from_run(self.privacy),
                 state_dir=(
                     None if self.cfg.state_dir is None

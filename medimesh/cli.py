@@ -97,6 +97,10 @@ def _run_args(p: argparse.ArgumentParser, hospitals: int = 8, rounds: int = 20) 
     p.add_argument("--alpha", type=float, default=None,
                    help="Dirichlet concentration of the hospitals' disease mix "
                         "(default: rare 0.5, sparse 0.3)")
+    p.add_argument("--diseases", type=int, default=10, metavar="N",
+                   help="rare cohort: N diseases, the ten hand-picked ones plus N-10 Orphanet "
+                        "differentials from the bundled HPO annotations (10..100; "
+                        "docs/cohort.md)")
     p.add_argument("--data-dir", default=None, help="heart data folder")
     p.add_argument("--local-steps", type=_positive_int, default=None)
     p.add_argument("--l2", type=float, default=None)
@@ -208,6 +212,7 @@ def _config(args: argparse.Namespace) -> Any:
         rounds=args.rounds,
         seed=args.seed,
         alpha=_alpha(args),
+        n_diseases=args.diseases,
         train=train,
         data_dir=args.data_dir,
         audit_path=getattr(args, "audit_file", None),
@@ -558,7 +563,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medimesh.actors.runtime import Consortium
     from medimesh.modelfile import save_model
 
-    if args.dataset not in ("sparse", "heart"):  # those two: hospitals build their own rows
+    synthetic_rare = args.dataset == "rare" and not args.site and args.spec is None
+    # sparse, heart and (no --site, no --spec) the synthetic rare cohort: the hospitals build
+    # their own rows; otherwise every site is a CSV file or a directory of phenopackets.
+    if args.dataset not in ("sparse", "heart") and not synthetic_rare:
         args.dataset = _site_kind(args)
     cfg = _config(args)
     t0 = time.perf_counter()

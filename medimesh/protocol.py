@@ -28,6 +28,8 @@ __all__ = [
     "RoundStart",
     "SecAggAdvert",
     "SecAggAdverts",
+    "SecAggCheck",
+    "SecAggCheckRequest",
     "SecAggInbox",
     "SecAggMasked",
     "SecAggShares",
@@ -434,12 +436,39 @@ class SecAggMasked(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SecAggCheckRequest(Message):
+    """Coordinator -> survivors: who sent an accepted masked vector (U3), to be signed.
+
+    The consistency check of Bonawitz et al.'s actively secure variant: each survivor signs
+    the list once, and reveals shares only for a list that at least t of them signed.
+    """
+
+    TYPE: ClassVar[str] = "secagg_check_request"
+    round: int
+    survivors: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggCheck(Message):
+    """Hospital -> coordinator: its signature over the round's survivor list (U3)."""
+
+    TYPE: ClassVar[str] = "secagg_check"
+    round: int
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
 class SecAggUnmaskRequest(Message):
-    """Coordinator -> survivors: who sent an accepted masked vector (U3), by peer id."""
+    """Coordinator -> signers: the survivors (U3), by peer id, and the signatures over it.
+
+    ``signatures``: peer id -> base64 signature of the survivor list (the consistency check);
+    a hospital answers only if at least t of them are valid and it signed the same list.
+    """
 
     TYPE: ClassVar[str] = "secagg_unmask_request"
     round: int
     survivors: tuple[str, ...]
+    signatures: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +499,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SecAggShares,
         SecAggInbox,
         SecAggMasked,
+        SecAggCheckRequest,
+        SecAggCheck,
         SecAggUnmaskRequest,
         SecAggUnmask,
     )

@@ -24,9 +24,14 @@ quantizes its vector to integers mod 2^32 and adds masks that cancel in the sum:
   identity; advertisements also carry a hash commitment to ``b_u``, so a reconstructed seed
   (and, via its public key, a reconstructed mask key) is checked before it is used.
 
-Threat model: honest-but-curious coordinator and up to ``t - 1`` colluding hospitals; the
-consistency-check round of the actively secure variant is not implemented (docs/privacy.md).
-All of this is pure logic on bytes; :func:`run_protocol` drives all four rounds in process
+- Consistency check (the actively secure variant): before unmasking, every survivor signs the
+  survivor list U3 it was shown (:meth:`SecAggClient.sign_survivors`) and reveals shares only
+  for that list, and only when at least ``t`` survivors' signatures over it verify
+  (:func:`survivor_signers`), so a server cannot show two groups of hospitals two lists.
+
+Threat model: a malicious coordinator colluding with fewer than ``2t - n`` hospitals, if every
+hospital also enforces its own policy (:mod:`medimesh.secagg_policy`; docs/privacy.md).
+All of this is pure logic on bytes; :func:`run_protocol` drives all rounds in process
 (the benchmark and the tests use it with real keys and real ciphers).
 """
 
@@ -37,7 +42,7 @@ import math
 import os
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -64,6 +69,8 @@ __all__ = [
     "masked_size",
     "prg",
     "run_protocol",
+    "sign_survivors",
+    "survivor_signers",
     "verify_masked",
 ]
 
@@ -71,6 +78,7 @@ MODULUS_BITS = 32
 _ADVERT = b"medimesh/secagg/advert/v1\0"
 _MASKED = b"medimesh/secagg/masked/v1\0"
 _UNMASK = b"medimesh/secagg/unmask/v1\0"
+_CHECK = b"medimesh/secagg/consistency/v1\0"
 _PERSON = b"medimesh-secagg1"  # BLAKE2b personalisation (16 bytes): domain separation
 _B_SHARE, _S_SHARE = 0, 1
 
@@ -207,7 +215,8 @@ class SecAggParams:
 class SecAggConfig:
     """Secure aggregation in the actors' round path (``RunConfig.secure_aggregation``).
 
-    ``max_dropout``: fraction of a round's hospitals that may vanish (t = n - floor(f*n)).
+    ``max_dropout``: fraction of a round's hospitals that may vanish (t = n - floor(f*n)),
+    below 1/3 because hospitals require t > 2n/3 (medimesh.secagg_policy).
     ``clip_norm``: every hospital clips its delta to this L2 norm, which is also the
     quantizer's per-coordinate range R, so encoding never saturates an honest update.
     ``grace_s``: once t hospitals answered a phase, how long to wait for the rest.
@@ -220,8 +229,9 @@ class SecAggConfig:
     phase_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.max_dropout < 0.5:
-            raise ConfigError("secure aggregation: max dropout must be in [0, 0.5) (t > n/2)")
+        if not 0 <= self.max_dropout < 1 / 3:
+            # Hospitals refuse t <= 2n/3 (medimesh.secagg_policy): never propose it.
+            raise ConfigError("secure aggregation: max dropout must be in [0, 1/3) (t > 2n/3)")
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ConfigError("secure aggregation: clip norm must be positive and finite")
         if self.grace_s < 0 or self.phase_timeout_s <= 0:
@@ -319,6 +329,34 @@ def verify_masked(msg: bytes, params: SecAggParams, sender: int) -> None:
         raise SecAggError(f"masked vector of hospital {sender} names the wrong length")
 
 
+def _survivor_list(survivors: Iterable[int]) -> bytes:
+    idx = sorted(set(survivors))
+    return struct.pack(f">{len(idx)}H", *idx)
+
+
+def sign_survivors(identity: Identity, params: SecAggParams, survivors: Iterable[int]) -> bytes:
+    """A hospital's signature over the survivor list U3 of this aggregation (its context)."""
+    return identity.sign(_CHECK + params.context + _survivor_list(survivors))
+
+
+def survivor_signers(
+    params: SecAggParams, survivors: Iterable[int], signatures: Mapping[int, bytes]
+) -> frozenset[int]:
+    """The members of ``survivors`` whose signature over exactly this list verifies."""
+    alive = frozenset(survivors)
+    signed = _CHECK + params.context + _survivor_list(alive)
+    good = set()
+    for v, sig in signatures.items():
+        if v not in alive or not 1 <= v <= params.n or len(sig) != 64:
+            continue
+        try:
+            verify_key(params.peers[v - 1]).verify(signed, sig)
+        except BadSignatureError:
+            continue
+        good.add(v)
+    return frozenset(good)
+
+
 # ---------------------------------------------------------------------------- the hospital
 
 
@@ -343,6 +381,8 @@ class SecAggClient:
         self._held: dict[int, tuple[bytes, bytes]] = {}  # sender -> (s-share, b-share)
         self._u2: frozenset[int] = frozenset()
         self._answered = False
+        self.signed: frozenset[int] | None = None  # the survivor list this hospital signed
+        self.answered_for: frozenset[int] | None = None  # the list its unmasking answered
 
     def advertise(self) -> bytes:
         """Round 0: two fresh public keys and a commitment to the self-mask seed, signed."""
@@ -410,15 +450,44 @@ class SecAggClient:
         body = y.astype("<u4").tobytes()
         return _signed_head(self._identity, _MASKED, p, self.index, p.dim, body)
 
-    def unmask(self, survivors: Sequence[int]) -> bytes:
-        """Round 3: b-shares of survivors, mask-key shares of dropouts; never both, once."""
+    def _check_survivors(self, alive: frozenset[int]) -> None:
+        if len(alive) < self.params.threshold or not alive <= self._u2 or self.index not in alive:
+            raise SecAggError("the survivor list names too few or unknown survivors")
+
+    def sign_survivors(self, survivors: Sequence[int]) -> bytes:
+        """Consistency check: sign the survivor list, one list per aggregation (re-signing the
+        same list is idempotent; a different one is refused)."""
+        alive = frozenset(survivors)
+        self._check_survivors(alive)
+        if self.signed is not None and self.signed != alive:
+            raise SecAggError("already signed a different survivor list this round")
+        self.signed = alive
+        return sign_survivors(self._identity, self.params, alive)
+
+    def unmask(
+        self, survivors: Sequence[int], signatures: Mapping[int, bytes] | None = None
+    ) -> bytes:
+        """Round 3: b-shares of survivors, mask-key shares of dropouts; never both, once.
+
+        With ``signatures`` (the actively secure variant; the actor path always passes them)
+        the list must be the one this hospital signed and carry at least ``t`` valid
+        signatures. Without, this is the honest-but-curious variant (in-process use only).
+        """
         p = self.params
         alive = frozenset(survivors)
         if self._answered:
             raise SecAggError("already answered an unmasking request this round")
-        if len(alive) < p.threshold or not alive <= self._u2 or self.index not in alive:
-            raise SecAggError("unmasking request names too few or unknown survivors")
+        self._check_survivors(alive)
+        if signatures is not None:
+            if self.signed != alive:
+                raise SecAggError("unmasking request names a survivor list this hospital "
+                                  "did not sign")
+            good = survivor_signers(p, alive, signatures)
+            if len(good) < p.threshold:
+                raise SecAggError(f"only {len(good)} valid signatures on the survivor list; "
+                                  f"need {p.threshold}")
         self._answered = True
+        self.answered_for = alive
         entries = []
         for u in sorted(self._held):
             s_share, b_share = self._held[u]
@@ -559,14 +628,15 @@ def run_protocol(
     drop_after_masking: frozenset[int] = frozenset(),
     randbytes: Callable[[int], bytes] = os.urandom,
 ) -> SecAggResult:
-    """All four rounds in one process with real keys, shares, ciphers and signatures.
+    """All rounds in one process with real keys, shares, ciphers and signatures (the
+    consistency check included).
 
     ``drop_before_masking``: hospitals that vanish after sharing keys (their vector is not in
     the sum; their pairwise masks are rebuilt from shares). ``drop_after_masking``: hospitals
     that send their masked vector and then vanish (in the sum; self-mask rebuilt).
     """
-    up = {"advertise": 0, "share_keys": 0, "masked_input": 0, "unmask": 0}
-    down = {"advertise": 0, "share_keys": 0, "unmask": 0}
+    up = {"advertise": 0, "share_keys": 0, "masked_input": 0, "consistency": 0, "unmask": 0}
+    down = {"advertise": 0, "share_keys": 0, "consistency": 0, "unmask": 0}
     clock = _Clock()
     clients = {
         i + 1: SecAggClient(params, identities[peer], randbytes)
@@ -592,10 +662,15 @@ def run_protocol(
     survivors = clock.server(lambda: server.collect_masked(masked))
     answering = [i for i in survivors if i not in drop_after_masking]
     down["unmask"] = 2 * len(survivors) * len(answering)  # the survivor list, to each
+    # Consistency check: every survivor still there signs U3; the signatures go to each.
+    sigs = {i: clock.client(lambda c=clients[i]: c.sign_survivors(survivors))  # type: ignore[misc]
+            for i in answering}
+    up["consistency"] = 64 * len(sigs)
+    down["consistency"] = 64 * len(sigs) * len(answering)
     answers: dict[int, bytes] = {}
     for i in answering:
         c = clients[i]
-        answers[i] = clock.client(lambda c=c: c.unmask(survivors))  # type: ignore[misc]
+        answers[i] = clock.client(lambda c=c: c.unmask(survivors, sigs))  # type: ignore[misc]
     up["unmask"] = sum(len(a) for a in answers.values())
     total = clock.server(lambda: server.unmask_sum(answers))
     decoded = server.decoded_sum(total)

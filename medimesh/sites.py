@@ -60,10 +60,11 @@ def dataset_info(kind: str, params: dict[str, Any] | None = None) -> DatasetInfo
     if kind == "rare":
         from medimesh.data import cohort
 
-        feats = cohort.features()
+        n_diseases = int(params.get("cohort", {}).get("n_diseases", cohort.PANEL_SIZE))
+        feats = cohort.features(n_diseases)
         return DatasetInfo(
             feature_names=tuple(f.name for f in feats),
-            class_names=cohort.class_names(),
+            class_names=cohort.class_names(n_diseases),
             log_mask=np.array([f.kind == "lognormal" for f in feats]),
             scale_mask=np.array([f.kind != "binary" for f in feats]),
         )
@@ -117,7 +118,7 @@ def load_site(desc: SiteDescriptor) -> LocalData:
         # The hospital's local recipe: shorter copies of its training records (issue 14).
         rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(2, site)))
         x_train, y_train = cohort.shortened_records(
-            s.x_train, s.y_train, rng, cfg.short_record_copies
+            s.x_train, s.y_train, rng, cfg.short_record_copies, n_diseases=cfg.n_diseases
         )
         return LocalData(desc.name, x_train, y_train, s.x_test, s.y_test)
     if desc.kind == "sparse":

@@ -519,3 +519,124 @@ def test_shortened_records_keep_a_few_specific_terms_of_the_same_patient() -> No
     plain = load_site(SiteDescriptor("rare", "h", {**params, "cohort": {"n_hospitals": 4,
                                                                         "seed": 2}}))
     np.testing.assert_array_equal(plain.x_train, site.x_train)
+
+
+# ------------------------------------------------------------- larger panel (--diseases N)
+N_LARGER = 13  # small and quick: the ten panel diseases + three Orphanet differentials
+
+
+def test_larger_panel_keeps_the_ten_and_adds_orphanet_differentials() -> None:
+    """``n_diseases`` N: the ten hand-picked diseases first (same names and same symptom
+    probabilities), then N - 10 Orphanet diseases picked by the sparse consortium's
+    selection around them, then Other; no panel disease twice, no subtype of one."""
+    from medimesh.data.sparse import differentials
+
+    names = class_names(N_LARGER)
+    assert len(names) == N_LARGER + 1 and names[-1] == cohort.OTHER_NAME
+    assert names[:10] == class_names()[:10]
+    panel = load_panel()["diseases"]
+    extra = differentials([d["orpha_id"] for d in panel], N_LARGER)
+    assert names[10:-1] == tuple(d.name for d in extra)
+    assert not {d.orpha_id for d in extra} & {d["orpha_id"] for d in panel}
+    for d in extra:
+        assert not any(p["name"].lower() in d.name.lower() for p in panel), d.name
+    for i in range(10):
+        assert symptom_probabilities(i, N_LARGER) == symptom_probabilities(i)
+    # A differential samples its own Orphanet annotations (terms and frequency classes).
+    freq = symptom_probabilities(10, N_LARGER)
+    assert set(freq) <= set(extra[0].terms) and len(freq) >= 5
+    # The vocabulary grows; labs, genes, age and sex stay; the default panel is untouched.
+    big, small = features(N_LARGER), features()
+    n_sym = sum(f.name.startswith("HP:") for f in big)
+    n_small = sum(f.name.startswith("HP:") for f in small)
+    assert n_sym > n_small
+    assert big[2 * n_sym:] == small[2 * n_small:]
+    assert class_names() == class_names(10) and len(small) == 794
+
+
+def test_larger_panel_sites_follow_the_staged_cohort() -> None:
+    """Every class of a larger panel appears, Other stays the largest class, and the same
+    stages apply: about 30 % of a differential's patients are first referrals (no labs, not
+    sequenced), with 3-12 coded terms; a differential has no causal gene column."""
+    cfg = CohortConfig(n_hospitals=4, seed=1, n_diseases=N_LARGER)
+    sites = _all_sites(cfg)
+    width = len(features(N_LARGER))
+    y = np.concatenate([np.concatenate([s.y_train, s.y_test]) for s in sites])
+    assert all(s.x_train.shape[1] == width for s in sites)
+    counts = np.bincount(y, minlength=N_LARGER + 1)
+    assert (counts[10:N_LARGER] > 0).all() and counts.argmax() == N_LARGER
+    feats = features(N_LARGER)
+    names = [f.name for f in feats]
+    t = sum(n.startswith("HP:") for n in names)
+    measured = [i for i, n in enumerate(names) if n.startswith("measured:")]
+    genes = [i for i, n in enumerate(names) if n.startswith("gene:")]
+    tested = names.index("genetic_testing_done")
+    parents = cohort._model(N_LARGER).parents
+    rng = np.random.default_rng(5)
+    for disease in range(10, N_LARGER):
+        x = sample_patients(disease, 2000, rng, n_diseases=N_LARGER)
+        referral = (x[:, measured].sum(axis=1) == 0) & (x[:, tested] == 0)
+        assert 0.27 <= referral.mean() <= 0.36
+        seq = x[:, tested] == 1
+        assert seq.any() and x[seq][:, genes].mean() < 0.03  # incidental calls only
+        observed = x[:, :t] == 1.0
+        implied = np.zeros_like(observed)
+        for i, j in zip(*np.nonzero(observed), strict=True):
+            implied[i, list(parents[j])] = True
+        coded = (observed & ~implied).sum(axis=1)
+        assert 3 <= np.median(coded) <= 12
+    # Other's phenocopies now also resemble the differentials.
+    m = cohort._model(N_LARGER)
+    assert m.mimic.shape[0] == N_LARGER
+
+
+@pytest.mark.parametrize("n", [9, 0, 101, -3])
+def test_larger_panel_out_of_range_is_refused(n: int) -> None:
+    with pytest.raises(ValueError, match=r"n_diseases must be an int in 10\.\.100"):
+        CohortConfig(n_diseases=n)
+    with pytest.raises(ValueError, match="n_diseases"):
+        features(n)
+
+
+def test_larger_panel_through_the_run_config() -> None:
+    """``--diseases`` reaches the hospitals' descriptors and the consortium's schema; a bad
+    value or a non-rare dataset is a clear configuration error."""
+    from medimesh.actors.runtime import RunConfig, site_descriptors
+    from medimesh.errors import ConfigError
+    from medimesh.sites import dataset_info, load_site
+
+    cfg = RunConfig(hospitals=2, seed=2, n_diseases=N_LARGER)
+    desc = site_descriptors(cfg)
+    info = dataset_info(desc[0].kind, desc[0].params)
+    assert info.class_names == class_names(N_LARGER)
+    assert info.feature_names == tuple(f.name for f in features(N_LARGER))
+    assert load_site(desc[1]).x_train.shape[1] == len(info.feature_names)
+    assert "n_diseases" not in site_descriptors(RunConfig(hospitals=2))[0].params["cohort"]
+    with pytest.raises(ConfigError, match="between 10"):
+        RunConfig(n_diseases=7)
+    with pytest.raises(ConfigError, match="rare cohort only"):
+        RunConfig(dataset="sparse", n_diseases=12)
+
+
+def test_oracle_reads_a_larger_panel_model_from_its_class_count() -> None:
+    """The oracle (``medimesh demo --diseases N``) builds its engine from the stored model:
+    N + 1 classes mean the larger panel's columns and names; a differential's own hallmark
+    term is read (not reported unknown)."""
+    from medimesh.actors.oracle import _engine_from
+    from medimesh.diagnosis import PatientRequest
+    from medimesh.model import init_model
+    from medimesh.store import StoredModel
+
+    width = len(features(N_LARGER))
+    model = init_model(width, N_LARGER + 1)
+    stored = StoredModel(
+        "h", 1, None, model.weights.astype("<f4").tobytes(), model.bias.astype("<f4").tobytes(),
+        (width, N_LARGER + 1), {}, 0.0,
+    )
+    state = {"mean": np.zeros(width), "std": np.ones(width)}
+    engine = _engine_from(stored, state)
+    assert engine.saved.classes == class_names(N_LARGER)
+    term = next(f.name for f in features(N_LARGER)
+                if f.name.startswith("HP:") and f.name not in {g.name for g in features()})
+    d = engine.diagnose(PatientRequest(symptoms=(term,)))
+    assert not d.unknown_terms and len(d.differential) == N_LARGER + 1

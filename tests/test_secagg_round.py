@@ -46,6 +46,17 @@ def _wire(msg: Message) -> Message:
     return type(msg).from_payload(msg.to_payload())
 
 
+def _unmask_request(
+    coord: SecAggRound, sides: dict[str, SecAggHospital], survivors: tuple[str, ...]
+) -> Message:
+    """The consistency check: every survivor signs U3; the request carries the signatures."""
+    from medimesh.protocol import SecAggCheckRequest, SecAggUnmaskRequest
+
+    for p in survivors:
+        assert coord.add(p, _wire(sides[p].on_check_request(SecAggCheckRequest(3, survivors))), "")
+    return _wire(SecAggUnmaskRequest(3, survivors, coord.close_check()))
+
+
 def test_a_round_of_messages_yields_fedavg_with_one_silent_survivor() -> None:
     """Four hospitals mask; one never answers unmasking; the coordinator's aggregate is the
     example-weighted mean of the four clipped deltas, within the quantization bound."""
@@ -68,8 +79,10 @@ def test_a_round_of_messages_yields_fedavg_with_one_silent_survivor() -> None:
         assert coord.add(p, _wire(side.on_inbox(SecAggInbox(3, inboxes[p]))), f"d-{p}")
     survivors = coord.close_masked(set(sides))
     silent = IDS[1].peer_id
+    request = _unmask_request(coord, sides, survivors)
+    assert isinstance(request, SecAggUnmaskRequest)
     for p in survivors:
-        answer = sides[p].on_unmask_request(SecAggUnmaskRequest(3, survivors))
+        answer = sides[p].on_unmask_request(request)
         if p != silent:
             assert coord.add(p, _wire(answer), "")
     agg = coord.aggregate()
@@ -179,8 +192,10 @@ def test_a_refused_masked_update_is_left_out_and_the_mean_rescaled() -> None:
     refused = IDS[0].peer_id
     survivors = coord.close_masked(set(sides) - {refused})
     assert refused not in survivors
+    request = _unmask_request(coord, sides, survivors)
+    assert isinstance(request, SecAggUnmaskRequest)
     for p in survivors:
-        coord.add(p, _wire(sides[p].on_unmask_request(SecAggUnmaskRequest(3, survivors))), "")
+        coord.add(p, _wire(sides[p].on_unmask_request(request)), "")
     agg = coord.aggregate()
     kept = [updates[p] for p in survivors]
     vecs = [flatten(u.delta_w, u.delta_b) for u in kept]

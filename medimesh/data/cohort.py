@@ -49,6 +49,8 @@ from numpy.typing import NDArray
 from medimesh.evidence import GENETIC_TESTING_COLUMN, excluded_column, measured_column
 
 __all__ = [
+    "MAX_DISEASES",
+    "PANEL_SIZE",
     "CohortConfig",
     "FeatureInfo",
     "Recording",
@@ -67,6 +69,10 @@ __all__ = [
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
+
+#: The hand-picked panel (``rare_panel.json``) and the largest panel ``n_diseases`` may ask for.
+PANEL_SIZE: Final = 10
+MAX_DISEASES: Final = 100
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,9 @@ class CohortConfig:
     imprecision: float = 0.1
     noise_terms: float = 0.5
     excluded_terms: float = 1.5
+    # Panel size: the ten hand-picked diseases, plus ``n_diseases - 10`` Orphanet differentials
+    # of them chosen from the bundled HPO annotations (``medimesh.data.sparse.differentials``).
+    n_diseases: int = PANEL_SIZE
     # Training recipe, not patients: shorter copies of each training row a hospital adds
     # locally before training (:func:`shortened_records`; applied by ``sites.load_site``).
     # Off by default: it helps short textbook queries but not the symptom-only test rows
@@ -150,6 +159,14 @@ class CohortConfig:
             raise ValueError(f"noise_terms must be in [0, 20], got {self.noise_terms}")
         if not 0.0 <= self.excluded_terms <= 20.0:
             raise ValueError(f"excluded_terms must be in [0, 20], got {self.excluded_terms}")
+        if isinstance(self.n_diseases, bool) or not isinstance(self.n_diseases, int) or not (
+            PANEL_SIZE <= self.n_diseases <= MAX_DISEASES
+        ):
+            raise ValueError(
+                f"n_diseases must be an int in {PANEL_SIZE}..{MAX_DISEASES} (the {PANEL_SIZE} "
+                f"hand-picked panel diseases plus up to {MAX_DISEASES - PANEL_SIZE} Orphanet "
+                f"differentials), got {self.n_diseases!r}"
+            )
         if not isinstance(self.short_record_copies, int) or not 0 <= self.short_record_copies <= 5:
             raise ValueError(
                 f"short_record_copies must be an int in 0..5, got {self.short_record_copies!r}"
@@ -350,6 +367,7 @@ _MIN_FEATURE_FREQUENCY: Final = 0.05  # keep terms >= "occasional" in at least o
 
 # Stages at which a patient is seen (index into Recording.stage_mix).
 REFERRAL, WORK_UP, CONFIRMED = range(3)
+_DIFFERENTIAL: Final = -1  # a disease of the larger panel beyond the hand-picked ten
 _RECORDED_MIN: Final = 3
 _RECORDED_MAX: Final = 12
 # Shorter copies of each training record (see shortened_records): at most this many of the
@@ -398,13 +416,14 @@ def _closure(targets: list[list[int]]) -> _Closure:
 
 @dataclass(frozen=True)
 class _Model:
-    """Precomputed per-class sampling tables (built once per process)."""
+    """Precomputed per-class sampling tables (built once per process and panel size)."""
 
+    disease_names: tuple[str, ...]  # D short names: the ten panel diseases, then differentials
     terms: tuple[str, ...]
     term_names: tuple[str, ...]
-    annotated: NDArray[np.bool_]  # (10, T) disease annotates term
-    p_disease: FloatArray  # (10, T) probability, 0 where unannotated
-    mimic: FloatArray  # (10, T) "Other" mimic profile at m = 1
+    annotated: NDArray[np.bool_]  # (D, T) disease annotates term
+    p_disease: FloatArray  # (D, T) probability, 0 where unannotated
+    mimic: FloatArray  # (D, T) "Other" mimic profile at m = 1
     nonspecific: FloatArray  # (T,) extra rate for terms shared by >= 3 diseases
     up: _Closure  # term -> itself and its panel ancestors (the true-path rule)
     strict_up: _Closure  # term -> its strict panel ancestors
@@ -415,27 +434,62 @@ class _Model:
     checked_weight: FloatArray  # (T,) how typical a term is of some panel disease
 
 
+@dataclass(frozen=True)
+class _Annotated:
+    """One class's Orphanet annotations: (HPO id, term name, frequency low, high) rows."""
+
+    orpha_id: str
+    short_name: str
+    phenotypes: tuple[tuple[str, str, float, float], ...]
+
+
+def _panel_diseases(n_diseases: int) -> tuple[_Annotated, ...]:
+    """The ten hand-picked diseases of ``rare_panel.json``, then ``n_diseases - 10`` Orphanet
+    differentials of them chosen by the sparse consortium's selection
+    (:func:`medimesh.data.sparse.differentials`, same extraction rules, same HPO release)."""
+    panel = load_panel()["diseases"]
+    if len(panel) != PANEL_SIZE:
+        raise ValueError(f"rare_panel.json has {len(panel)} diseases, expected {PANEL_SIZE}")
+    out = [
+        _Annotated(d["orpha_id"], d["short_name"], tuple(
+            (ph["hpo_id"], ph["name"], float(ph["low"]), float(ph["high"]))
+            for ph in d["phenotypes"]
+        ))
+        for d in panel
+    ]
+    if n_diseases > PANEL_SIZE:
+        from medimesh.data.hpo_panel import FREQUENCY_CLASSES
+        from medimesh.data.sparse import differentials
+        from medimesh.hpo import HpoAncestors
+
+        onto = HpoAncestors.load()
+        for d in differentials([a.orpha_id for a in out], n_diseases):
+            rows = []
+            for t, f in zip(d.terms, d.frequencies, strict=True):
+                _, low, high = FREQUENCY_CLASSES[f]
+                rows.append((t, onto.name(t), low, high))
+            out.append(_Annotated(d.orpha_id, d.name, tuple(rows)))
+    return tuple(out)
+
+
 @functools.cache
-def _model() -> _Model:
-    panel = load_panel()
-    diseases = panel["diseases"]
-    if len(diseases) != N_CLASSES - 1:
-        raise ValueError(f"rare_panel.json has {len(diseases)} diseases, expected 10")
+def _model(n_diseases: int = PANEL_SIZE) -> _Model:
+    diseases = _panel_diseases(n_diseases)
     names: dict[str, str] = {}
     keep: set[str] = set()
     for d in diseases:
-        for ph in d["phenotypes"]:
-            names[ph["hpo_id"]] = ph["name"]
-            if ph["low"] >= _MIN_FEATURE_FREQUENCY:
-                keep.add(ph["hpo_id"])
+        for hpo_id, name, low, _ in d.phenotypes:
+            names.setdefault(hpo_id, name)
+            if low >= _MIN_FEATURE_FREQUENCY:
+                keep.add(hpo_id)
     terms = tuple(sorted(keep))
     index = {t: j for j, t in enumerate(terms)}
-    p = np.zeros((N_CLASSES - 1, len(terms)))
+    p = np.zeros((len(diseases), len(terms)))
     for i, d in enumerate(diseases):
-        for ph in d["phenotypes"]:
-            j = index.get(ph["hpo_id"])
+        for hpo_id, _, low, high in d.phenotypes:
+            j = index.get(hpo_id)
             if j is not None:
-                p[i, j] = _term_probability(d["orpha_id"], ph["hpo_id"], ph["low"], ph["high"])
+                p[i, j] = _term_probability(d.orpha_id, hpo_id, low, high)
     annotated = p > 0
     n_dis = annotated.sum(axis=0)
     weight = np.where(n_dis >= 2, 1.0, _SPECIFIC_WEIGHT)
@@ -448,7 +502,8 @@ def _model() -> _Model:
         for a in above:
             below[a].append(j)
     return _Model(
-        terms, tuple(names[t] for t in terms), annotated, p, mimic, nonspecific, up,
+        tuple(d.short_name for d in diseases), terms, tuple(names[t] for t in terms),
+        annotated, p, mimic, nonspecific, up,
         _closure([list(above) for above in parents]), _closure(below), parents,
         noise_weight=n_dis / n_dis.sum(),
         salience=_salience(terms), checked_weight=p.max(axis=0),
@@ -478,12 +533,22 @@ def _panel_ancestors(terms: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
     )
 
 
+def _check_diseases(n_diseases: int) -> int:
+    if isinstance(n_diseases, bool) or not isinstance(n_diseases, int) or not (
+        PANEL_SIZE <= n_diseases <= MAX_DISEASES
+    ):
+        raise ValueError(f"n_diseases must be an int in {PANEL_SIZE}..{MAX_DISEASES}, "
+                         f"got {n_diseases!r}")
+    return n_diseases
+
+
 @functools.cache
-def features() -> tuple[FeatureInfo, ...]:
+def features(n_diseases: int = PANEL_SIZE) -> tuple[FeatureInfo, ...]:
     """Feature columns in matrix order (see :mod:`medimesh.evidence` for the indicators):
     HPO symptoms observed, ``excluded:<term>``, biomarker values, ``measured:<marker>``,
-    ``gene:SYMBOL`` findings, ``genetic_testing_done``, onset age, sex."""
-    m = _model()
+    ``gene:SYMBOL`` findings, ``genetic_testing_done``, onset age, sex. A larger panel
+    (``n_diseases``) has more symptom columns; the rest is the same."""
+    m = _model(_check_diseases(n_diseases))
     out: list[FeatureInfo] = [
         FeatureInfo(t, "binary", n, "", None) for t, n in zip(m.terms, m.term_names, strict=True)
     ]
@@ -509,16 +574,17 @@ def features() -> tuple[FeatureInfo, ...]:
 
 
 @functools.cache
-def class_names() -> tuple[str, ...]:
-    """Class labels in index order: the ten panel diseases, then "Other / none of these"."""
-    return (*(d["short_name"] for d in load_panel()["diseases"]), OTHER_NAME)
+def class_names(n_diseases: int = PANEL_SIZE) -> tuple[str, ...]:
+    """Class labels in index order: the ten panel diseases, the ``n_diseases - 10`` Orphanet
+    differentials (their Orphanet names), then "Other / none of these"."""
+    return (*_model(_check_diseases(n_diseases)).disease_names, OTHER_NAME)
 
 
-def symptom_probabilities(disease_index: int) -> dict[str, float]:
+def symptom_probabilities(disease_index: int, n_diseases: int = PANEL_SIZE) -> dict[str, float]:
     """Per-term presence probability used for a panel disease (annotated terms only)."""
-    m = _model()
-    if not 0 <= disease_index < N_CLASSES - 1:
-        raise ValueError(f"disease_index must be in 0..{N_CLASSES - 2}, got {disease_index}")
+    m = _model(_check_diseases(n_diseases))
+    if not 0 <= disease_index < n_diseases:
+        raise ValueError(f"disease_index must be in 0..{n_diseases - 1}, got {disease_index}")
     row = m.p_disease[disease_index]
     return {t: float(row[j]) for j, t in enumerate(m.terms) if m.annotated[disease_index, j]}
 
@@ -576,16 +642,16 @@ def _record(
 
 
 def _true_phenotype(
-    cls: int, n: int, rng: np.random.Generator, background: float
+    cls: int, n: int, rng: np.random.Generator, background: float, n_diseases: int = PANEL_SIZE
 ) -> tuple[NDArray[np.bool_], FloatArray, IntArray, NDArray[np.bool_]]:
     """Which terms ``n`` patients of class ``cls`` truly have, with the per-term probability
     used, each patient's resembled disease (itself, or a phenocopy's target) and whether an
-    "Other" patient is a phenocopy."""
-    m = _model()
+    "Other" patient is a phenocopy. Class ``n_diseases`` is "Other"."""
+    m = _model(n_diseases)
     n_terms = len(m.terms)
     phenocopy = np.zeros(n, dtype=bool)
-    if cls == OTHER:
-        target = rng.integers(0, N_CLASSES - 1, size=n)
+    if cls == n_diseases:
+        target = rng.integers(0, n_diseases, size=n)
         phenocopy = rng.random(n) < _PHENOCOPY_FRACTION
         strength = np.where(
             phenocopy, rng.uniform(*_PHENOCOPY_M, size=n), rng.uniform(*_WEAK_M, size=n)
@@ -602,13 +668,15 @@ def _true_phenotype(
 
 
 def true_phenotypes(
-    disease_index: int, n: int, rng: np.random.Generator, *, background_rate: float = 0.02
+    disease_index: int, n: int, rng: np.random.Generator, *, background_rate: float = 0.02,
+    n_diseases: int = PANEL_SIZE,
 ) -> NDArray[np.bool_]:
     """The terms (columns of the observed-symptom block of :func:`features`) that ``n``
     patients of one class truly have, before recording; used to check the frequencies."""
-    if not 0 <= disease_index < N_CLASSES:
-        raise ValueError(f"disease_index must be in 0..{N_CLASSES - 1}, got {disease_index}")
-    return _true_phenotype(disease_index, n, rng, background_rate)[0]
+    _check_diseases(n_diseases)
+    if not 0 <= disease_index <= n_diseases:
+        raise ValueError(f"disease_index must be in 0..{n_diseases}, got {disease_index}")
+    return _true_phenotype(disease_index, n, rng, background_rate, n_diseases)[0]
 
 
 def _sample_block(
@@ -620,16 +688,22 @@ def _sample_block(
     sequencing: float,
     lab_factor: FloatArray,
     recording: Recording,
+    n_diseases: int = PANEL_SIZE,
 ) -> FloatArray:
-    """Draw ``n`` patients of class ``cls``; columns follow :func:`features`."""
-    m = _model()
+    """Draw ``n`` patients of class ``cls`` (``n_diseases`` is "Other"); columns follow
+    :func:`features`. Labs, genes, onset and sex are modelled for the ten panel diseases;
+    a differential of the larger panel gets control labs, no gene column of its own and the
+    broad onset mixture of "Other" (docs/cohort.md, "A larger panel")."""
+    m = _model(n_diseases)
     n_terms = len(m.terms)
     n_markers, n_genes = len(_MARKERS), len(_GENES)
     x = np.zeros((n, 2 * n_terms + 2 * n_markers + n_genes + 3))
-    male = rng.random(n) < _MALE_FRACTION.get(cls, 0.5)
+    # The class in the tables below: a panel disease, OTHER, or _DIFFERENTIAL (none of them).
+    kind = OTHER if cls == n_diseases else cls if cls < PANEL_SIZE else _DIFFERENTIAL
+    male = rng.random(n) < _MALE_FRACTION.get(kind, 0.5)
 
     # The patient's true phenotype, then what the clinician recorded of it (issue 14).
-    has, prob, target, phenocopy = _true_phenotype(cls, n, rng, background)
+    has, prob, target, phenocopy = _true_phenotype(cls, n, rng, background, n_diseases)
     observed, excluded = _record(has, prob, rng, m, recording)
     x[:, :n_terms] = observed
     x[:, n_terms : 2 * n_terms] = excluded
@@ -638,7 +712,7 @@ def _sample_block(
     # Biomarkers (values, then the measured indicators).
     col = 2 * n_terms
     for k, mk in enumerate(_MARKERS):
-        if cls == OTHER:
+        if kind == OTHER:
             medians = np.full(n, mk.other[0])
             sds = np.full(n, mk.other[1])
             for tgt, (med, sd) in mk.mimic.items():
@@ -646,10 +720,10 @@ def _sample_block(
                 medians[sel] = med
                 sds[sel] = sd
         else:
-            med, sd = mk.disease.get(cls, mk.control)
+            med, sd = mk.disease.get(kind, mk.control)
             medians = np.full(n, med)
             sds = np.full(n, sd)
-        if cls == FABRY and mk.name in ("lyso_gb3", "gla_activity"):
+        if kind == FABRY and mk.name in ("lyso_gb3", "gla_activity"):
             # Heterozygous females: lyso-Gb3 modestly raised, enzyme often near normal.
             female_med = 4.0 if mk.name == "lyso_gb3" else 24.0
             medians[~male] = female_med
@@ -658,10 +732,10 @@ def _sample_block(
         for name, frac, p_med, p_sd in _PITFALLS:
             if name == mk.name:
                 hit = rng.random(n) < frac
-                if name == "chitotriosidase" or cls not in mk.disease:
+                if name == "chitotriosidase" or kind not in mk.disease:
                     values[hit] = np.exp(np.log(p_med) + p_sd * rng.standard_normal(hit.sum()))
         indicated = np.isin(target, mk.indicated)
-        if cls == OTHER:
+        if kind == OTHER:
             indicated |= rng.random(n) < _BROAD_SCREENING
         p_missing = np.where(indicated, _MISSING_INDICATED, _MISSING_NOT_INDICATED)
         values = values * lab_factor[k]
@@ -672,11 +746,11 @@ def _sample_block(
     # Genetic findings, then whether the patient was sequenced at all.
     col += 2 * n_markers
     sequenced = (rng.random(n) < sequencing) & (stage == CONFIRMED)
-    incidental = _INCIDENTAL_OTHER if cls == OTHER else _INCIDENTAL
+    incidental = _INCIDENTAL_OTHER if kind == OTHER else _INCIDENTAL
     genes = (rng.random((n, len(_GENES))) < incidental) & sequenced[:, None]
-    if cls != OTHER:
-        found = sequenced & (rng.random(n) < _YIELD[cls])
-        causal = _CAUSAL[cls]
+    if kind in _CAUSAL:
+        found = sequenced & (rng.random(n) < _YIELD[kind])
+        causal = _CAUSAL[kind]
         pick = rng.choice(len(causal), size=n, p=[w for _, w in causal])
         for c, (gene, _) in enumerate(causal):
             genes[found & (pick == c), _GENES.index(gene)] = True
@@ -685,11 +759,11 @@ def _sample_block(
 
     # Age of onset and sex.
     col += n_genes + 1
-    mix = _ONSET[cls]
+    mix = _ONSET.get(kind, _ONSET[OTHER])
     comp = rng.choice(len(mix), size=n, p=[w for w, _, _ in mix])
     med_age = np.array([mm for _, mm, _ in mix])[comp]
     sd_age = np.array([s for _, _, s in mix])[comp]
-    if cls == FABRY:
+    if kind == FABRY:
         med_age = np.where(male, 8.0, 15.0)  # hemizygous males present earlier
     age = _lognormal(rng, med_age, np.hypot(sd_age, 0.15))  # 0.15: recall/recording noise
     # The lognormal tail reaches past a lifetime (a 240-year onset, which the oracle rightly
@@ -709,15 +783,19 @@ def sample_patients(
     background_rate: float = 0.02,
     sequencing_rate: float = _DEFAULT_SEQUENCING,
     recording: Recording | None = None,
+    n_diseases: int = PANEL_SIZE,
 ) -> FloatArray:
-    """Draw ``n`` patients of one class without any site effect (used to test the model)."""
-    if not 0 <= disease_index < N_CLASSES:
-        raise ValueError(f"disease_index must be in 0..{N_CLASSES - 1}, got {disease_index}")
+    """Draw ``n`` patients of one class without any site effect (used to test the model);
+    class ``n_diseases`` is "Other"."""
+    _check_diseases(n_diseases)
+    if not 0 <= disease_index <= n_diseases:
+        raise ValueError(f"disease_index must be in 0..{n_diseases}, got {disease_index}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return _sample_block(
         disease_index, n, rng, background=background_rate, sequencing=sequencing_rate,
         lab_factor=np.ones(len(_MARKERS)), recording=recording or Recording(),
+        n_diseases=n_diseases,
     )
 
 
@@ -728,7 +806,7 @@ def _plan(config: CohortConfig) -> tuple[tuple[int, ...], FloatArray]:
     h = config.n_hospitals
     sizes = rng.integers(config.min_site_size, config.max_site_size + 1, size=h)
     other = rng.uniform(*config.other_share, size=h)
-    disease_mix = rng.dirichlet(np.full(N_CLASSES - 1, config.alpha), size=h)
+    disease_mix = rng.dirichlet(np.full(config.n_diseases, config.alpha), size=h)
     mixes = np.column_stack([disease_mix * (1.0 - other)[:, None], other])
     mixes.setflags(write=False)
     return tuple(int(s) for s in sizes), mixes
@@ -745,7 +823,8 @@ def site_mixes(config: CohortConfig) -> FloatArray:
 
 
 def shortened_records(
-    x: FloatArray, y: IntArray, rng: np.random.Generator, copies: int = 1
+    x: FloatArray, y: IntArray, rng: np.random.Generator, copies: int = 1,
+    n_diseases: int = PANEL_SIZE,
 ) -> tuple[FloatArray, IntArray]:
     """Training rows plus ``copies`` shorter records of each (a hospital's local training
     recipe, issue 14; the rows never leave the site).
@@ -763,7 +842,7 @@ def shortened_records(
     """
     if copies < 0:
         raise ValueError(f"copies must be >= 0, got {copies}")
-    m = _model()
+    m = _model(_check_diseases(n_diseases))
     n_terms = len(m.terms)
     observed = x[:, :n_terms] > 0
     leaves = observed & ~m.strict_up.apply(observed)
@@ -802,7 +881,7 @@ def make_site(config: CohortConfig, site: int) -> SiteData:
         blocks.append(
             _sample_block(cls, n_c, rng, background=config.background_rate,
                           sequencing=sequencing, lab_factor=lab_factor,
-                          recording=config.recording())
+                          recording=config.recording(), n_diseases=config.n_diseases)
         )
         labels.append(np.full(n_c, cls, dtype=np.int64))
         # Stratified-ish split: stochastic rounding of test_fraction * n_c within each class.

@@ -65,6 +65,7 @@ __all__ = [
     "SparseConfig",
     "SparseSite",
     "class_names",
+    "differentials",
     "diseases",
     "feature_names",
     "hpoa_release",
@@ -327,7 +328,9 @@ def _profiles(eligible: Sequence[Disease]) -> tuple[IntArray, IntArray, FloatArr
 
 
 @functools.cache
-def _select(n_classes: int, min_terms: int, group_size: int) -> tuple[Disease, ...]:
+def _select(
+    n_classes: int, min_terms: int, group_size: int, seeds: tuple[str, ...] = ()
+) -> tuple[Disease, ...]:
     """Deterministic disease panel made of differential-diagnosis groups.
 
     Seeds are eligible diseases in CRC-32 order of their ORPHA id; each seed brings its
@@ -335,29 +338,50 @@ def _select(n_classes: int, min_terms: int, group_size: int) -> tuple[Disease, .
     propagated term sets), so the classes overlap the way a specialised referral centre's
     differentials do. Near-duplicates (Jaccard of annotated terms >= 0.8, usually an Orphanet
     group and its own subtype) and repeated names are skipped: no model could tell them apart.
+
+    ``seeds`` (ORPHA ids, e.g. the rare cohort's hand-picked panel) are taken first, whatever
+    their annotation count, and lead the first groups in the order given; the CRC-32 order
+    follows once they have brought their differentials. A disease whose name contains a
+    seed's name or is contained in it ("Infantile Krabbe disease", "Gaucher disease") is an
+    Orphanet subtype or group of that seed, the same disease, and is skipped.
     """
+    by_id = {d.orpha_id: d for d in _annotations().diseases}
+    unknown = [s for s in seeds if s not in by_id]
+    if unknown:
+        raise ValueError(f"seed diseases not in phenotype.hpoa (ORPHA, frequency-annotated): "
+                         f"{unknown}")
     eligible = [
         d for d in _annotations().diseases
-        if len(d.terms) >= min_terms
-        and sum(f in _AT_LEAST_FREQUENT for f in d.frequencies) >= _MIN_FREQUENT_TERMS
+        if d.orpha_id in seeds or (
+            len(d.terms) >= min_terms
+            and sum(f in _AT_LEAST_FREQUENT for f in d.frequencies) >= _MIN_FREQUENT_TERMS
+        )
     ]
     if len(eligible) < n_classes:
         raise ValueError(
             f"only {len(eligible)} Orphanet diseases have >= {min_terms} frequency-annotated "
             f"terms; asked for {n_classes}"
         )
-    order = sorted(range(len(eligible)),
-                   key=lambda i: (zlib.crc32(eligible[i].orpha_id.encode()), i))
+    position = {d.orpha_id: i for i, d in enumerate(eligible)}
+    leaders = [position[s] for s in seeds]
+    order = leaders + sorted(
+        (i for i in range(len(eligible)) if i not in leaders),
+        key=lambda i: (zlib.crc32(eligible[i].orpha_id.encode()), i),
+    )
     rows, cols, vals = _profiles(eligible)
     n_terms = len(_universe().terms)
     chosen: list[int] = []
     sets: list[frozenset[str]] = []
     names: set[str] = set()
+    seed_names = [by_id[s].name.lower() for s in seeds]
 
     def accept(i: int) -> bool:
         d = eligible[i]
         terms = frozenset(d.terms)
+        low = d.name.lower()
         if i in chosen or d.name in names or any(
+            n in low or low in n for n in seed_names
+        ) or any(
             len(terms & s) / len(terms | s) >= _NEAR_DUPLICATE_JACCARD for s in sets
         ):
             return False
@@ -366,8 +390,12 @@ def _select(n_classes: int, min_terms: int, group_size: int) -> tuple[Disease, .
         names.add(d.name)
         return True
 
+    for i in leaders:  # the seeds are in the panel whatever else is chosen
+        chosen.append(i)
+        sets.append(frozenset(eligible[i].terms))
+        names.add(eligible[i].name)
     for seed in order:
-        if len(chosen) >= n_classes or not accept(seed):
+        if seed not in leaders and (len(chosen) >= n_classes or not accept(seed)):
             continue
         own = rows == seed
         dense = np.zeros(n_terms)
@@ -382,6 +410,25 @@ def _select(n_classes: int, min_terms: int, group_size: int) -> tuple[Disease, .
     if len(chosen) < n_classes:
         raise ValueError(f"only {len(chosen)} distinct Orphanet diseases; asked for {n_classes}")
     return tuple(eligible[i] for i in chosen)
+
+
+def differentials(seeds: Sequence[str], n_classes: int) -> tuple[Disease, ...]:
+    """``n_classes - len(seeds)`` Orphanet diseases chosen around the ``seeds`` (ORPHA ids):
+    each seed in turn brings its most similar eligible diseases (about the same number each),
+    by the very selection :func:`diseases` uses for the sparse consortium (default
+    eligibility: >= 15 frequency-annotated terms, >= 3 of them at least "frequent"). The
+    seeds themselves are not returned. Deterministic; used by the rare cohort's larger panel.
+    """
+    seeds = tuple(seeds)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seed diseases must be distinct")
+    if n_classes < len(seeds):
+        raise ValueError(f"need n_classes >= {len(seeds)} seeds, got {n_classes}")
+    extra = n_classes - len(seeds)
+    group = 1 + (-(-extra // len(seeds)) if seeds else 0)
+    defaults = SparseConfig()
+    chosen = _select(n_classes, defaults.min_disease_terms, max(group, 1), seeds)
+    return tuple(d for d in chosen if d.orpha_id not in seeds)
 
 
 def _term_probability(orpha: str, term: str, frequency: str) -> float:

@@ -64,8 +64,8 @@ class Lab:
         asyncio.run(create())
         # The query may hold a socket path with slashes (pgserver: ?host=/tmp/...): split it
         # off before replacing the database name.
-        url, _, query = self.admin_url.partition("?")
-        base, _, _ = url.rpartition("/")
+        head, _, query = self.admin_url.partition("?")
+        base, _, _ = head.rpartition("/")
         return f"{base}/{name}" + (f"?{query}" if query else "")
 
     def subdir(self, name: str) -> Path:
