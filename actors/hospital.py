@@ -21,6 +21,7 @@ from medimesh.aggregation import flatten, unflatten
 from medimesh.attacks import ATTACKS, COLLUDING, FRAMING, attack_update, flip_labels
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError
 from medimesh.hospital import HospitalNode
+from medimesh.policy import HospitalPolicy, PolicyConfig, PolicyRefused
 from medimesh.protocol import (
     ChainHead,
     IsolatedModel,
@@ -66,11 +67,16 @@ class Hospital(Node):
         n_byzantine: int = 0,
         *,
         cross_baselines: bool = True,
+        policy: PolicyConfig | None = None,
+        state_dir: str | None = None,
         secure_aggregation: bool = False,
         witness_dir: str | None = None,
     ) -> None:
         """``cross_baselines`` is this site's own policy: whether it may send its isolated
         model to its peer hospitals when the coordinator asks (medimesh.cross_baselines).
+        ``policy``: its own limits from the run it was started with, overridden by a
+        ``policy.toml`` in ``state_dir``, where its policy state is also kept
+        (medimesh.policy, docs/privacy.md §6).
         ``secure_aggregation``: this site answers only secure rounds, under its own
         SecAggPolicy (medimesh.secagg_policy), whatever a RoundStart asks.
         ``witness_dir``: this site's own state directory for the audit writer's signed chain
@@ -90,6 +96,8 @@ class Hospital(Node):
             flipped = flip_labels(data.y_train, len(info.class_names), self._rng)
             data = dataclasses.replace(data, y_train=flipped)
         self._node = HospitalNode(data, info)
+        self._state_dir = state_dir
+        self._node.policy = self._own_policy(policy or PolicyConfig())
         self._coordinator = self.roster.with_role("coordinator")[0].peer_id
         self._validator = self.roster.with_role("validator")[0].peer_id
         self._behaviour = behaviour
@@ -108,6 +116,41 @@ class Hospital(Node):
             self.identity, SecAggPolicy.from_roster(self.roster, secure_aggregation)
         )
         self.rounds_trained = 0
+
+    def _own_policy(self, config: PolicyConfig) -> HospitalPolicy:
+        """The hospital's policy: its own file over the run's defaults, its saved state, and
+        whether a restart lost that state (Ray restarted this actor and no file was kept)."""
+        from medimesh import policy_store
+
+        state = None
+        if self._state_dir is not None:
+            text = policy_store.load_policy_text(self._state_dir)
+            if text is not None:
+                config = config.with_toml(text)
+            state = policy_store.load_state(self._state_dir)
+        try:
+            restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        except Exception:  # not inside a Ray actor (a plain-class test): a first start
+            restarted = False
+        policy = HospitalPolicy(self.roster, config, self._node.n_train, state,
+                                state_lost=restarted and state is None)
+        if restarted:
+            self.audit.record("hospital_policy_restored", 0, self.peer_id,
+                              {**policy.summary(), **config.describe()})
+        return policy
+
+    def _policy_saved(self) -> None:
+        """Audit the policy's decisions and keep its state on this site's disk (before the
+        answer it accounts for is sent)."""
+        policy = self._node.policy
+        if policy is None:
+            return
+        for kind, round_, subject, body in policy.drain_events():
+            self.audit.record(kind, round_, subject, body)
+        if self._state_dir is not None:
+            from medimesh.policy_store import save_state
+
+            save_state(self._state_dir, policy.state_json())
 
     def _misbehave(self, update: Update, start: RoundStart) -> Update:
         """Apply a statistical attack to the honest delta (identity for honest sites)."""
@@ -158,6 +201,7 @@ class Hospital(Node):
             "n_train": self._node.n_train,
             "n_test": self._node.n_test,
             "rounds_trained": self.rounds_trained,
+            "policy": self._node.policy.summary() if self._node.policy else {},
             **self._data_notes,
         }
 
@@ -188,6 +232,10 @@ class Hospital(Node):
                 self.send(report, [self._coordinator], h.round)
             else:
                 self._handle(h.type, h.round, opened.payload)
+        except PolicyRefused as exc:  # this site's own limits: audited, nothing is sent
+            log.warning("request refused by policy", type=h.type, rule=exc.rule)
+            self.audit.record("policy_refused", h.round, h.message_id,
+                              {**exc.to_audit(), "type": h.type})
         except SecAggRefused as exc:  # its own policy said no: nothing was sent
             log.warning("secure aggregation refused", type=h.type, rule=exc.rule)
             self.audit.record("secagg_refused", h.round, h.message_id,
@@ -216,7 +264,8 @@ class Hospital(Node):
         elif type_ == RoundStart.TYPE:
             start = decode(type_, payload, RoundStart)
             self._secagg.admit(start)  # the site's own SecAgg policy, before any training
-            update = self._misbehave(node.on_round_start(start), start)
+            update = self._misbehave(node.on_round_start(start, self._coordinator), start)
+            self._policy_saved()
             if start.secagg_threshold:
                 # Secure round: the delta stays here until it leaves masked (phase 2).
                 self.post(self._secagg.start(start, update), [self._coordinator], round_)
@@ -242,6 +291,7 @@ class Hospital(Node):
             self.rounds_trained += 1
         elif type_ == ModelPublished.TYPE:
             report = node.on_model(decode(type_, payload, ModelPublished))
+            self._policy_saved()
             self.send(report, [self._coordinator], round_)
         elif type_ == SecAggAdverts.TYPE:
             shares = self._secagg.on_adverts(decode(type_, payload, SecAggAdverts))

@@ -33,7 +33,8 @@ from medimesh.attacks import COLLUDING, FRAMING, framing_victim
 from medimesh.errors import ConfigError
 from medimesh.identity import Identity, Member, Roster
 from medimesh.model import TrainConfig
-from medimesh.privacy import PrivacyConfig
+from medimesh.policy import PolicyConfig
+from medimesh.privacy import PrivacyConfig, check_delta
 from medimesh.routing import Faults
 from medimesh.runs import new_run_id
 from medimesh.secagg import SecAggConfig
@@ -125,6 +126,10 @@ class RunConfig:
     # keeps the auditor's signed chain heads in WITNESS_DIR/<site>/heads.jsonl.
     roster_dir: str | None = None
     witness_dir: str | None = None
+    # Each hospital's own directory (<state_dir>/<site>): its policy.toml and the policy state
+    # that must survive a restart (local-DP spend, last round). None: kept in memory only, and
+    # a hospital Ray restarts refuses local-DP releases (medimesh.policy, docs/privacy.md §6).
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -607,6 +612,11 @@ class Consortium:
                 cross_baselines=self.cfg.cross_baselines_active,
                 secure_aggregation=self.cfg.secure_aggregation is not None,
                 witness_dir=self.witness_path(d.name),
+                policy=PolicyConfig.from_run(self.privacy),
+                state_dir=(
+                    None if self.cfg.state_dir is None
+                    else str(Path(self.cfg.state_dir).resolve() / d.name)
+                ),
             )
             for d in self.descriptors
         }
@@ -634,6 +644,12 @@ class Consortium:
                 raise ConfigError(f"hospital {name} could not load its data: {cause}") from None
         t_actors = time.perf_counter()
         self.setup_summary = ray.get(coordinator.setup.remote())
+        if self.privacy is not None:  # δ must be below 1/N for the N patients it protects
+            try:
+                check_delta(self.privacy.delta, int(self.setup_summary["n_train"]))
+            except ConfigError:
+                self.shutdown()
+                raise
         t_setup = time.perf_counter()
         self.timings = {
             "ray_init_s": t_ray - t0,

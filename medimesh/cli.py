@@ -1005,8 +1005,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         heart = args.dataset == "heart"
         clip = args.clip_norm if args.clip_norm is not None else (0.5 if heart else 1.0)
         lr = args.server_lr if args.server_lr is not None else (0.5 if heart else 8.0)
+        # δ must stay below 1/N (privacy.check_delta): the rare cohort has ~1,250 patients.
+        delta = args.delta if args.delta is not None else (1e-3 if heart else 1e-4)
         result = run_privacy(
-            cfg, args.epsilon, args.delta, args.dp_rounds, clip, modes,
+            cfg, args.epsilon, delta, args.dp_rounds, clip, modes,
             args.repeats, args.secagg_hospitals, note, server_lr=lr,
         )
     elif args.bench == "codes":
@@ -1188,7 +1190,8 @@ def build_parser() -> argparse.ArgumentParser:
     priv.set_defaults(dataset="heart")
     priv.add_argument("--epsilon", type=_positive_float, nargs="+",
                       default=[0.1, 0.3, 1.0, 3.0, 10.0], help="privacy budgets to sweep")
-    priv.add_argument("--delta", type=_positive_float, default=1e-3)
+    priv.add_argument("--delta", type=_positive_float, default=None,
+                      help="δ, below 1/N (default: heart 1e-3, else 1e-4)")
     priv.add_argument("--dp-rounds", type=_positive_int, default=10,
                       help="DP rounds the noise is calibrated for (--rounds: the no-DP reference)")
     priv.add_argument("--clip-norm", type=_positive_float, default=None,

@@ -7,6 +7,7 @@ in this object, which lives only inside the hospital's own actor. What leaves is
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import numpy as np
@@ -26,6 +27,7 @@ from medimesh.model import (
     topk_correct,
     train_local,
 )
+from medimesh.policy import HospitalPolicy
 from medimesh.protocol import (
     CrossEvalReport,
     EvalReport,
@@ -70,6 +72,8 @@ class HospitalNode:
         self._spec_hash = ""
         self._curvature: float | None = None
         self._isolated: IsolatedModel | None = None  # own model + own scaling, after setup
+        # The hospital's own limits (medimesh.policy); None = answer as asked (tests, tools).
+        self.policy: HospitalPolicy | None = None
 
     @property
     def n_train(self) -> int:
@@ -168,8 +172,16 @@ class HospitalNode:
             raise ConfigError(f"{self.name}: setup round has not completed")
         return self._x_train, self._x_test
 
-    def on_round_start(self, msg: RoundStart) -> Update:
-        """Evaluate the base model (the last published one), then train on top of it."""
+    def on_round_start(self, msg: RoundStart, sender: str = "") -> Update:
+        """Evaluate the base model (the last published one), then train on top of it.
+
+        With a policy, ``sender`` (the coordinator's key) is checked first: a refused round
+        raises PolicyRefused, a repeated one returns the update already sent for it.
+        """
+        if self.policy is not None:
+            repeated = self.policy.admit_round(msg, sender)
+            if repeated is not None:
+                return repeated
         x_train, _ = self._prepared()
         report = self.on_model(self.base_as_published(msg))
         base = Model(msg.weights, msg.bias)
@@ -189,7 +201,7 @@ class HospitalNode:
             dw, db = clip_delta(
                 local.weights - base.weights, local.bias - base.bias, msg.clip_norm
             )
-        return Update(
+        update = Update(
             round=msg.round,
             base_hash=msg.base_hash,
             n_examples=self.n_train,
@@ -202,6 +214,9 @@ class HospitalNode:
                 "loss_sum": report.loss_sum,
             },
         )
+        if self.policy is not None:
+            self.policy.record_round(msg, sender, update)
+        return update
 
     @staticmethod
     def base_as_published(msg: RoundStart) -> ModelPublished:
@@ -215,8 +230,12 @@ class HospitalNode:
         model = Model(msg.weights, msg.bias)
         if model_hash(model) != msg.model_hash:
             raise ConfigError(f"{self.name}: published model does not match its hash")
+        if self.policy is not None:  # the evaluation budget; a model scored before: its counts
+            cached = self.policy.admit_evaluation(msg.model_hash, msg.round)
+            if cached is not None:
+                return dataclasses.replace(cached, round=msg.round)
         proba = predict_proba(model, x_test)
-        return EvalReport(
+        report = EvalReport(
             round=msg.round,
             model_hash=msg.model_hash,
             n_examples=self.n_test,
@@ -224,3 +243,6 @@ class HospitalNode:
             correct_top3=topk_correct(proba, self._y_test, 3),
             loss_sum=cross_entropy(proba, self._y_test),
         )
+        if self.policy is not None:
+            self.policy.record_evaluation(report)
+        return report

@@ -1,22 +1,29 @@
 """Differential privacy for MediMesh: patient-level DP-FedAvg (full-batch DP gradient descent).
 
-**Unit protected: one patient record at one hospital** (add/remove-one adjacency). In a DP
-round every hospital computes the per-example gradient of the current global model's loss on
-each of its training rows, clips each to L2 norm ``C`` and sends only the (normalised) clipped
-sum; adding or removing one patient moves the consortium-wide sum by at most ``C``.
+**Unit protected: one patient record at one hospital, replace-one adjacency.** Neighbouring
+datasets have the same number of patients at every hospital and differ in the record of one
+patient. That is the adjacency that matches what MediMesh publishes: per-hospital example
+counts are committed exactly at setup (and used as public denominators), so adding or removing
+a patient would show in the counts and add/remove adjacency would not hold. In a DP round
+every hospital computes the per-example gradient of the current global model's loss on each of
+its training rows, clips each to L2 norm ``C`` and sends only the (normalised) clipped sum;
+replacing one patient moves the consortium-wide sum by at most ``2C`` (two clipped gradients,
+each of norm <= C): the **sensitivity is 2C** (:func:`sensitivity`).
 
-- *central* mode: the coordinator adds ``N(0, (z C)^2 I)`` once to the summed gradients;
-- *local* mode: every hospital adds ``N(0, (z C)^2 I)`` to its own sum before sending, so even
-  the coordinator and the validator see a DP release (√hospitals times more noise in total).
+- *central* mode: the coordinator adds ``N(0, (z * 2C)^2 I)`` once to the summed gradients;
+- *local* mode: every hospital adds ``N(0, (z * 2C)^2 I)`` to its own sum before sending, so
+  even the coordinator and the validator see a DP release (√hospitals times more noise in
+  total).
 
-Either way one round is one Gaussian mechanism with noise multiplier ``z`` for any single
-patient, and ``T`` rounds are its ``T``-fold composition. **Sampling assumption: none** —
-every round uses each hospital's full training set (no subsampling amplification is claimed).
-Example counts per hospital are treated as public (committed in the setup round), like the
-dataset size in DP-SGD. The accountant is Google's ``dp_accounting`` (PLD by default, RDP on
-request); ``z`` is calibrated so that the planned rounds reach exactly the target ``(ε, δ)``.
-What is *not* covered by ε: the setup round's aggregate statistics and the held-out
-evaluation counts (see ``docs/privacy.md``).
+Either way one round is one Gaussian mechanism with noise multiplier ``z`` (noise standard
+deviation over sensitivity) for any single patient, and ``T`` rounds are its ``T``-fold
+composition. **Sampling assumption: none** — every round uses each hospital's full training
+set (no subsampling amplification is claimed). The accountant is Google's ``dp_accounting``
+(PLD by default, RDP on request); ``z`` is calibrated so that the planned rounds reach exactly
+the target ``(ε, δ)``, and ``δ`` must be below ``1/N`` for the ``N`` patients it protects
+(:func:`check_delta`). What is *not* covered by ε: the setup round's aggregate statistics, the
+held-out evaluation counts, and hyper-parameters tuned on the same data (see
+``docs/privacy.md``).
 """
 
 from __future__ import annotations
@@ -35,20 +42,30 @@ from medimesh.errors import ConfigError
 from medimesh.model import Model, predict_proba
 
 __all__ = [
+    "ADJACENCY",
+    "SENSITIVITY_FACTOR",
     "AccountantKind",
     "DpMode",
     "PrivacyAccountant",
     "PrivacyConfig",
     "calibrate_noise",
+    "check_delta",
     "clipped_gradient_sum",
     "dp_aggregate",
     "dp_client_delta",
     "epsilon_after",
     "noise_rng",
+    "noise_std",
+    "sensitivity",
 ]
 
 DpMode = Literal["central", "local"]
 AccountantKind = Literal["pld", "rdp"]
+
+ADJACENCY = "replace-one"
+"""Neighbouring datasets: one patient's record replaced (counts are public, so not add/remove)."""
+SENSITIVITY_FACTOR = 2.0
+"""Replace-one moves a sum of gradients clipped to C by at most 2C."""
 
 # Smallest / largest noise multiplier calibration will consider.
 _Z_LO, _Z_HI = 0.25, 1e4
@@ -110,6 +127,32 @@ def calibrate_noise(
         else:
             hi = mid
     return hi
+
+
+def sensitivity(clip_norm: float) -> float:
+    """L2 sensitivity of a sum of per-patient gradients clipped to ``clip_norm`` under
+    replace-one adjacency: ``2 * clip_norm``."""
+    return SENSITIVITY_FACTOR * clip_norm
+
+
+def noise_std(noise_multiplier: float, clip_norm: float) -> float:
+    """Standard deviation of the Gaussian noise one DP round adds to a clipped sum."""
+    return noise_multiplier * sensitivity(clip_norm)
+
+
+def check_delta(delta: float, n_records: int) -> None:
+    """Refuse ``delta >= 1/n_records``: a mechanism that publishes one random record in full is
+    (0, 1/n)-DP, so such a δ protects nobody. ``n_records`` is the number of patients the
+    guarantee covers (the consortium's training patients; a hospital checks its own)."""
+    if n_records < 1:
+        raise ConfigError("differential privacy needs at least one training record")
+    if delta >= 1.0 / n_records:
+        raise ConfigError(
+            f"delta {delta:g} is not below 1/N = 1/{n_records} = {1.0 / n_records:.3g}: with "
+            f"{n_records} patients, publishing one patient's record in full would satisfy "
+            f"(0, {1.0 / n_records:.3g})-DP; choose --delta well below 1/N (e.g. "
+            f"{10 ** math.floor(math.log10(0.1 / n_records)):g})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +275,7 @@ def dp_client_delta(
 
     The sign makes it a descent direction like an ordinary delta; dividing by the (public,
     committed) count ``n`` keeps central-mode updates inside the L2 ball of radius ``C``, which
-    the validator checks. In local mode ``N(0, (zC)^2)`` is added to the sum first.
+    the validator checks. In local mode ``N(0, (z * 2C)^2)`` is added to the sum first.
     """
     n = len(y)
     if n == 0:
@@ -240,7 +283,7 @@ def dp_client_delta(
     gw, gb, _ = clipped_gradient_sum(model, x, y, clip_norm)
     if mode == "local":
         g = rng if rng is not None else noise_rng()
-        std = noise_multiplier * clip_norm
+        std = noise_std(noise_multiplier, clip_norm)
         gw = gw + g.normal(0.0, std, gw.shape)
         gb = gb + g.normal(0.0, std, gb.shape)
     return -gw / n, -gb / n
@@ -257,7 +300,7 @@ def dp_aggregate(
     """Coordinator side of a DP round: the noisy mean descent direction (flattened).
 
     ``sum_i n_i u_i`` recovers ``-sum of clipped gradients``; central mode adds
-    ``N(0, (zC)^2)`` to that sum once; dividing by the public total ``N`` gives the noisy mean
+    ``N(0, (z * 2C)^2)`` to that sum once; dividing by the public total ``N`` gives the noisy mean
     gradient. The L2 term ``l2 * w`` depends on the model only (no patient), so adding it is
     post-processing.
     """
@@ -271,7 +314,7 @@ def dp_aggregate(
         acc += float(n) * np.asarray(u, dtype=np.float64).ravel()
     if config.mode == "central":
         g = rng if rng is not None else noise_rng()
-        acc += g.normal(0.0, config.z * config.clip_norm, acc.shape)
+        acc += g.normal(0.0, noise_std(config.z, config.clip_norm), acc.shape)
     acc /= total
     if l2 > 0:
         decay = np.concatenate([(l2 * base.weights).ravel(), np.zeros(base.n_classes)])

@@ -10,13 +10,16 @@ import pytest
 from medimesh.errors import ConfigError
 from medimesh.model import Model, init_model, loss_and_grad
 from medimesh.privacy import (
+    ADJACENCY,
     PrivacyAccountant,
     PrivacyConfig,
     calibrate_noise,
+    check_delta,
     clipped_gradient_sum,
     dp_aggregate,
     dp_client_delta,
     epsilon_after,
+    sensitivity,
 )
 from medimesh.protocol import RoundStart, decode_arrays
 from medimesh.rounds import RoundMetrics
@@ -174,24 +177,52 @@ def test_one_patient_moves_the_clipped_sum_by_at_most_c() -> None:
         assert float(np.linalg.norm(diff)) <= c + 1e-9
 
 
+def test_one_replaced_patient_moves_the_clipped_sum_by_at_most_2c() -> None:
+    """Sensitivity under replace-one (the adjacency protected, counts being public): <= 2C,
+    and the noise is calibrated to it."""
+    model, x, y = _rows(1)
+    c = 0.5
+    full = np.concatenate([a.ravel() for a in clipped_gradient_sum(model, x, y, c)[:2]])
+    worst = 0.0
+    for i in (0, 7, 39):
+        x2, y2 = x.copy(), y.copy()
+        x2[i] = -50.0 * x[i]  # a very different patient in the same slot
+        y2[i] = (y[i] + 1) % model.n_classes
+        other = clipped_gradient_sum(model, x2, y2, c)
+        diff = full - np.concatenate([other[0].ravel(), other[1]])
+        worst = max(worst, float(np.linalg.norm(diff)))
+        assert worst <= 2 * c + 1e-9
+    assert worst > c  # replace-one can exceed the add/remove bound C: 2C is needed
+    assert sensitivity(c) == 2 * c and ADJACENCY == "replace-one"
+
+
+def test_delta_at_or_above_one_over_n_is_refused() -> None:
+    """δ >= 1/N protects nobody (publishing one random record is (0, 1/N)-DP)."""
+    check_delta(1e-3, 999)
+    with pytest.raises(ConfigError, match="not below 1/N"):
+        check_delta(1e-3, 1000)
+    with pytest.raises(ConfigError, match="not below 1/N"):
+        check_delta(1e-3, 1257)
+
+
 def test_central_update_lies_in_the_clip_ball_local_update_is_noised() -> None:
-    """Central: -sum/n has norm <= C (the validator checks it); local adds N(0,(zC)^2)."""
+    """Central: -sum/n has norm <= C (the validator checks it); local adds N(0,(z 2C)^2)."""
     model, x, y = _rows(2)
     dw, db = dp_client_delta(model, x, y, 0.5, "central", 8.0)
     assert math.hypot(float(np.linalg.norm(dw)), float(np.linalg.norm(db))) <= 0.5 + 1e-12
     lw, lb = dp_client_delta(model, x, y, 0.5, "local", 8.0, np.random.default_rng(0))
     noise = np.concatenate([(lw - dw).ravel(), lb - db]) * len(y)
-    assert float(np.std(noise)) == pytest.approx(8.0 * 0.5, rel=0.35)
+    assert float(np.std(noise)) == pytest.approx(8.0 * 2 * 0.5, rel=0.35)
 
 
-def test_central_aggregate_has_noise_std_zc_over_total() -> None:
-    """dp_aggregate adds N(0, (zC)^2) to the weighted sum once, then divides by N."""
+def test_central_aggregate_has_noise_std_z_2c_over_total() -> None:
+    """dp_aggregate adds N(0, (z 2C)^2) to the weighted sum once, then divides by N."""
     cfg = PrivacyConfig(clip_norm=0.5, noise_multiplier=8.0)
     base = init_model(20, 10)
     ups = [np.zeros(210), np.zeros(210)]
     rng = np.random.default_rng(3)
     draws = np.stack([dp_aggregate(ups, [100, 300], cfg, base, rng=rng) for _ in range(50)])
-    assert float(draws.std()) == pytest.approx(8.0 * 0.5 / 400, rel=0.05)
+    assert float(draws.std()) == pytest.approx(8.0 * 2 * 0.5 / 400, rel=0.05)
     assert abs(float(draws.mean())) < 0.001
 
 
