@@ -8,6 +8,7 @@ are all it receives.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ from medimesh.server_opt import (
     make_server_optimizer,
     restore_state,
 )
+from medimesh.setup_checks import Refusal, screen_setup
 from medimesh.wire import open_envelope
 
 __all__ = ["STATISTICAL_REASONS", "Coordinator", "CoordinatorConfig"]
@@ -111,6 +113,9 @@ class CoordinatorConfig:
     # Ask hospitals for cross-site baselines at setup (medimesh.cross_baselines); the runtime
     # turns it off under DP and secure aggregation.
     cross_baselines: bool = False
+    # The consortium's cap on one site's rows (training + test), on top of the relative rule
+    # of medimesh.setup_checks; None = the relative rule only.
+    max_site_examples: int | None = None
 
     def __post_init__(self) -> None:
         make_aggregator(self.aggregator, self.n_byzantine)  # unknown names fail here, early
@@ -155,7 +160,8 @@ class Coordinator(Node):
             config.cross_baselines and config.privacy is None
             and config.secure_aggregation is None,
         )
-        self._committed: dict[str, int] = {}
+        self._committed: dict[str, int] = {}  # training rows, validated at setup
+        self._test_sizes: dict[str, int] | None = None  # test rows, validated at setup
         self._model: Model | None = None
         self._model_hash = ""
         self._server_opt = config.server()
@@ -227,12 +233,18 @@ class Coordinator(Node):
             update = decode(Update.TYPE, payload, Update)
         except MediMeshError:
             return  # the validator judges malformed payloads; nothing to aggregate here
+        if sender not in self._committed:  # refused at setup (or never answered it)
+            self.audit.record("update_refused", update.round, dig,
+                              {"hospital": sender, "reason": "not_admitted_at_setup"})
+            return
+        # FedAvg weighs by the count validated at setup, never by what the update claims.
+        update = dataclasses.replace(update, n_examples=self._committed[sender])
         if not state.add_update(dig, sender, update):
             self.audit.record("late_update", update.round, dig, {"hospital": sender})
             return
         tally = self._tallies.get(update.base_hash)
         if tally is not None and update.round == state.round:
-            tally.add_from_update(sender, update)
+            self._eval_refused(sender, update.base_hash, tally.add_from_update(sender, update))
 
     def _on_secagg(self, type_: str, sender: str, dig: str, payload: bytes, size: int) -> None:
         """A hospital's secure-aggregation message: kept only in its phase of the open round."""
@@ -246,15 +258,25 @@ class Coordinator(Node):
         if isinstance(msg, SecAggMasked):  # the base model's evaluation rides along, in clear
             tally = self._tallies.get(msg.base_hash)
             if tally is not None:
-                tally.add_counts(sender, msg.round, msg.base_hash, msg.eval)
+                refusal = tally.add_counts(sender, msg.round, msg.base_hash, msg.eval)
+                self._eval_refused(sender, msg.base_hash, refusal)
 
     def _on_eval(self, sender: str, report: EvalReport, size: int) -> None:
         tally = self._tallies.get(report.model_hash)
         if tally is None:
             self.audit.record("late_evaluation", report.round, report.model_hash, {})
             return
-        tally.add(sender, report)
+        self._eval_refused(sender, report.model_hash, tally.add(sender, report))
         self._eval_bytes[report.model_hash] = self._eval_bytes.get(report.model_hash, 0) + size
+
+    def _eval_refused(self, sender: str, model: str, refusal: Refusal | None) -> None:
+        """Audit an evaluation report left out of the published accuracy, and why."""
+        if refusal is not None:
+            self.audit.record(
+                "evaluation_refused", self._round, model,
+                {"hospital": sender, "name": self._names.get(sender, sender[:12]),
+                 **refusal.to_dict()},
+            )
 
     def _on_verdicts(self, vdig: str, payload: bytes, size: int) -> None:
         batch = decode(Verdicts.TYPE, payload, Verdicts)
@@ -297,34 +319,46 @@ class Coordinator(Node):
         await self._wait(lambda: len(self._setup) == len(self._hospitals), deadline)
         if not self._setup:
             raise QuorumNotReached("no hospital answered the setup round")
+        # Only statistics that real rows could produce count (medimesh.setup_checks); a site
+        # refused here is left out of the run, by name, and the others go on.
+        screen = screen_setup(self._setup, self._hospitals, cfg.n_features, cfg.n_classes,
+                              cfg.max_site_examples)
+        for pid, refusal in screen.refused.items():
+            self.audit.record("setup_refused", 0, pid,
+                              {"hospital": pid, "name": self._names[pid], **refusal.to_dict()})
+        if not screen.accepted:
+            self.flush_audit()
+            raise QuorumNotReached("no hospital's setup statistics passed the checks")
+        admitted = {h: self._setup[h] for h in screen.accepted}  # roster order
         parts = [  # roster order, so the global statistics do not depend on arrival order
             LocalStats(s.n_examples, s.count, s.total, s.total_sq, s.class_counts)
-            for s in (self._setup[h] for h in self._hospitals if h in self._setup)
+            for s in admitted.values()
         ]
         standardizer, prior = combine_stats(parts)
         self._standardizer = standardizer
-        self._committed = {pid: s.n_examples for pid, s in self._setup.items()}
+        self._committed = {pid: int(s.n_examples) for pid, s in admitted.items()}
+        self._test_sizes = {pid: int(s.n_test) for pid, s in admitted.items()}
         self._finding_hist = combine_finding_hists(
-            [(self._setup[h].finding_hist, self._setup[h].n_examples)
-             for h in self._hospitals if h in self._setup]
+            [(s.finding_hist, s.n_examples) for s in admitted.values()]
         )
         result = SetupResult(cfg.spec_hash, standardizer.mean, standardizer.std, prior)
-        await self.send_async(result, list(self._setup), 0)
+        await self.send_async(result, list(admitted), 0)
         self._prior = prior
         self._model, self._model_hash = initial_model(cfg.n_features, cfg.n_classes, prior)
         self._auditor.record_model.remote(
             self._model_hash, 0, "", self._model.weights, self._model.bias, [], []
         )
         self._checkpoint()
-        answered = list(self._setup)
+        answered = list(admitted)
         await self._wait(  # peers' scores of each isolated model, counts only
             lambda: self._cross.complete(answered),
             min(deadline, time.time() + CROSS_BASELINES_WAIT_S),
         )
         summary = {
             "run_id": cfg.run_id,
-            "hospitals": len(self._setup),
+            "hospitals": len(admitted),
             "n_train": int(sum(self._committed.values())),
+            "refused": {self._names[p]: r.to_dict() for p, r in screen.refused.items()},
             "initial_model": self._model_hash,
             "cross_baselines": self._cross.enabled,
             # Each site's isolated model: own_site_* on its own test split, all_sites_* on
@@ -346,6 +380,7 @@ class Coordinator(Node):
             "run_id": self._cfg.run_id,
             "round": self._round,
             "committed": self._committed,
+            **({} if self._test_sizes is None else {"test_sizes": self._test_sizes}),
             "mean": self._standardizer.mean,
             "std": self._standardizer.std,
             "prior": np.asarray(self._prior),
@@ -377,6 +412,8 @@ class Coordinator(Node):
             )
         self._round = int(cp["round"])
         self._committed = {k: int(v) for k, v in st["committed"].items()}
+        sizes = st.get("test_sizes")  # absent in checkpoints from before the setup checks
+        self._test_sizes = None if sizes is None else {k: int(v) for k, v in sizes.items()}
         self._standardizer = Standardizer(np.array(st["mean"]), np.array(st["std"]))
         self._prior = np.array(st["prior"])
         hist = st.get("finding_hist")
@@ -511,7 +548,7 @@ class Coordinator(Node):
         )
         self._state = state
         tally = self._tallies.setdefault(
-            self._model_hash, EvalTally(self._model_hash, frozenset(live))
+            self._model_hash, EvalTally(self._model_hash, frozenset(live), self._test_sizes)
         )
         t = cfg.train
         dp = self._accountant.config if self._accountant is not None else None
@@ -845,7 +882,7 @@ class Coordinator(Node):
         assert self._model is not None
         live = [h for h in self._hospitals if h in self._committed]
         tally = self._tallies.setdefault(
-            self._model_hash, EvalTally(self._model_hash, frozenset(live))
+            self._model_hash, EvalTally(self._model_hash, frozenset(live), self._test_sizes)
         )
         pub = ModelPublished(
             self._round, self._model_hash, self._pending[self._round]["parent_hash"],

@@ -455,8 +455,11 @@ def _cause(exc: BaseException) -> str:
 class Consortium:
     """A running federation on Ray: router, auditor, validator, coordinator, hospitals."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, hospital_classes: Mapping[str, type] | None = None) -> None:
+        """``hospital_classes``: site name -> actor class instead of :class:`Hospital` (the
+        operator bench's dishonest hospitals, medimesh.actors.liars); runs never set it."""
         self.cfg = cfg
+        self._hospital_classes = dict(hospital_classes or {})
         self.descriptors = site_descriptors(cfg)
         first = self.descriptors[0]
         self.info = dataset_info(first.kind, first.params)
@@ -598,7 +601,8 @@ class Consortium:
         )
         hospitals = {
             d.name: _actor(
-                Hospital, self._name(f"hospital:{d.name}"), self.cfg.restarts,
+                self._hospital_classes.get(d.name, Hospital), self._name(f"hospital:{d.name}"),
+                self.cfg.restarts,
                 {hospital_resource(d.name): 1} if self.cfg.placement == "pinned" else None,
             ).remote(
                 seed[d.name].seed,

@@ -8,6 +8,7 @@ accepted updates; anything arriving after close is reported as late, never silen
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from medimesh.errors import QuorumNotReached
 from medimesh.model import Model, model_hash
 from medimesh.protocol import EvalReport, Update, Verdict
 from medimesh.server_opt import FedAvgM, ServerOpt, ServerState
+from medimesh.setup_checks import Refusal, check_eval_counts, check_eval_report
 
 __all__ = [
     "EvalTally",
@@ -190,31 +192,42 @@ class EvalTally:
 
     model_hash: str
     expected: frozenset[str]
+    # Each site's test size committed at setup: no report may count more patients
+    # (medimesh.setup_checks); None = not known (bounds checked among the counts only).
+    test_sizes: Mapping[str, int] | None = None
     reports: dict[str, EvalReport] = field(default_factory=dict)
 
-    def add(self, sender: str, report: EvalReport) -> None:
-        if report.model_hash == self.model_hash and sender in self.expected:
+    def add(self, sender: str, report: EvalReport) -> Refusal | None:
+        """Count a site's report, or refuse it (returned, for the audit trail): counts that
+        no test split could produce never reach the published accuracy."""
+        if report.model_hash != self.model_hash or sender not in self.expected:
+            return None
+        limit = None if self.test_sizes is None else self.test_sizes.get(sender, 0)
+        refusal = check_eval_report(report, limit)
+        if refusal is None:
             self.reports[sender] = report
+        return refusal
 
-    def add_from_update(self, sender: str, update: Update) -> None:
+    def add_from_update(self, sender: str, update: Update) -> Refusal | None:
         """Updates carry their site's evaluation of the base model they were trained from."""
-        self.add_counts(sender, update.round, update.base_hash, update.eval)
+        return self.add_counts(sender, update.round, update.base_hash, update.eval)
 
-    def add_counts(self, sender: str, round_: int, base_hash: str, ev: dict[str, float]) -> None:
+    def add_counts(
+        self, sender: str, round_: int, base_hash: str, ev: dict[str, float]
+    ) -> Refusal | None:
         """Evaluation counts of round ``round_``'s base model (plain or masked updates)."""
         try:
-            report = EvalReport(
-                round_ - 1,
-                base_hash,
-                int(ev["n_examples"]),
-                int(ev["correct_top1"]),
-                int(ev["correct_top3"]),
-                float(ev["loss_sum"]),
+            n, top1, top3, loss = (
+                float(ev[k]) for k in ("n_examples", "correct_top1", "correct_top3", "loss_sum")
             )
         except (KeyError, TypeError, ValueError):
-            return
-        if 0 <= report.correct_top1 <= report.correct_top3 <= report.n_examples:
-            self.add(sender, report)
+            return Refusal("eval_malformed", math.nan, math.nan)
+        limit = None if self.test_sizes is None else self.test_sizes.get(sender, 0)
+        refusal = check_eval_counts(n, top1, top3, loss, limit)
+        if refusal is not None:
+            return refusal if base_hash == self.model_hash and sender in self.expected else None
+        report = EvalReport(round_ - 1, base_hash, int(n), int(top1), int(top3), loss)
+        return self.add(sender, report)
 
     def complete(self) -> bool:
         return set(self.reports) >= self.expected
