@@ -12,6 +12,13 @@ and replaces ``OracleState.served`` (engine + run id) in one assignment. A reque
 reference once, so it is answered entirely by one model, and no request waits for or fails
 during a swap.
 
+Only a vouched-for model is served (medimesh.release): its weights and the checkpoint's
+mean/std must hash to the release hash a ``model_published`` audit entry signs, signed by a
+coordinator on the roster the oracle holds (``roster_json``; without one, the store's enrolled
+nodes). A newer model without one is refused: the previous vouched model keeps answering (or
+503 before any), ``/ready`` says why under ``refused``, and ``/ready`` and every diagnosis name
+the vouching entry (``vouched_by``: seq and entry hash).
+
 Runs (medimesh.runs): an oracle serves one run, the one it was started for (``run_id``, as the
 demo does), or, started without one, the newest run that has a model. ``/ready``, ``/diagnose``
 and ``/rounds`` say which; ``/runs`` lists them; ``?run=`` picks another run's rounds.
@@ -52,6 +59,8 @@ from medimesh.diagnosis import (
     saved_model_for,
 )
 from medimesh.explain import TrainingProfile
+from medimesh.identity import Roster
+from medimesh.release import UnvouchedModel, Voucher, find_voucher, spec_digest
 from medimesh.runs import RUN_ID_PATTERN, UNNAMED_RUN
 from medimesh.store import (
     RunRecord,
@@ -108,6 +117,10 @@ class OracleConfig:
     # Phenopacket queries: the assay → biomarker mapping file's JSON (medimesh.phenopackets);
     # give the one the sites trained with, so a phenopacket is encoded alike at both ends.
     label_codes: dict[str, Any] | None = None
+    # The consortium roster (JSON) whose coordinator must have signed the model_published
+    # entry of every model served (medimesh.release). None: the nodes enrolled in the store,
+    # which its owner can edit (said so on /ready).
+    roster_json: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +129,7 @@ class Served:
 
     engine: DiagnosisEngine
     run_id: str
+    voucher: Voucher | None = None  # the signed model_published entry that vouches for it
 
 
 # ------------------------------------------------------------------------------------ state
@@ -152,6 +166,8 @@ class OracleState:
         self._ontology: Any = None
         self._router: Any = config.router
         self._connected = asyncio.Event()
+        self.refused: dict[str, Any] | None = None  # the newest model refused, and why
+        self._roster = None if config.roster_json is None else Roster.from_json(config.roster_json)
         self.phenopacket_codes: Any = None
         if config.label_codes is not None:
             from medimesh.phenopackets import load_label_codes
@@ -261,6 +277,11 @@ class OracleState:
             self.last_error = f"run {run} has no checkpoint with the standardization yet"
             return False
         try:
+            voucher = await self._vouch(store, latest, cp.state, run)
+        except UnvouchedModel as exc:
+            self._refuse(latest, run, str(exc))
+            return False
+        try:
             engine = _engine_from(latest, cp.state)
         except (StoreError, ValidationError) as exc:
             self.last_error = f"model {latest.model_hash[:12]}… not servable: {exc}"
@@ -269,12 +290,48 @@ class OracleState:
             engine = DiagnosisEngine(
                 engine.saved, engine.features, self._ontology, profile=engine.profile
             )
-        self.served = Served(engine, run)  # the atomic swap: one reference assignment
+        self.served = Served(engine, run, voucher)  # the atomic swap: one reference assignment
         self.swaps += 1
         self.last_error = None
+        self.refused = None
         _log.info("oracle serving run %s model %s (round %d)", run, latest.model_hash[:12],
                   latest.round)
         return True
+
+    def roster_source(self) -> str:
+        return "config" if self._roster is not None else "store"
+
+    async def _vouch(
+        self, store: Store, latest: StoredModel, state: dict[str, Any], run: str
+    ) -> Voucher:
+        """The signed model_published entry for this model as it would serve (weights and the
+        checkpoint's mean/std), from a coordinator on the roster; else UnvouchedModel."""
+        if "mean" not in state or "std" not in state:
+            raise UnvouchedModel("the checkpoint has no standardization (mean/std)")
+        roster = self._roster
+        if roster is None:
+            roster = Roster([n.member() for n in await store.nodes()])
+        entries = await store.entries(event="model_published", round=latest.round)
+        return find_voucher(
+            entries,
+            model=latest.to_model(),
+            mean=np.asarray(state["mean"], dtype=float),
+            std=np.asarray(state["std"], dtype=float),
+            spec_hash=spec_digest([f.name for f in cohort.features()], cohort.class_names()),
+            run_id=run,
+            coordinators={m.peer_id for m in roster.with_role("coordinator")},
+            signers={m.peer_id for m in roster},
+        )
+
+    def _refuse(self, latest: StoredModel, run: str, reason: str) -> None:
+        """Keep serving the previous verified model (if any) and say why the new one is not."""
+        refused = {"model_hash": latest.model_hash, "round": latest.round, "run_id": run,
+                   "reason": reason}
+        if refused != self.refused:
+            _log.warning("oracle refuses model %s of run %s: %s", latest.model_hash[:12], run,
+                         reason)
+        self.refused = refused
+        self.last_error = f"refused model {latest.model_hash[:12]}…: {reason}"
 
     async def run_for(self, store: Store, run: str | None) -> RunRecord | None:
         """The run a request names, else the served one, else the newest; 404 if unknown.
@@ -829,7 +886,8 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         try:
             # model_hash and model_round come from the engine; run_id names the run it is of
             return {**served.engine.diagnose(body.to_request()).to_dict(),
-                    "run_id": served.run_id}
+                    "run_id": served.run_id,
+                    "vouched_by": None if served.voucher is None else served.voucher.to_dict()}
         except ValidationError as exc:
             detail = [
                 {"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}
@@ -1061,6 +1119,11 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             "model_hash": engine.model_hash if engine else None,
             "model_round": engine.round if engine else None,
             "run_id": state.run_id,
+            "vouched_by": (
+                None if served is None or served.voucher is None else served.voucher.to_dict()
+            ),
+            "refused": state.refused,
+            "roster": state.roster_source(),
             "problems": problems,
         }
         return JSONResponse(body, status_code=200 if not problems else 503)
@@ -1166,10 +1229,11 @@ def oracle_deployment() -> Any:
             poll_interval: float = 1.0,
             run_id: str | None = None,
             label_codes: dict[str, Any] | None = None,
+            roster_json: str | None = None,
         ) -> None:
             self._config = OracleConfig(
                 database_url, router_name, router_namespace, poll_interval, run_id=run_id,
-                label_codes=label_codes,
+                label_codes=label_codes, roster_json=roster_json,
             )
 
         def __serve_build_asgi_app__(self) -> FastAPI:
@@ -1187,6 +1251,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         float(args.get("poll_interval", 1.0)),
         args.get("run_id"),
         args.get("label_codes"),
+        args.get("roster_json"),
     )
 
 
@@ -1200,9 +1265,11 @@ def deploy(
     num_replicas: int = 1,
     run_id: str | None = None,
     label_codes: dict[str, Any] | None = None,
+    roster_json: str | None = None,
 ) -> str:
     """Start Serve on 127.0.0.1:``port`` with the oracle at ``/``; returns the base URL.
-    ``run_id``: the run to serve (None: the newest run with a model).
+    ``run_id``: the run to serve (None: the newest run with a model). ``roster_json``: the
+    roster whose coordinator must sign every served model (None: the store's nodes).
 
     Needs a running Ray (``ray.init``); Serve's controller and proxy start on first call.
     """
@@ -1216,7 +1283,8 @@ def deploy(
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     dep = oracle_deployment().options(num_replicas=num_replicas)
     serve.run(
-        dep.bind(database_url, router_name, router_namespace, poll_interval, run_id, label_codes),
+        dep.bind(database_url, router_name, router_namespace, poll_interval, run_id, label_codes,
+                 roster_json),
         name=APP_NAME,
         route_prefix="/",
     )

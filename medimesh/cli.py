@@ -394,7 +394,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if serving:
             assert cfg.database_url is not None
             _start_services(cfg.database_url, args, fed.router_name(), stops, _ray_banner(),
-                            fed.run_id)
+                            fed.run_id, fed.roster.to_json())
         elif not args.json:
             print(_ray_banner(), file=sys.stderr, flush=True)
         history = fed.run(None if args.json else _progress(cfg.rounds))
@@ -451,13 +451,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _start_services(
     database_url: str, args: argparse.Namespace, router_name: str,
     stops: list[Callable[[], None]], ray_banner: str = "", run_id: str | None = None,
+    roster_json: str | None = None,
 ) -> None:
-    """Deploy the oracle on Ray Serve (serving ``run_id``) and start the UI (a thread here);
-    print both URLs."""
+    """Deploy the oracle on Ray Serve (serving ``run_id``, models signed by ``roster_json``'s
+    coordinator) and start the UI (a thread here); print both URLs."""
     from medimesh.actors.oracle import deploy
 
     stops.append(_stop_serve)
-    url = deploy(database_url, router_name=router_name, port=args.port, run_id=run_id)
+    url = deploy(database_url, router_name=router_name, port=args.port, run_id=run_id,
+                 roster_json=roster_json)
     from medimesh.ui.app import UiServer
 
     ui = UiServer(url, host=args.ui_host, port=args.ui_port)
@@ -510,13 +512,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def _serve_forever(
     database_url: str, port: int, router_name: str | None, run_id: str | None = None,
-    label_codes: dict[str, Any] | None = None,
+    label_codes: dict[str, Any] | None = None, roster_json: str | None = None,
 ) -> None:
     """Deploy the oracle on Ray Serve and block until Ctrl-C."""
     from medimesh.actors.oracle import deploy
 
     url = deploy(database_url, router_name=router_name, port=port, run_id=run_id,
-                 label_codes=label_codes)
+                 label_codes=label_codes, roster_json=roster_json)
     print(
         f"\noracle: {url}  (API docs {url}/docs; try {url}/runs, {url}/rounds)\n"
         f"serving run {run_id or 'newest (follows new runs)'}\n"
@@ -548,8 +550,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             load_label_codes(codes)
         except PhenopacketError as exc:
             raise MediMeshError(str(exc)) from None
+    roster_json = None
+    if args.roster is not None:  # the coordinator whose signed model_published entries count
+        from medimesh.keys import load_roster
+
+        roster = load_roster(Path(args.roster))
+        if not roster.with_role("coordinator"):
+            raise MediMeshError(f"roster {args.roster} enrols no coordinator: nothing to serve")
+        roster_json = roster.to_json()
     ensure_ray()
-    _serve_forever(url, args.port, None, args.run, codes)
+    _serve_forever(url, args.port, None, args.run, codes, roster_json)
     return 0
 
 
@@ -1012,6 +1022,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--label-codes", default=None, metavar="FILE",
                          help="assay → biomarker mapping for phenopacket queries (the file the "
                               "phenopacket sites trained with; docs/phenopackets.md)")
+    serve_p.add_argument("--roster", default=None, metavar="FILE",
+                         help="roster.json (`medimesh roster`): serve only models whose "
+                              "model_published audit entry its coordinator signed (default: "
+                              "the nodes enrolled in the database, which its owner can edit)")
     serve_p.add_argument("-v", "--verbose", action="store_true")
     serve_p.set_defaults(func=cmd_serve)
     train = sub.add_parser("train", help="federated training on CSV sites, saves the model")
