@@ -60,6 +60,7 @@ from medimesh.diagnosis import (
 )
 from medimesh.explain import TrainingProfile
 from medimesh.identity import Roster
+from medimesh.model import model_hash as hash_model
 from medimesh.release import UnvouchedModel, Voucher, find_voucher, spec_digest
 from medimesh.runs import RUN_ID_PATTERN, UNNAMED_RUN
 from medimesh.store import (
@@ -308,6 +309,9 @@ class OracleState:
         checkpoint's mean/std), from a coordinator on the roster; else UnvouchedModel."""
         if "mean" not in state or "std" not in state:
             raise UnvouchedModel("the checkpoint has no standardization (mean/std)")
+        if hash_model(latest.to_model()) != latest.model_hash:
+            raise UnvouchedModel(f"the stored weights of {latest.model_hash[:12]}… do not hash "
+                                 "to its name (edited in the database)")
         roster = self._roster
         if roster is None:
             roster = Roster([n.member() for n in await store.nodes()])

@@ -62,8 +62,9 @@ class Lab:
                 await conn.close()
 
         asyncio.run(create())
-        base, _, _ = self.admin_url.rpartition("/")
-        query = self.admin_url.partition("?")[2]
+        # The query may hold a path (pgserver: "?host=/path/to/socket"): split it off first.
+        path, _, query = self.admin_url.partition("?")
+        base = path.rpartition("/")[0]
         return f"{base}/{name}" + (f"?{query}" if query else "")
 
     def subdir(self, name: str) -> Path:
