@@ -21,7 +21,12 @@ from medimesh.actors import telemetry
 from medimesh.actors.base import Node
 from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
 from medimesh.aggregation import coordinate_median, flatten, make_aggregator, rule_for_round
-from medimesh.checkpoint_seal import CheckpointRefused, open_checkpoint, seal_checkpoint
+from medimesh.checkpoint_seal import (
+    CheckpointRefused,
+    check_not_stale,
+    open_checkpoint,
+    seal_checkpoint,
+)
 from medimesh.cross_baselines import CrossBaselines
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError, QuorumNotReached
 from medimesh.explain import combine_finding_hists
@@ -374,6 +379,11 @@ class Coordinator(Node):
             raise ConfigError("no checkpoint to resume from: run setup() first")
         try:
             st = open_checkpoint(self.peer_id, int(cp["round"]), cp["model_hash"], cp["state"])
+            mine = await self._auditor.entries.remote("model_published")
+            check_not_stale(int(cp["round"]), [
+                e.round for e in mine
+                if e.actor == self.peer_id and e.body.get("run_id") == self._cfg.run_id
+            ])
         except CheckpointRefused as exc:  # stop, loudly and audited: never resume nor restart
             self._refused = str(exc)
             self.audit.record("checkpoint_refused", int(cp["round"]), cp["model_hash"] or "",

@@ -6,6 +6,11 @@ coordinator signs every checkpoint with its own key (:func:`seal_checkpoint`) an
 :func:`open_checkpoint` refuses any checkpoint whose seal is missing, made by another key, or
 no longer matches the stored round, model hash and state, with :class:`CheckpointRefused`.
 
+A genuine but older checkpoint (the newer rows deleted: a rollback of the spend) is caught by
+:func:`check_not_stale`: the coordinator's own signed ``model_published`` entries in the audit
+trail must not name a round later than the checkpoint's (a round's checkpoint is handed to the
+auditor before that round's entries are).
+
 The signed bytes are a canonical form that survives the trip through PostgreSQL ``jsonb``:
 numpy becomes Python, tuples lists, NaN/inf null (as the auditor stores them), every number
 a float (jsonb prints 1e20 as an integer) and -0.0 is 0.0. Pure: no I/O, no Ray.
@@ -14,7 +19,7 @@ a float (jsonb prints 1e20 as an integer) and -0.0 is 0.0. Pure: no I/O, no Ray.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,8 +29,14 @@ from medimesh.audit import canonical
 from medimesh.errors import ConfigError, MediMeshError
 from medimesh.identity import Identity, verify_key
 
-__all__ = ["SEAL_KEY", "CheckpointRefused", "checkpoint_bytes", "open_checkpoint",
-           "seal_checkpoint"]
+__all__ = [
+    "SEAL_KEY",
+    "CheckpointRefused",
+    "check_not_stale",
+    "checkpoint_bytes",
+    "open_checkpoint",
+    "seal_checkpoint",
+]
 
 SEAL_KEY = "seal"
 _DOMAIN = b"medimesh/checkpoint/v1\0"
@@ -92,3 +103,14 @@ def open_checkpoint(
             "(its round, model hash or state no longer match the signature)"
         ) from None
     return {k: v for k, v in state.items() if k != SEAL_KEY}
+
+
+def check_not_stale(round_: int, published_rounds: Iterable[int]) -> None:
+    """CheckpointRefused if the trail shows this coordinator published a later round than the
+    checkpoint's (``published_rounds``: rounds of its own model_published entries, this run)."""
+    later = max(published_rounds, default=0)
+    if later > round_:
+        raise CheckpointRefused(
+            f"checkpoint of round {round_} is stale: the audit trail shows this coordinator "
+            f"published round {later} (newer checkpoints were removed)"
+        )

@@ -22,10 +22,16 @@ import pytest
 from medimesh.bench.operator import Lab
 from medimesh.bench.operator.models import (
     checkpoint_budget_reset,
+    checkpoint_rollback,
     model_swapped_standardization,
     model_swapped_weights,
 )
-from medimesh.checkpoint_seal import CheckpointRefused, open_checkpoint, seal_checkpoint
+from medimesh.checkpoint_seal import (
+    CheckpointRefused,
+    check_not_stale,
+    open_checkpoint,
+    seal_checkpoint,
+)
 from medimesh.identity import Identity
 from medimesh.model import Model
 from medimesh.release import release_hash
@@ -101,8 +107,26 @@ def test_a_reset_privacy_spend_in_the_checkpoint_stops_the_coordinator(
     assert "changed after the coordinator signed it" in d["resume_error"]
     assert "CheckpointRefused" in d["run_after_refusal"]
     [event] = d["audit"]
-    assert event["event"] == "checkpoint_refused" and event["round"] == d["checkpoint_round"]
+    assert event["event"] == "checkpoint_refused"
+    assert event["round"] == d["newest_checkpoint_round"]
     assert "changed after the coordinator signed it" in event["error"]
+
+
+@pytest.mark.ray
+def test_a_rolled_back_checkpoint_stops_the_coordinator(
+    ray_session: None, pg: Any, tmp_path: Path
+) -> None:
+    """The newest checkpoint rows deleted (an older genuine one spent less): resume raises
+    CheckpointRefused naming the later round the trail shows, audited; no round runs."""
+    out = checkpoint_rollback(Lab(tmp_path, pg.get_uri()))
+    d = out.details
+    assert out.attempted and out.detected, out
+    assert d["dp_rounds_offered"] < d["dp_rounds_before_edit"] == 2
+    assert d["resumed"] is None and "CheckpointRefused" in d["run_after_refusal"]
+    assert "is stale" in d["resume_error"]
+    [event] = d["audit"]
+    assert event["event"] == "checkpoint_refused" and event["round"] == d["resumed_from_round"]
+    assert f"published round {d['newest_checkpoint_round']}" in event["error"]
 
 
 # ------------------------------------------------------------------------------ pure parts
@@ -145,6 +169,14 @@ def test_checkpoint_seal_survives_jsonb_and_catches_edits(url: str) -> None:
         open_checkpoint(Identity.generate().peer_id, 3, "ab" * 32, stored)
     with pytest.raises(CheckpointRefused, match="not signed"):
         open_checkpoint(me.peer_id, 3, "ab" * 32, state)
+
+
+def test_a_checkpoint_older_than_the_trail_is_stale() -> None:
+    """Published rounds up to the checkpoint's pass; a later one is CheckpointRefused."""
+    check_not_stale(3, [1, 2, 3])
+    check_not_stale(0, [])
+    with pytest.raises(CheckpointRefused, match="published round 4"):
+        check_not_stale(2, [1, 2, 4])
 
 
 def _plain(obj: Any) -> Any:

@@ -282,22 +282,31 @@ def model_swapped_standardization(lab: Lab) -> AttackOutcome:
 # ------------------------------------------------------------------- attack 4: privacy spend
 
 
-def checkpoint_budget_reset(lab: Lab) -> AttackOutcome:
-    """DP run of 2 rounds; the owner sets ``dp_rounds`` to 0 in the checkpoint row the
-    coordinator resumes from; the restarted coordinator must refuse it, audit, and stop."""
+def _resume_after_edit(lab: Lab, seed: int, rollback: bool) -> dict[str, Any]:
+    """DP run of 2 rounds (budget planned for 3); the owner either sets ``dp_rounds`` to 0 in
+    the newest checkpoint row or deletes the newest rows (back to a genuine older checkpoint
+    with less spent); then the supervisor restarts the coordinator and asks for one round."""
     from medimesh.privacy import PrivacyConfig
 
     url = lab.new_database()
     ctx = None
     error, resumed, run_error = "", None, ""
     try:
-        ctx = _federation(url, seed=13, privacy=PrivacyConfig(epsilon=1.0, delta=1e-3, rounds=3))
+        ctx = _federation(url, seed=seed, privacy=PrivacyConfig(epsilon=1.0, delta=1e-3,
+                                                                rounds=3))
         fed, run_id = ctx["fed"], ctx["run_id"]
-        cp = asyncio.run(_sql(url, "SELECT id, round, state->'dp_rounds' AS spent FROM"
-                                   " checkpoints WHERE run_id = $1 ORDER BY id DESC LIMIT 1",
-                              run_id))[0]
-        asyncio.run(_sql(url, "UPDATE checkpoints SET state = jsonb_set(state, '{dp_rounds}',"
-                              " '0') WHERE id = $1", cp["id"]))
+        rows = asyncio.run(_sql(url, "SELECT id, round, state->'dp_rounds' AS spent FROM"
+                                     " checkpoints WHERE run_id = $1 ORDER BY id DESC", run_id))
+        newest = rows[0]
+        if rollback:  # back to the first checkpoint that spent less (the setup round's: 0)
+            older = next(r for r in rows if r["spent"] != newest["spent"])
+            asyncio.run(_sql(url, "DELETE FROM checkpoints WHERE run_id = $1 AND id > $2",
+                             run_id, older["id"]))
+            target = older
+        else:
+            asyncio.run(_sql(url, "UPDATE checkpoints SET state = jsonb_set(state,"
+                                  " '{dp_rounds}', '0') WHERE id = $1", newest["id"]))
+            target = newest
         try:
             resumed = fed.restart_coordinator()
         except Exception as exc:  # the refusal, as the supervisor sees it
@@ -310,29 +319,61 @@ def checkpoint_budget_reset(lab: Lab) -> AttackOutcome:
         refused = [e for e in fed.audit_entries() if e.event == "checkpoint_refused"]
     finally:
         _shutdown(ctx)
-    spent_before = json.loads(cp["spent"]) if cp["spent"] is not None else None
-    detected = (
-        resumed is None and "CheckpointRefused" in error and "CheckpointRefused" in run_error
-        and len(refused) == 1
-    )
-    return AttackOutcome(
-        attack="checkpoint_budget_reset",
-        number=4,
-        attempted=True,
-        detected=detected,
-        by="coordinator (on resume)",
-        how=("CheckpointRefused: the checkpoint's seal (coordinator signature over round, model "
-             "hash and state) no longer verifies; audit event checkpoint_refused; the "
-             "coordinator stops (no resume, no fresh setup)"),
-        honest_loss=("the run stops: training does not continue until an operator restores the "
-                     "signed checkpoint (availability; no privacy budget re-spent)"),
-        details={
-            "checkpoint_round": int(cp["round"]), "dp_rounds_before_edit": spent_before,
+
+    def spent(row: Any) -> Any:
+        return json.loads(row["spent"]) if row["spent"] is not None else None
+
+    return {
+        "detected": (resumed is None and "CheckpointRefused" in error
+                     and "CheckpointRefused" in run_error and len(refused) == 1),
+        "details": {
+            "newest_checkpoint_round": int(newest["round"]),
+            "dp_rounds_before_edit": spent(newest),
+            "resumed_from_round": int(target["round"]), "dp_rounds_offered": spent(target),
             "resume_error": error[:400], "run_after_refusal": run_error[:400],
             "resumed": resumed,
             "audit": [{"seq": e.seq, "event": e.event, "round": e.round,
                        "error": e.body.get("error")} for e in refused],
         },
+    }
+
+
+_STOPS = ("the run stops: training does not continue until an operator restores the newest "
+          "signed checkpoint (availability; no privacy budget re-spent)")
+
+
+def checkpoint_budget_reset(lab: Lab) -> AttackOutcome:
+    """``dp_rounds`` set to 0 in the checkpoint row the coordinator resumes from."""
+    got = _resume_after_edit(lab, seed=13, rollback=False)
+    return AttackOutcome(
+        attack="checkpoint_budget_reset",
+        number=4,
+        attempted=True,
+        detected=got["detected"],
+        by="coordinator (on resume)",
+        how=("CheckpointRefused: the checkpoint's seal (coordinator signature over round, model "
+             "hash and state) no longer verifies; audit event checkpoint_refused; the "
+             "coordinator stops (no resume, no fresh setup)"),
+        honest_loss=_STOPS,
+        details=got["details"],
+    )
+
+
+def checkpoint_rollback(lab: Lab) -> AttackOutcome:
+    """The newest checkpoint rows deleted: the coordinator would resume a genuine, older
+    checkpoint that spent less of the budget."""
+    got = _resume_after_edit(lab, seed=14, rollback=True)
+    return AttackOutcome(
+        attack="checkpoint_rollback",
+        number=4,
+        attempted=True,
+        detected=got["detected"],
+        by="coordinator (on resume)",
+        how=("CheckpointRefused (stale): the coordinator's own signed model_published entries "
+             "in the audit trail name a later round than the checkpoint; audit event "
+             "checkpoint_refused; the coordinator stops"),
+        honest_loss=_STOPS,
+        details=got["details"],
     )
 
 
@@ -340,4 +381,5 @@ SCENARIOS: dict[str, Scenario] = {
     "model_swapped_weights": model_swapped_weights,
     "model_swapped_standardization": model_swapped_standardization,
     "checkpoint_budget_reset": checkpoint_budget_reset,
+    "checkpoint_rollback": checkpoint_rollback,
 }
