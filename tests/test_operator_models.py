@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,16 @@ def test_a_model_nobody_trained_is_never_served(
     assert (edit["ready_status"], edit["diagnose_status"]) == (503, 503)
     assert "do not hash to its name" in edit["refused"]["reason"]
     assert "refused model" in edit["diagnose_detail"]
+    # `audit provenance --strict` names the edited model and exits 1.
+    done = subprocess.run(
+        [sys.executable, "-m", "medimesh.cli", "audit", "provenance", final, "--database-url",
+         d["database_url"], "--roster", d["roster_file"], "--strict", "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["unvouched"] == [final] and doc["lineage"][0]["weights_match"] is False
+    assert doc["lineage"][1]["vouched_by"]["event"] == "model_published"  # round 1: intact
 
 
 @pytest.mark.ray

@@ -186,6 +186,8 @@ def model_swapped_weights(lab: Lab) -> AttackOutcome:
         asyncio.run(_sql(url, "UPDATE models SET weights = $1 WHERE model_hash = $2",
                          w.astype("<f4").tobytes(), final))
         edited = probe_oracle(url, roster, run_id, lambda b: b.get("refused") is not None)
+        roster_file = lab.subdir("keys") / "roster.json"  # for `audit provenance --roster`
+        roster_file.write_text(roster, encoding="utf-8")
     finally:
         _shutdown(ctx)
     served_honest = (
@@ -215,6 +217,7 @@ def model_swapped_weights(lab: Lab) -> AttackOutcome:
                      "503 until the row is restored (availability, never a wrong answer)"),
         details={
             "final_model": final, "forged_model": forged_hash,
+            "database_url": url, "roster_file": str(roster_file),
             "published_entries": published,
             "before": {"model_hash": before["ready"].get("model_hash"),
                        "vouched_by": _vouched(before["ready"])},
