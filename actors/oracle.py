@@ -37,6 +37,7 @@ import functools
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
@@ -90,6 +91,7 @@ __all__ = [
 _log = logging.getLogger("medimesh.oracle")
 
 MAX_BODY_BYTES = 64 * 1024
+REFUSAL_LOG_AFTER_S = 5.0
 _KEEPALIVE_S = 15.0
 
 Scope = MutableMapping[str, Any]
@@ -168,6 +170,7 @@ class OracleState:
         self._router: Any = config.router
         self._connected = asyncio.Event()
         self.refused: dict[str, Any] | None = None  # the newest model refused, and why
+        self._refused_since, self._refusal_logged = 0.0, False
         self._roster = None if config.roster_json is None else Roster.from_json(config.roster_json)
         self.phenopacket_codes: Any = None
         if config.label_codes is not None:
@@ -328,12 +331,19 @@ class OracleState:
         )
 
     def _refuse(self, latest: StoredModel, run: str, reason: str) -> None:
-        """Keep serving the previous verified model (if any) and say why the new one is not."""
+        """Keep serving the previous verified model (if any) and say why the new one is not.
+
+        Logged once the refusal has lasted ``REFUSAL_LOG_AFTER_S``: a new round's model row can
+        reach the store a moment before its model_published entry does."""
         refused = {"model_hash": latest.model_hash, "round": latest.round, "run_id": run,
                    "reason": reason}
+        now = time.monotonic()
         if refused != self.refused:
+            self._refused_since, self._refusal_logged = now, False
+        if not self._refusal_logged and now - self._refused_since >= REFUSAL_LOG_AFTER_S:
             _log.warning("oracle refuses model %s of run %s: %s", latest.model_hash[:12], run,
                          reason)
+            self._refusal_logged = True
         self.refused = refused
         self.last_error = f"refused model {latest.model_hash[:12]}…: {reason}"
 
