@@ -62,7 +62,7 @@ from medimesh.diagnosis import (
 from medimesh.explain import TrainingProfile
 from medimesh.identity import Roster
 from medimesh.model import model_hash as hash_model
-from medimesh.release import UnvouchedModel, Voucher, find_voucher, spec_digest
+from medimesh.release import UnvouchedModel, Voucher, find_voucher, roster_keys, spec_digest
 from medimesh.runs import RUN_ID_PATTERN, UNNAMED_RUN
 from medimesh.store import (
     RunRecord,
@@ -315,9 +315,9 @@ class OracleState:
         if hash_model(latest.to_model()) != latest.model_hash:
             raise UnvouchedModel(f"the stored weights of {latest.model_hash[:12]}… do not hash "
                                  "to its name (edited in the database)")
-        roster = self._roster
-        if roster is None:
-            roster = Roster([n.member() for n in await store.nodes()])
+        members = self._roster if self._roster is not None else [
+            n.member() for n in await store.nodes()]
+        coordinators, signers = roster_keys(members)
         entries = await store.entries(event="model_published", round=latest.round)
         return find_voucher(
             entries,
@@ -326,8 +326,8 @@ class OracleState:
             std=np.asarray(state["std"], dtype=float),
             spec_hash=spec_digest([f.name for f in cohort.features()], cohort.class_names()),
             run_id=run,
-            coordinators={m.peer_id for m in roster.with_role("coordinator")},
-            signers={m.peer_id for m in roster},
+            coordinators=coordinators,
+            signers=signers,
         )
 
     def _refuse(self, latest: StoredModel, run: str, reason: str) -> None:

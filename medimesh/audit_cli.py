@@ -234,17 +234,16 @@ async def _vouches(
 ) -> list[dict[str, Any]]:
     """Per model: do its weights hash to its name, and which signed model_published entry
     vouches for its weights and its run's standardization (medimesh.release), or why none."""
-    from medimesh.identity import Roster
+    from medimesh.identity import Member
     from medimesh.keys import load_roster
     from medimesh.model import model_hash
-    from medimesh.release import UnvouchedModel, find_voucher
+    from medimesh.release import UnvouchedModel, find_voucher, roster_keys
 
-    if roster_file is not None:
-        roster = load_roster(Path(roster_file))
-    else:
-        roster = Roster([n.member() for n in await store.nodes()])
-    coordinators = {m.peer_id for m in roster.with_role("coordinator")}
-    signers = {m.peer_id for m in roster}
+    members: list[Member] = (
+        list(load_roster(Path(roster_file))) if roster_file is not None
+        else [n.member() for n in await store.nodes()]  # every run's members, names repeat
+    )
+    coordinators, signers = roster_keys(members)
     out: list[dict[str, Any]] = []
     for m in chain:
         model = m.to_model()

@@ -26,6 +26,7 @@ import numpy as np
 
 from medimesh.audit import AuditEntry, _entry_problem
 from medimesh.errors import MediMeshError
+from medimesh.identity import Member
 from medimesh.model import Model, model_hash
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Voucher",
     "find_voucher",
     "release_hash",
+    "roster_keys",
     "spec_digest",
 ]
 
@@ -68,6 +70,13 @@ def release_hash(model: Model, mean: Any, std: Any, spec_hash: str = "") -> str:
     _vector(h, np.asarray(std))
     h.update(spec_hash.encode())
     return h.hexdigest()
+
+
+def roster_keys(members: Iterable[Member]) -> tuple[set[str], set[str]]:
+    """(coordinators, every signer) among ``members``: a roster, or the nodes a store enrolled
+    (several runs' members, names repeated)."""
+    members = list(members)
+    return {m.peer_id for m in members if m.role == "coordinator"}, {m.peer_id for m in members}
 
 
 @dataclass(frozen=True, slots=True)
