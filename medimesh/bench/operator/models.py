@@ -332,7 +332,8 @@ def _resume_after_edit(lab: Lab, seed: int, rollback: bool) -> dict[str, Any]:
         "details": {
             "newest_checkpoint_round": int(newest["round"]),
             "dp_rounds_before_edit": spent(newest),
-            "resumed_from_round": int(target["round"]), "dp_rounds_offered": spent(target),
+            "resumed_from_round": int(target["round"]),
+            "dp_rounds_offered": spent(target) if rollback else 0,  # what resume would read
             "resume_error": error[:400], "run_after_refusal": run_error[:400],
             "resumed": resumed,
             "audit": [{"seq": e.seq, "event": e.event, "round": e.round,
