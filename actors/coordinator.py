@@ -22,6 +22,12 @@ from medimesh.actors import telemetry
 from medimesh.actors.base import Node
 from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
 from medimesh.aggregation import coordinate_median, flatten, make_aggregator, rule_for_round
+from medimesh.checkpoint_seal import (
+    CheckpointRefused,
+    check_not_stale,
+    open_checkpoint,
+    seal_checkpoint,
+)
 from medimesh.cross_baselines import CrossBaselines
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError, QuorumNotReached
 from medimesh.explain import combine_finding_hists
@@ -47,6 +53,7 @@ from medimesh.protocol import (
     VerdictsRequest,
     decode,
 )
+from medimesh.release import release_hash
 from medimesh.rounds import (
     EvalTally,
     RoundMetrics,
@@ -183,6 +190,7 @@ class Coordinator(Node):
         self._accountant = (
             PrivacyAccountant(config.privacy) if config.privacy is not None else None
         )
+        self._refused: str | None = None  # why resume refused the checkpoint: stopped for good
 
     async def send_async(self, msg: Any, recipients: list[str], round_: int) -> bytes:
         """Seal and send without blocking the event loop. Only here: a coroutine method on the
@@ -306,6 +314,7 @@ class Coordinator(Node):
 
     # -- setup round ----------------------------------------------------------------------
     async def setup(self) -> dict[str, Any]:
+        self._stopped_by_refusal()
         cfg = self._cfg
         req = SetupRequest(cfg.spec_hash, cfg.n_features, cfg.n_classes, self._cross.enabled)
         self._setup.clear()
@@ -391,6 +400,8 @@ class Coordinator(Node):
         }
         if self._accountant is not None:
             state["dp_rounds"] = self._accountant.rounds
+        # Signed, so a resume refuses a row the database owner edited (medimesh.checkpoint_seal).
+        state = seal_checkpoint(self.identity, self._round, self._model_hash, state)
         self._auditor.save_checkpoint.remote(self._round, state, self._model_hash)
 
     async def resume(self) -> dict[str, Any]:
@@ -402,10 +413,22 @@ class Coordinator(Node):
         cp = await self._auditor.latest_checkpoint.remote()
         if cp is None:
             raise ConfigError("no checkpoint to resume from: run setup() first")
+        try:
+            st = open_checkpoint(self.peer_id, int(cp["round"]), cp["model_hash"], cp["state"])
+            mine = await self._auditor.entries.remote("model_published")
+            check_not_stale(int(cp["round"]), [
+                e.round for e in mine
+                if e.actor == self.peer_id and e.body.get("run_id") == self._cfg.run_id
+            ])
+        except CheckpointRefused as exc:  # stop, loudly and audited: never resume nor restart
+            self._refused = str(exc)
+            self.audit.record("checkpoint_refused", int(cp["round"]), cp["model_hash"] or "",
+                              {"error": str(exc), "run_id": self._cfg.run_id})
+            await self.sync_audit()
+            raise
         stored = await self._auditor.get_model.remote(cp["model_hash"])
         if stored is None:
             raise ConfigError(f"checkpointed model {cp['model_hash'][:12]}… is not in the store")
-        st = cp["state"]
         if st.get("run_id", self._cfg.run_id) != self._cfg.run_id:
             raise ConfigError(
                 f"checkpoint belongs to run {st.get('run_id')}, not {self._cfg.run_id}"
@@ -437,6 +460,12 @@ class Coordinator(Node):
         self.flush_audit()
         return summary
 
+    def _stopped_by_refusal(self) -> None:
+        """After a refused checkpoint this run neither continues nor starts over (which would
+        spend its privacy budget again): the operator must look at the audit trail."""
+        if self._refused is not None:
+            raise CheckpointRefused(f"coordinator stopped: {self._refused}")
+
     async def sync_audit(self) -> int:  # type: ignore[override]
         """Async twin of Node.sync_audit: an async actor must not block its event loop."""
         self._reclaim()
@@ -457,6 +486,7 @@ class Coordinator(Node):
         it before training on it: one broadcast serves both, so evaluation of model r rides on
         round r+1 and a round costs three message hops, not five.
         """
+        self._stopped_by_refusal()
         if self._model is None:
             raise ConfigError("run setup() before the first round")
         if rounds < 1:
@@ -604,7 +634,7 @@ class Coordinator(Node):
         self._model, self._model_hash = model, new_hash
         published: dict[str, Any] = {
             "parent": parent, "updates": upd_digests, "verdicts": verdict_digests,
-            "run_id": cfg.run_id,
+            "run_id": cfg.run_id, **self._release(model),
         }
         if self._sa is not None:
             published["secure_aggregation"] = self._sa_summary(self._sa)
@@ -615,6 +645,14 @@ class Coordinator(Node):
         )
         marks["aggregate"] = time.perf_counter()
         self._after_publish(state, r, t0, parent, new_hash, upd_digests, bytes_routed, marks)
+
+    def _release(self, model: Model) -> dict[str, str]:
+        """What model_published signs beyond the weights: the hash of the model as the oracle
+        serves it (weights, standardization, spec; medimesh.release)."""
+        std = self._standardizer
+        assert std is not None
+        spec = self._cfg.spec_hash
+        return {"release_hash": release_hash(model, std.mean, std.std, spec), "spec_hash": spec}
 
     async def _plain_close(
         self, state: RoundState, tally: EvalTally, attempt: int, deadline: float,

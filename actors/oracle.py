@@ -12,6 +12,14 @@ and replaces ``OracleState.served`` (engine + run id) in one assignment. A reque
 reference once, so it is answered entirely by one model, and no request waits for or fails
 during a swap.
 
+Only a vouched-for model is served (medimesh.release): its weights and the checkpoint's
+mean/std must hash to the release hash a ``model_published`` audit entry signs, signed by a
+coordinator on the signed roster(s) the oracle holds (``roster_path``; without one, the store's
+enrolled nodes, which its owner can edit: ``/ready`` says ``"roster": "store"``). A newer model
+without one is refused: the previous vouched model keeps answering (or
+503 before any), ``/ready`` says why under ``refused``, and ``/ready`` and every diagnosis name
+the vouching entry (``vouched_by``: seq and entry hash).
+
 Runs (medimesh.runs): an oracle serves one run, the one it was started for (``run_id``, as the
 demo does), or, started without one, the newest run that has a model. ``/ready``, ``/diagnose``
 and ``/rounds`` say which; ``/runs`` lists them; ``?run=`` picks another run's rounds.
@@ -67,6 +75,9 @@ from medimesh.diagnosis import (
 )
 from medimesh.errors import MediMeshError
 from medimesh.explain import TrainingProfile
+from medimesh.identity import Member
+from medimesh.model import model_hash as hash_model
+from medimesh.release import UnvouchedModel, Voucher, find_voucher, roster_keys, spec_digest
 from medimesh.runs import RUN_ID_PATTERN, UNNAMED_RUN
 from medimesh.store import (
     RunRecord,
@@ -95,6 +106,7 @@ __all__ = [
 _log = logging.getLogger("medimesh.oracle")
 
 MAX_BODY_BYTES = 64 * 1024
+REFUSAL_LOG_AFTER_S = 5.0
 _KEEPALIVE_S = 15.0
 
 Scope = MutableMapping[str, Any]
@@ -136,6 +148,7 @@ class Served:
 
     engine: DiagnosisEngine
     run_id: str
+    voucher: Voucher | None = None  # the signed model_published entry that vouches for it
 
 
 # ------------------------------------------------------------------------------------ state
@@ -176,6 +189,8 @@ class OracleState:
         self._ontology: Any = None
         self._router: Any = config.router
         self._connected = asyncio.Event()
+        self.refused: dict[str, Any] | None = None  # the newest model refused, and why
+        self._refused_since, self._refusal_logged = 0.0, False
         policy = config.access or AccessPolicy.local()
         self.verify_cache = VerifyCache(policy.verify_max_age, policy.verify_min_interval)
         self._verify_lock = asyncio.Lock()
@@ -288,6 +303,11 @@ class OracleState:
             self.last_error = f"run {run} has no checkpoint with the standardization yet"
             return False
         try:
+            voucher = await self._vouch(store, latest, cp.state, run)
+        except UnvouchedModel as exc:
+            self._refuse(latest, run, str(exc))
+            return False
+        try:
             engine = _engine_from(latest, cp.state)
         except (StoreError, ValidationError) as exc:
             self.last_error = f"model {latest.model_hash[:12]}… not servable: {exc}"
@@ -296,12 +316,70 @@ class OracleState:
             engine = DiagnosisEngine(
                 engine.saved, engine.features, self._ontology, profile=engine.profile
             )
-        self.served = Served(engine, run)  # the atomic swap: one reference assignment
+        self.served = Served(engine, run, voucher)  # the atomic swap: one reference assignment
         self.swaps += 1
         self.last_error = None
+        self.refused = None
         _log.info("oracle serving run %s model %s (round %d)", run, latest.model_hash[:12],
                   latest.round)
         return True
+
+    def roster_source(self) -> str:
+        return "config" if self.config.roster_path else "store"
+
+    def _roster_members(self) -> list[Member] | None:
+        """Every member of the signed roster(s) at ``roster_path`` (None: none configured).
+        A copy that does not verify trusts nobody: the model is refused, with the reason."""
+        if not self.config.roster_path:
+            return None
+        try:
+            rosters = read_signed_rosters([FilePath(self.config.roster_path)])
+        except MediMeshError as exc:
+            raise UnvouchedModel(f"roster refused: {exc}") from None
+        return [m for r in rosters for m in r]
+
+    async def _vouch(
+        self, store: Store, latest: StoredModel, state: dict[str, Any], run: str
+    ) -> Voucher:
+        """The signed model_published entry for this model as it would serve (weights and the
+        checkpoint's mean/std), from a coordinator on the roster; else UnvouchedModel."""
+        if "mean" not in state or "std" not in state:
+            raise UnvouchedModel("the checkpoint has no standardization (mean/std)")
+        if hash_model(latest.to_model()) != latest.model_hash:
+            raise UnvouchedModel(f"the stored weights of {latest.model_hash[:12]}… do not hash "
+                                 "to its name (edited in the database)")
+        members = self._roster_members()
+        if members is None:
+            members = [n.member() for n in await store.nodes()]
+        coordinators, signers = roster_keys(members)
+        entries = await store.entries(event="model_published", round=latest.round)
+        return find_voucher(
+            entries,
+            model=latest.to_model(),
+            mean=np.asarray(state["mean"], dtype=float),
+            std=np.asarray(state["std"], dtype=float),
+            spec_hash=spec_digest([f.name for f in cohort.features()], cohort.class_names()),
+            run_id=run,
+            coordinators=coordinators,
+            signers=signers,
+        )
+
+    def _refuse(self, latest: StoredModel, run: str, reason: str) -> None:
+        """Keep serving the previous verified model (if any) and say why the new one is not.
+
+        Logged once the refusal has lasted ``REFUSAL_LOG_AFTER_S``: a new round's model row can
+        reach the store a moment before its model_published entry does."""
+        refused = {"model_hash": latest.model_hash, "round": latest.round, "run_id": run,
+                   "reason": reason}
+        now = time.monotonic()
+        if refused != self.refused:
+            self._refused_since, self._refusal_logged = now, False
+        if not self._refusal_logged and now - self._refused_since >= REFUSAL_LOG_AFTER_S:
+            _log.warning("oracle refuses model %s of run %s: %s", latest.model_hash[:12], run,
+                         reason)
+            self._refusal_logged = True
+        self.refused = refused
+        self.last_error = f"refused model {latest.model_hash[:12]}…: {reason}"
 
     async def run_for(self, store: Store, run: str | None) -> RunRecord | None:
         """The run a request names, else the served one, else the newest; 404 if unknown.
@@ -887,7 +965,8 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
         try:
             # model_hash and model_round come from the engine; run_id names the run it is of
             return {**served.engine.diagnose(body.to_request()).to_dict(),
-                    "run_id": served.run_id}
+                    "run_id": served.run_id,
+                    "vouched_by": None if served.voucher is None else served.voucher.to_dict()}
         except ValidationError as exc:
             detail = [
                 {"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}
@@ -1118,6 +1197,11 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
             "model_hash": engine.model_hash if engine else None,
             "model_round": engine.round if engine else None,
             "run_id": state.run_id,
+            "vouched_by": (
+                None if served is None or served.voucher is None else served.voucher.to_dict()
+            ),
+            "refused": state.refused,
+            "roster": state.roster_source(),
             "problems": problems,
         }
         return JSONResponse(body, status_code=200 if not problems else 503)

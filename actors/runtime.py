@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import math
 import os
 import socket
@@ -35,6 +34,7 @@ from medimesh.identity import Identity, Member, Roster
 from medimesh.model import TrainConfig
 from medimesh.policy import PolicyConfig
 from medimesh.privacy import PrivacyConfig, check_delta
+from medimesh.release import spec_digest
 from medimesh.routing import Faults
 from medimesh.runs import new_run_id
 from medimesh.secagg import SecAggConfig
@@ -316,8 +316,7 @@ def _phenopacket_descriptor(cfg: RunConfig, name: str, path: str) -> SiteDescrip
 
 def spec_hash(info: DatasetInfo) -> str:
     """Names the agreed data model, so a site with a different schema is refused at setup."""
-    doc = "\n".join([*info.feature_names, "--", *info.class_names])
-    return hashlib.sha256(doc.encode()).hexdigest()
+    return spec_digest(info.feature_names, info.class_names)
 
 
 def ray_init_args(

@@ -124,6 +124,12 @@ def add_audit_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     prov = asub.add_parser("provenance", help="a model's lineage back to the initial model")
     prov.add_argument("model_hash", metavar="MODEL_HASH",
                       help=f"full hash or a unique prefix of >= {MIN_PREFIX} hex characters")
+    prov.add_argument("--roster", default=None, metavar="FILE",
+                      help="signed roster file (or directory) whose coordinator must sign "
+                           "model_published entries "
+                           "(default: the nodes enrolled in the database)")
+    prov.add_argument("--strict", action="store_true",
+                      help="exit 1 unless every published model of the lineage is vouched for")
     _db_args(prov)
     prov.set_defaults(func=cmd_provenance)
 
@@ -309,14 +315,68 @@ def _lineage(models: list[StoredModel], start: StoredModel) -> tuple[list[Stored
     return chain, ""
 
 
+async def _vouches(
+    store: Store, chain: list[StoredModel], roster_file: str | None
+) -> list[dict[str, Any]]:
+    """Per model: do its weights hash to its name, and which signed model_published entry
+    vouches for its weights and its run's standardization (medimesh.release), or why none."""
+    from medimesh.identity import Member
+    from medimesh.model import model_hash
+    from medimesh.release import UnvouchedModel, find_voucher, roster_keys
+
+    members: list[Member] = (  # a signed roster (file or directory) that verifies, or the nodes
+        [m for r in read_signed_rosters([Path(roster_file)]) for m in r]
+        if roster_file is not None
+        else [n.member() for n in await store.nodes()]  # every run's members, names repeat
+    )
+    coordinators, signers = roster_keys(members)
+    out: list[dict[str, Any]] = []
+    for m in chain:
+        model = m.to_model()
+        doc: dict[str, Any] = {"weights_match": model_hash(model) == m.model_hash,
+                               "vouched_by": None, "vouch_problem": ""}
+        out.append(doc)
+        if m.parent_hash is None:
+            continue  # the initial model: announced by setup_completed, never served as such
+        entries = [e for e in await store.entries(event="model_published", round=m.round)
+                   if e.subject == m.model_hash]
+        problems: list[str] = []
+        for run in dict.fromkeys(str(e.body.get("run_id", "")) for e in entries):
+            cp = await store.latest_checkpoint(run)
+            state = {} if cp is None else cp.state
+            if "mean" not in state or "std" not in state:
+                problems.append(f"run {run} has no checkpoint with the standardization")
+                continue
+            spec = next((str(e.body.get("spec_hash", "")) for e in entries), "")
+            try:
+                doc["vouched_by"] = find_voucher(
+                    entries, model=model, mean=state["mean"], std=state["std"], spec_hash=spec,
+                    run_id=run, coordinators=coordinators, signers=signers,
+                ).to_dict()
+                break
+            except UnvouchedModel as exc:
+                problems.append(str(exc))
+        if doc["vouched_by"] is None:
+            doc["vouch_problem"] = "; ".join(problems) or (
+                f"no model_published audit entry names model {m.model_hash[:12]}…")
+    return out
+
+
 def cmd_provenance(args: argparse.Namespace) -> int:
-    """For each model back to the initial one: round, parent, update and verdict digests."""
+    """For each model back to the initial one: round, parent, update and verdict digests,
+    whether its weights match its hash and which signed entry vouches for it."""
 
-    async def fetch(store: Store) -> list[StoredModel]:
-        return await store.models()
+    async def fetch(store: Store) -> tuple[list[StoredModel], list[dict[str, Any]]]:
+        models = await store.models()
+        chain, _ = _lineage(models, _resolve_model(models, args.model_hash))
+        return models, await _vouches(store, chain, args.roster)
 
-    models = _with_store(args, fetch)
+    models, vouches = _with_store(args, fetch)
     chain, note = _lineage(models, _resolve_model(models, args.model_hash))
+    unvouched = [m.model_hash for m, v in zip(chain, vouches, strict=True)
+                 if m.parent_hash is not None and (v["vouched_by"] is None
+                                                   or not v["weights_match"])]
+    code = 1 if args.strict and unvouched else 0
     if args.json:
         doc = {
             "model_hash": chain[0].model_hash,
@@ -331,22 +391,33 @@ def cmd_provenance(args: argparse.Namespace) -> int:
                     "verdicts": m.provenance.get("verdicts", []),
                     "shape": list(m.shape),
                     "created_at": m.created_at,
+                    **v,
                 }
-                for m in chain
+                for m, v in zip(chain, vouches, strict=True)
             ],
+            "unvouched": unvouched,
         }
         _emit(json.dumps(doc))
-        return 0
+        return code
     out: list[str] = []
-    for m in chain:
+    for m, v in zip(chain, vouches, strict=True):
         updates = m.provenance.get("updates", [])
         verdicts = m.provenance.get("verdicts", [])
         parent = f"{m.parent_hash[:16]}…" if m.parent_hash else "(initial model)"
         out.append(f"round {m.round:>4}  model {m.model_hash}  parent {parent}")
         out.append(f"            {len(updates)} accepted update(s), {len(verdicts)} verdict(s)")
+        if not v["weights_match"]:
+            out.append("            WEIGHTS CHANGED: the stored weights do not hash to this name")
+        if v["vouched_by"] is not None:
+            out.append(f"            published in audit seq {v['vouched_by']['seq']} "
+                       f"(entry {v['vouched_by']['entry_hash'][:16]}…)")
+        elif m.parent_hash is not None:
+            out.append(f"            NOT VOUCHED FOR: {v['vouch_problem']}")
         out.extend(f"              update  {d}" for d in updates)
         out.extend(f"              verdict {d}" for d in verdicts)
     done = f"{len(chain)} model(s) back to the initial model"
     out.append(f"lineage incomplete: {note}" if note else done)
+    if unvouched:
+        out.append(f"{len(unvouched)} published model(s) without a verified model_published entry")
     _emit("\n".join(out))
-    return 0
+    return code

@@ -499,8 +499,8 @@ def _start_services(
     stops: list[Callable[[], None]], ray_banner: str = "", run_id: str | None = None,
     roster_path: str | None = None,
 ) -> None:
-    """Deploy the oracle on Ray Serve (serving ``run_id``) and start the UI (a thread here);
-    print both URLs."""
+    """Deploy the oracle on Ray Serve (serving ``run_id``, models vouched for by the coordinator
+    of the signed rosters at ``roster_path``) and start the UI (a thread here); print both URLs."""
     from medimesh.actors.oracle import deploy
 
     access = _access(args)
@@ -566,13 +566,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def _serve_forever(
     database_url: str, port: int, router_name: str | None, run_id: str | None = None,
     label_codes: dict[str, Any] | None = None, host: str = "127.0.0.1", access: Any = None,
+    roster: str | None = None,
 ) -> None:
     """Deploy the oracle on Ray Serve and block until Ctrl-C."""
     from medimesh.actors.oracle import deploy
 
     rosters = STATE_DIR.resolve() / "rosters"  # the signed rosters runs here wrote
     url = deploy(database_url, router_name=router_name, port=port, run_id=run_id,
-                 label_codes=label_codes, roster_path=str(rosters) if rosters.is_dir() else None,
+                 label_codes=label_codes,
+                 roster_path=roster or (str(rosters) if rosters.is_dir() else None),
                  host=host, access=access)
     print(
         f"\noracle: {url}  (API docs {url}/docs; try {url}/runs, {url}/rounds)\n"
@@ -606,8 +608,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except PhenopacketError as exc:
             raise MediMeshError(str(exc)) from None
     access = _access(args)
+    roster = args.roster
+    if roster is not None:  # the signed roster(s) whose coordinator must vouch for a model
+        from medimesh.audit_cli import read_signed_rosters
+
+        rosters = read_signed_rosters([Path(roster)])  # refuses a copy that does not verify
+        if not any(r.with_role("coordinator") for r in rosters):
+            raise MediMeshError(f"roster {roster} enrols no coordinator: nothing to serve")
     ensure_ray()
-    _serve_forever(url, args.port, None, args.run, codes, args.host, access)
+    _serve_forever(url, args.port, None, args.run, codes, args.host, access, roster)
     return 0
 
 
@@ -1078,6 +1087,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--label-codes", default=None, metavar="FILE",
                          help="assay → biomarker mapping for phenopacket queries (the file the "
                               "phenopacket sites trained with; docs/phenopackets.md)")
+    serve_p.add_argument("--roster", default=None, metavar="FILE",
+                         help="roster.json (`medimesh roster`): serve only models whose "
+                              "model_published audit entry its coordinator signed (default: "
+                              "the nodes enrolled in the database, which its owner can edit)")
     serve_p.add_argument("-v", "--verbose", action="store_true")
     serve_p.set_defaults(func=cmd_serve)
     train = sub.add_parser("train", help="federated training on CSV sites, saves the model")

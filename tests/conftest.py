@@ -64,24 +64,18 @@ def live_oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = embedded_server(Path(tmp_path_factory.mktemp("schema")) / "pg")
     url = server.get_uri()
 
-    from medimesh.audit import AuditChain, sign_event
-    from medimesh.identity import Identity, Member, Roster
-    from medimesh.signed_roster import sign_all
+    from medimesh.bench.oracle import bench_signed_roster
 
-    writer, coordinator = Identity.generate(), Identity.generate()
-    roster = Roster([Member("auditor", "auditor", writer.peer_id),
-                     Member("coordinator", "coordinator", coordinator.peer_id)])
+    # publish_model also writes the model's signed model_published entry (a non-empty trail,
+    # which the README verifies), signed by the members of this roster.
     roster_file = Path(tmp_path_factory.mktemp("roster")) / "roster.json"
-    roster_file.write_text(sign_all(roster, [writer, coordinator]))
+    roster_file.write_text(bench_signed_roster())
 
     async def seed() -> None:
         store = await Store.open(url)
         try:
             model, mean, std = train_quick_model(steps=60)
-            h = await publish_model(store, model, mean, std, 1, finding_hist=quick_finding_hist())
-            # A non-empty trail, signed by the roster's members: the README verifies it.
-            events = [sign_event(coordinator, "model_published", 1, h, {"model_hash": h})]
-            await store.append_entries(AuditChain(writer).extend(events))
+            await publish_model(store, model, mean, std, 1, finding_hist=quick_finding_hist())
         finally:
             await store.close()
 

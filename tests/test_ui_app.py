@@ -36,7 +36,11 @@ from medimesh.client import (
     Unavailable,
     ValidationFailed,
 )
+from medimesh.data import cohort
 from medimesh.identity import Identity, Member, Roster
+from medimesh.model import model_hash
+from medimesh.release import release_hash, spec_digest
+from medimesh.runs import UNNAMED_RUN
 from medimesh.signed_roster import sign_all
 from medimesh.store import Store
 from medimesh.ui import views
@@ -46,6 +50,7 @@ from medimesh.ui.topology import node_views, topology_svg
 
 # ------------------------------------------------------------------------------- fixtures
 
+SPEC = spec_digest([f.name for f in cohort.features()], cohort.class_names())
 NAMES = ("router", "auditor", "validator", "coordinator", "hospital-a", "hospital-b",
          "hospital-c")
 ROLES = {"router": "router", "auditor": "auditor", "validator": "validator",
@@ -92,6 +97,9 @@ async def _seed(url: str, ids: dict[str, Identity]) -> dict[str, Any]:
                                                "from": pid["coordinator"],
                                                "to": [pid["hospital-a"]], "delivered": 1,
                                                "bytes": 19400, "digest": "d" * 64}),
+        # What lets the oracle serve model 1 (medimesh.release): the signed release hash.
+        ("coordinator", "model_published", 1, model_hash(model1),
+         {"run_id": UNNAMED_RUN, "release_hash": release_hash(model1, mean, std, SPEC)}),
     ]
     async with await Store.open(url) as store:
         for n, i in ids.items():
@@ -376,13 +384,13 @@ def test_dashboard_views_over_a_real_run(run_oracle: tuple[str, dict[str, Any]])
     assert 'data-name="hospital-c" data-role="hospital" data-status="quarantined"' in topo
     assert 'data-feed-rows="3"' in feed and "rejected (opposes_others)" in feed
     assert "accepted" in feed and "hospital-a" in feed
-    assert f'data-entries="9" data-head="{dash.audit.head_hash}"' in dash.head()
+    assert f'data-entries="10" data-head="{dash.audit.head_hash}"' in dash.head()
 
     with Client(url) as c:
         verdict = views.verify_html(c.verify_audit())
         models = c.models()
         model = c.model(seeded["h1"])
-    assert 'data-verify="ok"' in verdict and "9 entries" in verdict
+    assert 'data-verify="ok"' in verdict and "10 entries" in verdict
     found = views.audit_table_html(dash.audit.entries, dash.names, "quarantined")
     assert 'data-matches="1"' in found and "hospital_quarantined" in found
     assert 'data-matches="2"' in views.audit_table_html(dash.audit.entries, dash.names, "",
@@ -401,9 +409,9 @@ def test_audit_log_pages_incrementally(run_oracle: tuple[str, dict[str, Any]]) -
     url, _ = run_oracle
     log = AuditLog(page=2)
     with Client(url) as c:
-        assert log.refresh(c) == 9
+        assert log.refresh(c) == 10
         assert log.refresh(c) == 0
-    assert [e.seq for e in log.entries] == list(range(1, 10))
+    assert [e.seq for e in log.entries] == list(range(1, 11))
     assert len(log.of("verdict")) == 2
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -29,10 +30,12 @@ import numpy as np
 
 from medimesh.data import cohort
 from medimesh.evidence import EXCLUDED_PREFIX, GENETIC_TESTING_COLUMN
-from medimesh.model import Model, TrainConfig
+from medimesh.identity import Identity, Member, Roster
+from medimesh.model import Model, TrainConfig, model_hash
 from medimesh.runs import UNNAMED_RUN
 
 __all__ = [
+    "bench_roster",
     "main",
     "publish_model",
     "quick_finding_hist",
@@ -86,6 +89,27 @@ def quick_finding_hist(seed: int = 0, hospitals: int = 8) -> tuple[float, ...] |
     return combine_finding_hists([(n.finding_histogram(), n.n_train) for n in nodes])
 
 
+@functools.cache
+def _bench_identities() -> tuple[Identity, Identity]:
+    """This process's stand-in coordinator and audit writer (fresh keys, never on disk)."""
+    return Identity.generate(), Identity.generate()
+
+
+def bench_roster() -> Roster:
+    """The roster enrolling :func:`publish_model`'s coordinator and writer."""
+    coordinator, writer = _bench_identities()
+    return Roster([Member("bench-coordinator", "coordinator", coordinator.peer_id),
+                   Member("bench-auditor", "auditor", writer.peer_id)])
+
+
+def bench_signed_roster() -> str:
+    """:func:`bench_roster` signed by both members: a roster file an oracle's ``roster_path``
+    (and ``audit verify --roster``) accepts."""
+    from medimesh.signed_roster import sign_all
+
+    return sign_all(bench_roster(), list(_bench_identities()))
+
+
 async def publish_model(
     store: Any,
     model: Model,
@@ -97,8 +121,22 @@ async def publish_model(
     run: str = UNNAMED_RUN,
 ) -> str:
     """Store a model as the coordinator/auditor would: model row, round row, checkpoint,
-    all under ``run`` (default: the run of rows written without a federation); the
-    checkpoint carries the setup round's symptom-count histogram when given."""
+    all under ``run`` (default: the run of rows written without a federation), and the signed
+    ``model_published`` audit entry (release hash over weights and mean/std) an oracle requires,
+    by :func:`bench_roster`'s members, enrolled in the store; the checkpoint carries the setup
+    round's symptom-count histogram when given."""
+    from medimesh.audit import AuditChain, sign_event
+    from medimesh.release import release_hash, spec_digest
+
+    coordinator, writer = _bench_identities()
+    for member in bench_roster():
+        await store.register_node(member)
+    spec = spec_digest([f.name for f in cohort.features()], cohort.class_names())
+    body = {"parent": parent_hash or "", "updates": [], "verdicts": [], "run_id": run,
+            "release_hash": release_hash(model, mean, std, spec), "spec_hash": spec}
+    seq, head = await store.head()  # the entry first: an oracle never sees an unvouched row
+    event = sign_event(coordinator, "model_published", round_, model_hash(model), body)
+    await store.append_entries(AuditChain(writer, seq, head).extend([event]))
     digest: str = await store.put_model(model, round_, parent_hash=parent_hash, run=run)
     await store.put_round(round_, {"source": "bench"}, digest, time.time(), run=run)
     state: dict[str, Any] = {
@@ -282,7 +320,9 @@ def _run(
                 )
                 started_ray = True
             t0 = time.perf_counter()
-            base = deploy(url, port=port, poll_interval=0.5)
+            roster_file = Path(tmp) / "roster.json"
+            roster_file.write_text(bench_signed_roster())
+            base = deploy(url, port=port, poll_interval=0.5, roster_path=str(roster_file))
             ready_s = _wait_ready(base, hash_a, 60.0) + (time.perf_counter() - t0)
             _log(f"oracle ready at {base} in {ready_s:.1f} s")
 
