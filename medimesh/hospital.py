@@ -183,7 +183,7 @@ class HospitalNode:
             if repeated is not None:
                 return repeated
         x_train, _ = self._prepared()
-        report = self.on_model(self.base_as_published(msg))
+        report = self.on_model(self.base_as_published(msg), round_base=True)
         base = Model(msg.weights, msg.bias)
         if msg.dp_mode:
             # DP round: one clipped full-batch gradient; per-example gradients stay here.
@@ -225,13 +225,16 @@ class HospitalNode:
             msg.round - 1, msg.base_hash, "", msg.weights, msg.bias, (), ()
         )
 
-    def on_model(self, msg: ModelPublished) -> EvalReport:
+    def on_model(self, msg: ModelPublished, *, round_base: bool = False) -> EvalReport:
+        """Score a published model on this site's test patients (counts only). ``round_base``:
+        it is the base of a fresh round being trained (outside the evaluation window)."""
         _, x_test = self._prepared()
         model = Model(msg.weights, msg.bias)
         if model_hash(model) != msg.model_hash:
             raise ConfigError(f"{self.name}: published model does not match its hash")
         if self.policy is not None:  # the evaluation budget; a model scored before: its counts
-            cached = self.policy.admit_evaluation(msg.model_hash, msg.round)
+            cached = self.policy.admit_evaluation(msg.model_hash, msg.round,
+                                                  round_base=round_base)
             if cached is not None:
                 return dataclasses.replace(cached, round=msg.round)
         proba = predict_proba(model, x_test)
@@ -244,5 +247,5 @@ class HospitalNode:
             loss_sum=cross_entropy(proba, self._y_test),
         )
         if self.policy is not None:
-            self.policy.record_evaluation(report)
+            self.policy.record_evaluation(report, round_base=round_base)
         return report

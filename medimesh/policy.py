@@ -13,10 +13,13 @@ message. It checks every request before any patient row is touched:
   the hospital's (or stronger: local for central), the clip norm at most its own, and in local
   mode the noise multiplier at least its own and one more release within its own ε budget,
   counted by its own :class:`medimesh.privacy.PrivacyAccountant`.
-- **evaluation budget**: at most ``evals_per_round`` evaluations of models it has not scored
-  before per round it trained (the next round's base model, or the final model, is one), and
-  at most ``max_evaluations`` in total if set; the same model hash again returns the cached
-  counts, not a fresh count.
+- **evaluation budget**: at most ``evals_per_round`` evaluations of published models it has not
+  scored before per round it trained (the final model is one), and at most ``max_evaluations``
+  in total if set; the same model hash again returns the cached counts, not a fresh count. The
+  base model of a fresh round it is about to train on is scored as part of that round (one per
+  round, which round freshness already bounds) and does not use the window: a hospital that
+  missed rounds (a partition, a restart) sees a base it never scored, and counting that against
+  the window would lock it out of training for good.
 
 Sans-IO: no Ray, no files. A refusal raises :class:`PolicyRefused` (the caller audits it as
 ``policy_refused`` and sends nothing); other notable decisions come out of :meth:`drain_events`;
@@ -322,15 +325,18 @@ class HospitalPolicy:
             }))
 
     # -- evaluations -----------------------------------------------------------------------
-    def admit_evaluation(self, model_hash: str, round_: int = -1) -> EvalReport | None:
+    def admit_evaluation(
+        self, model_hash: str, round_: int = -1, *, round_base: bool = False
+    ) -> EvalReport | None:
         """The cached counts if this model was scored before, None if a fresh evaluation is
         allowed (then call :meth:`record_evaluation`); raises :class:`PolicyRefused` when the
-        evaluation budget is spent."""
+        evaluation budget is spent. ``round_base``: the base model of a fresh round just
+        admitted (outside the per-round window; the total cap still holds)."""
         cached = self._evals.get(model_hash)
         if cached is not None:
             n, top1, top3, loss = cached
             return EvalReport(round_, model_hash, int(n), int(top1), int(top3), loss)
-        if self._window >= self.config.evals_per_round:
+        if not round_base and self._window >= self.config.evals_per_round:
             raise PolicyRefused("eval_per_round", self._window + 1,
                                 self.config.evals_per_round, round_)
         cap = self.config.max_evaluations
@@ -338,10 +344,11 @@ class HospitalPolicy:
             raise PolicyRefused("eval_total", len(self._evals) + 1, cap, round_)
         return None
 
-    def record_evaluation(self, report: EvalReport) -> None:
+    def record_evaluation(self, report: EvalReport, *, round_base: bool = False) -> None:
         self._evals[report.model_hash] = [
             float(report.n_examples), float(report.correct_top1), float(report.correct_top3),
             float(report.loss_sum),
         ]
-        self._window += 1
+        if not round_base:
+            self._window += 1
 

@@ -57,7 +57,8 @@ def test_truncation_is_named_by_the_witnesses(tmp_path: Path, pg: Any) -> None:
     assert {p["length"] for p in problems} >= {out.details["witnessed"]}
     heads = [json.loads(line) for f in (tmp_path / "witness").rglob("heads.jsonl")
              for line in f.read_text().splitlines()]
-    assert max(h["length"] for h in heads) == out.details["witnessed"]
+    # The final flush sends one more head after the scenario read them: at least that long.
+    assert max(h["length"] for h in heads) >= out.details["witnessed"]
 
 
 def test_rewrite_with_the_writer_key_is_named(tmp_path: Path, pg: Any) -> None:

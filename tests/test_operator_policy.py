@@ -134,6 +134,21 @@ def test_evaluations_are_budgeted_per_round_and_in_total_and_repeats_are_cached(
         policy.admit_evaluation("c")
 
 
+def test_a_hospital_that_missed_rounds_still_scores_the_new_base_and_trains() -> None:
+    """A partitioned or restarted hospital scored the last model it saw (window used up) and
+    then gets a fresh round on a base it never saw: the base is scored as part of that round,
+    outside the window, or the hospital would be locked out of training for good."""
+    policy = HospitalPolicy(_roster(), PolicyConfig(evals_per_round=1, max_evaluations=None), 100)
+    assert policy.admit_evaluation("seen") is None
+    policy.record_evaluation(EvalReport(1, "seen", 50, 20, 30, 12.5))
+    with pytest.raises(PolicyRefused, match="eval_per_round"):
+        policy.admit_evaluation("published-later")  # a published model: the window holds
+    assert policy.admit_evaluation("new-base", 5, round_base=True) is None
+    policy.record_evaluation(EvalReport(5, "new-base", 50, 22, 31, 11.0), round_base=True)
+    with pytest.raises(PolicyRefused, match="eval_per_round"):  # it did not open the window
+        policy.admit_evaluation("published-later")
+
+
 def test_policy_toml_overrides_the_run_defaults_and_refuses_unknown_keys() -> None:
     base = PolicyConfig.from_run(PrivacyConfig(epsilon=1.0, delta=1e-4, rounds=2, mode="local"))
     mine = base.with_toml(

@@ -198,8 +198,13 @@ def test_hospital_actor_answers_with_counts_only(run: dict[str, Any]) -> None:
     fed: Consortium = run["fed"]
     info = ray.get(fed.handles[fed.descriptors[0].name].info.remote())
     assert set(info) == {
-        "name", "peer_id", "n_train", "n_test", "rounds_trained", "skipped_rows", "unknown_codes"
+        "name", "peer_id", "n_train", "n_test", "rounds_trained", "skipped_rows", "unknown_codes",
+        "policy",
     }
+    policy = info.pop("policy")  # its own policy's counters (medimesh.policy.summary)
+    assert set(policy) == {"last_round", "dp_rounds", "epsilon_spent", "evaluations",
+                           "state_lost"}
+    assert all(isinstance(v, int) for v in policy["last_round"].values())
     assert all(isinstance(v, int | str) for v in info.values())
 
 

@@ -35,7 +35,9 @@ from medimesh.model import Model, TrainConfig, model_hash
 from medimesh.runs import UNNAMED_RUN
 
 __all__ = [
+    "bench_identities",
     "bench_roster",
+    "bench_signed_roster",
     "main",
     "publish_model",
     "quick_finding_hist",
@@ -90,14 +92,14 @@ def quick_finding_hist(seed: int = 0, hospitals: int = 8) -> tuple[float, ...] |
 
 
 @functools.cache
-def _bench_identities() -> tuple[Identity, Identity]:
+def bench_identities() -> tuple[Identity, Identity]:
     """This process's stand-in coordinator and audit writer (fresh keys, never on disk)."""
     return Identity.generate(), Identity.generate()
 
 
 def bench_roster() -> Roster:
     """The roster enrolling :func:`publish_model`'s coordinator and writer."""
-    coordinator, writer = _bench_identities()
+    coordinator, writer = bench_identities()
     return Roster([Member("bench-coordinator", "coordinator", coordinator.peer_id),
                    Member("bench-auditor", "auditor", writer.peer_id)])
 
@@ -107,7 +109,7 @@ def bench_signed_roster() -> str:
     (and ``audit verify --roster``) accepts."""
     from medimesh.signed_roster import sign_all
 
-    return sign_all(bench_roster(), list(_bench_identities()))
+    return sign_all(bench_roster(), list(bench_identities()))
 
 
 async def publish_model(
@@ -128,7 +130,7 @@ async def publish_model(
     from medimesh.audit import AuditChain, sign_event
     from medimesh.release import release_hash, spec_digest
 
-    coordinator, writer = _bench_identities()
+    coordinator, writer = bench_identities()
     for member in bench_roster():
         await store.register_node(member)
     spec = spec_digest([f.name for f in cohort.features()], cohort.class_names())

@@ -47,11 +47,15 @@ def _free_port(host: str = "127.0.0.1") -> int:
 async def _seed(url: str, entries: int = 6) -> None:
     """A published model (with its standardization) and a few signed audit entries."""
     from medimesh.audit import AuditChain, sign_event
-    from medimesh.bench.oracle import publish_model, quick_finding_hist, train_quick_model
-    from medimesh.identity import Identity
+    from medimesh.bench.oracle import (
+        bench_identities,
+        publish_model,
+        quick_finding_hist,
+        train_quick_model,
+    )
     from medimesh.store import Store
 
-    writer, actor = Identity.generate(), Identity.generate()
+    actor, writer = bench_identities()  # the members of bench_signed_roster()
     store = await Store.open(url)
     try:
         model, mean, std = train_quick_model(steps=30)
@@ -66,10 +70,10 @@ async def _seed(url: str, entries: int = 6) -> None:
 
 async def _append(url: str, n: int = 1) -> None:
     from medimesh.audit import AuditChain, sign_event
-    from medimesh.identity import Identity
+    from medimesh.bench.oracle import bench_identities
     from medimesh.store import Store
 
-    writer, actor = Identity.generate(), Identity.generate()
+    actor, writer = bench_identities()  # the members of bench_signed_roster()
     store = await Store.open(url)
     try:
         seq, head = await store.head()
@@ -146,10 +150,13 @@ def outside_no_token(lab: Lab) -> AttackOutcome:
 
     from medimesh.actors.oracle import deploy
     from medimesh.api_token import resolve_token
+    from medimesh.bench.oracle import bench_signed_roster
     from medimesh.client import Client
 
     url = lab.new_database()
     asyncio.run(_seed(url))
+    roster = lab.subdir("rosters") / "roster.json"  # the signers of the seeded trail
+    roster.write_text(bench_signed_roster())
     resolved = resolve_token(None, {}, lab.subdir("home") / "api-token")  # generated, 0600
     token_mode = stat.S_IMODE(os.stat(resolved.path or "").st_mode)
     policy = policy_for("0.0.0.0", resolved.token, require_token=False)
@@ -157,7 +164,8 @@ def outside_no_token(lab: Lab) -> AttackOutcome:
     probes: dict[str, int] = {}
     honest: dict[str, Any] = {}
     try:
-        base = deploy(url, port=port, poll_interval=0.5, host="0.0.0.0", access=policy)
+        base = deploy(url, port=port, poll_interval=0.5, host="0.0.0.0", access=policy,
+                      roster_path=str(roster))
         # reach it the way an outside caller would: the machine's own address if it has one
         addr = _outward_address()
         outside = f"http://{addr}:{port}" if addr else base
