@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from medimesh.bench.operator import AttackOutcome, Lab, Scenario
+from medimesh.bench.operator.hostile import Inbox, take_coordinator_seat
 
 __all__ = ["SCENARIOS", "HostileCoordinator", "Inbox"]
 
@@ -28,34 +29,19 @@ HOSPITALS = 3
 WAIT_S = 60.0  # generous: a loaded 2-core machine; every wait returns once satisfied
 
 
-class Inbox:
-    """The operator's stand-in for the coordinator at the router: keeps what arrives."""
-
-    def __init__(self) -> None:
-        self._got: list[bytes] = []
-
-    def deliver(self, envelope: bytes) -> None:
-        self._got.append(envelope)
-
-    def take(self) -> list[bytes]:
-        out, self._got = self._got, []
-        return out
-
 
 class HostileCoordinator:
     """Signs with the coordinator's key, sends through the real router, reads its own inbox."""
 
     def __init__(self, fed: Any) -> None:
-        import ray
 
         self.fed = fed
         self.identity = fed.identities["coordinator"]
         self.router = fed.handles["router"]
         self.hospitals = {d.name: fed.identities[d.name].peer_id for d in fed.descriptors}
         self.names = {pid: n for n, pid in self.hospitals.items()}
-        self.inbox: Any = ray.remote(Inbox).options(num_cpus=0).remote()
         # The operator owns the router: the coordinator's peer id now delivers to its inbox.
-        ray.get(self.router.register.remote(self.identity.peer_id, self.inbox))
+        self.inbox: Any = take_coordinator_seat(self.router, self.identity.peer_id)
         self.received: list[tuple[str, str, int, Any]] = []  # (hospital, type, round, message)
 
     def send(self, msg: Any, round_: int, to: list[str] | None = None) -> bytes:

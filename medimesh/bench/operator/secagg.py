@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from medimesh.bench.operator import AttackOutcome, Lab, Scenario
+from medimesh.bench.operator.hostile import Inbox, take_coordinator_seat
 from medimesh.identity import Identity
 from medimesh.protocol import (
     MESSAGE_TYPES,
@@ -52,20 +53,6 @@ CLIP = 1.0
 WAIT_S = 12.0  # the longest a scenario waits for one phase's answers
 
 
-class Inbox:
-    """The operator's own actor, registered at the router under the coordinator's peer id:
-    it keeps the (sealed) envelopes the hospitals send to the coordinator."""
-
-    def __init__(self) -> None:
-        self._got: list[bytes] = []
-
-    def deliver(self, envelope: bytes) -> None:
-        self._got.append(envelope)
-
-    def take(self) -> list[bytes]:
-        out, self._got = self._got, []
-        return out
-
 
 def consortium(lab: Lab, name: str, behaviours: tuple[tuple[str, str], ...] = ()) -> Any:
     """A started 4-hospital secure consortium (setup round done) with its own database."""
@@ -93,13 +80,11 @@ class HostileCoordinator:
     """The operator with the coordinator's key, its seat at the router, and its state."""
 
     def __init__(self, fed: Any) -> None:
-        import ray
 
         self.fed = fed
         self.ident: Identity = fed.identities["coordinator"]
         self.router = fed.handles["router"]
-        self.inbox: Any = ray.remote(num_cpus=0)(Inbox).remote()
-        ray.get(self.router.register.remote(self.ident.peer_id, self.inbox))
+        self.inbox: Any = take_coordinator_seat(self.router, self.ident.peer_id)
         self.names = {i.peer_id: n for n, i in fed.identities.items()}
         self.peer = {n: i.peer_id for n, i in fed.identities.items()}
         model = fed.final_model()
