@@ -14,6 +14,11 @@ envelope once per recipient. Who sent a message is read from the envelope's sign
 (``open_envelope``), never from ``X-From-Peer-Id``: a real AXL node derives that header from the
 sender's Yggdrasil address, which carries only part of the key. The same API is served by
 MediMesh's own router through ``medimesh.actors.axl_front``, so this class talks to either.
+
+Talking to a MediMesh front across institutions: ``identity`` signs ``/recv`` and ``/topology``
+(:mod:`medimesh.axl_auth`; the front refuses them unsigned), and an ``https`` URL needs ``pin``,
+the roster's router peer id, whose key the front's TLS certificate must carry
+(:mod:`medimesh.tls`). A real AXL node ignores the extra headers.
 """
 
 from __future__ import annotations
