@@ -206,7 +206,7 @@ class Router(Audited):
         last delivery (a dead actor fails it; a restarting one cannot take it yet)."""
         out: dict[str, str] = {}
         now = time.time()
-        for peer, (ref, sent) in self._last_push.items():
+        for peer, (ref, sent) in list(self._last_push.items()):  # the delay line adds too
             oldest = self._oldest.get(peer, (ref, sent))
             if oldest[0] is not ref and ray.wait([oldest[0]], timeout=0)[0]:
                 oldest = self._oldest[peer] = (ref, sent)  # processed up to there: restart clock

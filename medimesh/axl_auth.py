@@ -95,16 +95,17 @@ def _is_hex(text: str, length: int) -> bool:
 
 
 class RequestAuth:
-    """Checks signed requests and remembers the nonces of the last ``window_s`` seconds.
+    """Checks signed requests and remembers each peer's nonces of the last ``2 * window_s``.
 
-    ``max_nonces`` bounds that memory; when it is full of unexpired nonces the front refuses
-    (fails closed) rather than forgetting one that could then be replayed.
+    ``max_nonces_per_peer`` bounds that memory per peer: a peer that fills it (more than
+    ~330 requests a second at the defaults) is refused until its old nonces expire, rather
+    than the front forgetting a nonce that could then be replayed; other peers are unaffected.
     """
 
-    def __init__(self, window_s: float = WINDOW_S, max_nonces: int = 200_000) -> None:
+    def __init__(self, window_s: float = WINDOW_S, max_nonces_per_peer: int = 20_000) -> None:
         self.window_s = window_s
-        self.max_nonces = max_nonces
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()  # by arrival time
+        self.max_nonces_per_peer = max_nonces_per_peer
+        self._seen: dict[str, OrderedDict[str, float]] = {}  # peer -> nonce -> arrival time
         self.refused = 0
 
     def check(self, request: SignedRequest, owner: str, now: float | None = None) -> str:
@@ -152,20 +153,18 @@ class RequestAuth:
             verify_key(peer).verify(message, bytes.fromhex(signature))
         except (BadSignatureError, ValueError):
             raise AuthRefused("bad request signature") from None
-        self._forget(now)
-        key = (peer, nonce)
-        if key in self._seen:
+        seen = self._seen.setdefault(peer, OrderedDict())
+        _forget(seen, now - 2 * self.window_s)  # older requests fail the time check anyway
+        if nonce in seen:
             raise AuthRefused("replayed request: this nonce was already used")
-        if len(self._seen) >= self.max_nonces:
-            raise AuthRefused("too many signed requests in the replay window; retry shortly")
-        self._seen[key] = now
+        if len(seen) >= self.max_nonces_per_peer:
+            raise AuthRefused("too many signed requests from this peer in the replay window; "
+                              "retry shortly")
+        seen[nonce] = now
         return peer
 
-    def _forget(self, now: float) -> None:
-        """Drop nonces older than twice the window: their requests fail the time check anyway."""
-        horizon = now - 2 * self.window_s
-        while self._seen:
-            seen_at = next(iter(self._seen.values()))
-            if seen_at >= horizon:
-                break
-            self._seen.popitem(last=False)
+
+def _forget(seen: OrderedDict[str, float], horizon: float) -> None:
+    """Drop nonces that arrived before ``horizon`` (kept in arrival order)."""
+    while seen and next(iter(seen.values())) < horizon:
+        seen.popitem(last=False)

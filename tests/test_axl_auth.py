@@ -71,12 +71,13 @@ def test_the_signature_binds_method_path_and_body() -> None:
 
 def test_skew_window_and_nonce_memory() -> None:
     """±30 s is accepted; nonces older than the window are forgotten (their time is stale
-    anyway); a full nonce memory fails closed."""
-    auth = RequestAuth(window_s=30, max_nonces=2)
+    anyway); a peer that fills its nonce memory is refused (fails closed), other peers not."""
+    auth = RequestAuth(window_s=30, max_nonces_per_peer=2)
     assert auth.check(_req(sign_request(A, "GET", "/recv", now=T0 - 29)), A.peer_id, now=T0)
     assert auth.check(_req(sign_request(A, "GET", "/recv", now=T0 + 29)), A.peer_id, now=T0)
     with pytest.raises(AuthRefused, match="too many"):
         auth.check(_req(sign_request(A, "GET", "/recv", now=T0)), A.peer_id, now=T0)
+    assert auth.check(_req(sign_request(B, "GET", "/recv", now=T0)), B.peer_id, now=T0)
     later = T0 + 61  # both remembered nonces are now older than twice the window
     assert auth.check(_req(sign_request(A, "GET", "/recv", now=later)), A.peer_id, now=later)
 
