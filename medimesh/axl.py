@@ -35,7 +35,7 @@ import httpx
 
 from medimesh.axl_auth import sign_request
 from medimesh.errors import ConfigError, MediMeshError, NotEnrolled, PeerUnreachable
-from medimesh.identity import Identity
+from medimesh.identity import Identity, Roster
 from medimesh.tls import pinned_context
 from medimesh.wire import MAX_ENVELOPE_BYTES, inspect
 
@@ -48,6 +48,7 @@ __all__ = [
     "AxlUnauthorized",
     "Received",
     "Topology",
+    "roster_pin",
 ]
 
 TO_HEADER = "X-Destination-Peer-Id"
@@ -105,6 +106,14 @@ def _detail(resp: httpx.Response) -> str:
 def _answer_error(call: str, resp: httpx.Response) -> AxlError:
     cls = AxlUnauthorized if resp.status_code == 401 else AxlError
     return cls(f"{call} answered {resp.status_code}: {_detail(resp)}")
+
+
+def roster_pin(roster: Roster) -> str:
+    """The TLS pin for a MediMesh front: the peer id of the roster's one router."""
+    routers = roster.with_role("router")
+    if len(routers) != 1:
+        raise ConfigError(f"the roster names {len(routers)} routers; a front's pin needs one")
+    return routers[0].peer_id
 
 
 class AxlTransport:

@@ -90,3 +90,15 @@ def test_front_certificate_carries_the_identity_and_is_deterministic() -> None:
     assert front_certificate(A.seed) == (cert, key)
     assert certificate_peer_id(front_certificate(B.seed)[0]) == B.peer_id
     assert server_context(A.seed).minimum_version.name == "TLSv1_3"
+
+
+def test_roster_pin_is_the_one_router() -> None:
+    """The pin a client needs comes from the roster: its only router's peer id."""
+    from medimesh.axl import roster_pin
+    from medimesh.errors import ConfigError
+    from medimesh.identity import Member, Roster
+
+    assert roster_pin(Roster([Member("r", "router", A.peer_id),
+                              Member("h", "hospital", B.peer_id)])) == A.peer_id
+    with pytest.raises(ConfigError, match="0 routers"):
+        roster_pin(Roster([Member("h", "hospital", B.peer_id)]))

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from medimesh.axl import TO_HEADER, AxlTransport, AxlUnauthorized
+from medimesh.axl import TO_HEADER, AxlError, AxlTransport, AxlUnauthorized
 from medimesh.axl_auth import PEER_HEADER, TIME_HEADER, sign_request
 from medimesh.errors import ConfigError, NotEnrolled
 from medimesh.identity import Identity, Member, Roster
@@ -27,7 +28,7 @@ from medimesh.wire import open_envelope, seal
 
 pytestmark = pytest.mark.ray
 
-R, AU, A, B, C = (Identity.generate() for _ in range(5))
+R, AU, A, B, C, D = (Identity.generate() for _ in range(6))  # D: served by the command
 X = Identity.generate()  # holds a key, but is not on the roster
 ROSTER = Roster(
     [
@@ -36,6 +37,7 @@ ROSTER = Roster(
         Member("alpha", "hospital", A.peer_id),
         Member("beta", "hospital", B.peer_id),
         Member("gamma", "validator", C.peer_id),
+        Member("delta", "hospital", D.peer_id),
     ]
 )
 
@@ -62,8 +64,11 @@ def net(ray_session: None) -> Iterator[dict[str, Any]]:
     from medimesh.actors.router import Router
 
     rj = ROSTER.to_json()
+    tag = f"axl-security-{time.monotonic_ns()}"
     auditor: Any = ray.remote(Auditor).options(num_cpus=0).remote(AU.seed, rj)
-    router: Any = ray.remote(Router).options(num_cpus=0).remote(R.seed, rj, auditor, 7)
+    router: Any = (ray.remote(Router)
+                   .options(name=f"router@{tag}", namespace="medimesh", num_cpus=0)
+                   .remote(R.seed, rj, auditor, 7))
     inbox: Any = ray.remote(Inbox).options(num_cpus=0).remote()
     ray.get(router.register.remote(C.peer_id, inbox))
     front = serve_front(router, [A.peer_id, B.peer_id], host="127.0.0.1", port=0,
@@ -77,6 +82,7 @@ def net(ray_session: None) -> Iterator[dict[str, Any]]:
         AxlTransport(f"{front.url}/{B.peer_id}", identity=B, pin=R.peer_id) as tb,
     ):
         yield {"router": router, "auditor": auditor, "inbox": inbox, "url": front.url,
+               "tag": tag,
                "host": host, "port": port, "raw": raw, "a": ta, "b": tb}
     raw.close()
     front.stop()
@@ -324,3 +330,57 @@ def test_pinned_context_refuses_a_non_ed25519_certificate() -> None:
     pem = cert.public_bytes(serialization.Encoding.PEM)
     with pytest.raises(TlsPinError, match="not the Ed25519"):
         certificate_peer_id(pem)
+
+
+def test_front_command_serves_tls_with_the_router_key(
+    net: dict[str, Any], tmp_path: Path
+) -> None:
+    """`python -m medimesh.actors.axl_front --tls-key router.key --roster roster.json` in its
+    own process, attached to this Ray: it prints the pin, and a client pinning the roster's
+    router (roster_pin) reads its topology with a signed request; unsigned is 401."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import ray
+
+    from medimesh.axl import roster_pin
+
+    R.save(tmp_path / "router.key")
+    (tmp_path / "roster.json").write_text(ROSTER.to_json())
+    (tmp_path / "delta.pub").write_text(D.peer_id + "\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"] == f"router@{net['tag']}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medimesh.actors.axl_front",
+         "--address", ray.get_runtime_context().gcs_address, "--router", name,
+         "--pub", str(tmp_path / "delta.pub"), "--roster", str(tmp_path / "roster.json"),
+         "--tls-key", str(tmp_path / "router.key"), "--port", str(port)],
+        stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert f"clients pin {R.peer_id}" in line, line
+        pin = roster_pin(ROSTER)
+        url = f"https://127.0.0.1:{port}"
+        with AxlTransport(url, identity=D, pin=pin, timeout=10) as td:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    topo = td.topology()
+                    break
+                except (AxlError, TlsPinError):
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.3)
+            assert topo.our_public_key == D.peer_id and A.peer_id in topo.peers
+        raw = httpx.Client(verify=pinned_context("127.0.0.1", port, pin), timeout=10)
+        assert raw.get(f"{url}/topology").status_code == 401
+        raw.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
