@@ -64,9 +64,6 @@ class RayRouterPort:
     async def topology(self) -> dict[str, Any]:
         return dict(await _unwrap(self.handle.topology.remote()))
 
-    async def attach(self, peers: Sequence[str]) -> None:
-        await asyncio.gather(*(_unwrap(self.handle.register.remote(p, None)) for p in peers))
-
     async def detach(self, peers: Sequence[str]) -> None:
         await asyncio.gather(*(self.handle.unregister.remote(p) for p in peers))
 
@@ -100,7 +97,6 @@ def build_front_app(
     *,
     roster: Roster | None = None,
     require_signed: bool = True,
-    auth: RequestAuth | None = None,
 ) -> Starlette:
     """The AXL API for ``peers`` over the router actor ``router`` (a Ray actor handle).
 
@@ -109,16 +105,14 @@ def build_front_app(
     owner (:mod:`medimesh.axl_auth`); off only for an unmodified AXL client on loopback.
     """
     port = RayRouterPort(router)
-    if require_signed and auth is None:
-        auth = RequestAuth()
-    front = AxlFront(port, peers, roster=roster, auth=auth if require_signed else None)
+    front = AxlFront(port, peers, roster=roster, auth=RequestAuth() if require_signed else None)
     single = front.peers[0] if len(front.peers) == 1 else None
 
     def peer_of(request: Request) -> str:
         return str(request.path_params.get("peer", single or "")).lower()
 
-    def signed(request: Request, body: bytes = b"") -> SignedRequest:
-        return SignedRequest(request.method, request.url.path, request.headers, body)
+    def signed(request: Request) -> SignedRequest:
+        return SignedRequest(request.method, request.url.path, request.headers)
 
     async def send(request: Request) -> Response:
         if int(request.headers.get("content-length") or 0) > MAX_ENVELOPE_BYTES:
@@ -134,7 +128,7 @@ def build_front_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        await port.attach(front.peers)  # NotEnrolled here: the roster does not know a peer
+        await asyncio.to_thread(_attach, router, front.peers)  # NotEnrolled: not a member
         try:
             yield
         finally:
@@ -190,7 +184,7 @@ def serve_front(
 
     from medimesh.identity import Identity
 
-    asyncio.run(RayRouterPort(router).attach(list(peers)))  # NotEnrolled: clear, up front
+    _attach(router, peers)  # NotEnrolled: clear, up front
     app = build_front_app(router, peers, roster=roster, require_signed=require_signed)
     config = _uvicorn_config(app, host, port, tls_seed)
     server = uvicorn.Server(config)
@@ -207,6 +201,18 @@ def serve_front(
     pin = None if tls_seed is None else Identity.from_seed(tls_seed).peer_id
     shown = f"[{host}]" if ":" in host else host
     return RunningFront(f"{scheme}://{shown}:{bound}", pin, server, thread)
+
+
+def _attach(router: Any, peers: Sequence[str]) -> None:
+    """Register mailboxes for ``peers`` (blocking), re-raising the router's own refusal."""
+    import ray
+
+    try:
+        ray.get([router.register.remote(p, None) for p in peers])
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, MediMeshError):
+            raise exc.cause from None
+        raise
 
 
 def _uvicorn_config(app: Starlette, host: str, port: int, tls_seed: bytes | None) -> Any:
@@ -277,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False,
                  configure_logging=False)
         router = find_router(args.router)
-        asyncio.run(RayRouterPort(router).attach(peers))  # an unenrolled peer fails here, clearly
+        _attach(router, peers)  # an unenrolled peer fails here, clearly
         app = build_front_app(router, peers, roster=roster,
                               require_signed=not args.allow_unsigned)
         if tls_key is not None:

@@ -147,11 +147,10 @@ class Router(Audited):
                 raise PeerUnreachable(f"no route to {peer[:12]}…")
         routed_at = time.monotonic()
         for peer in deliver:
-            delay = self._table.hop_delay()
-            if delay <= 0:
+            due = self._table.hop_due(header.sender, peer, routed_at)
+            if due <= routed_at:
                 self._deliver(header, peer, envelope)
                 continue
-            due = routed_at + delay
             hop: dict[str, Any] = {"message_id": header.message_id, "to": peer,
                                    "routed_at": routed_at, "due_at": due, "delivered_at": None}
             self._hops.append(hop)

@@ -91,6 +91,7 @@ class RoutingTable:
     feed: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2000))
     feed_seq: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    last_due: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def attach(self, peer_id: str) -> None:
         self.roster.get(peer_id)  # raises NotEnrolled
@@ -203,9 +204,15 @@ class RoutingTable:
                        "jitter_s": self.faults.jitter_s},
         }
 
-    def hop_delay(self) -> float:
-        """The delay of one delivery under the current faults (see :meth:`Faults.hop_delay`)."""
-        return self.faults.hop_delay(self.rng)
+    def hop_due(self, sender: str, recipient: str, now: float) -> float:
+        """When one hop is due: ``now`` plus its delay under the current faults (see
+        :meth:`Faults.hop_delay`), but never before the previous hop on the same edge, so
+        jitter delays messages without reordering them between one pair (as one TCP stream
+        between two AXL nodes would not)."""
+        edge = (sender, recipient)
+        due = max(now + self.faults.hop_delay(self.rng), self.last_due.get(edge, now))
+        self.last_due[edge] = due
+        return due
 
     def overflowed(self, peer: str, n: int = 1) -> None:
         """Count messages a full mailbox dropped (AXL drops its oldest; we count them)."""

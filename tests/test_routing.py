@@ -165,3 +165,18 @@ def test_delay_line_runs_callbacks_at_their_due_time_in_order() -> None:
     line.close()
     line.at(t0, lambda: ran.append(("closed", 0.0)))
     assert line.pending() == 0
+
+
+def test_hops_on_one_edge_keep_their_order_under_jitter() -> None:
+    """Jitter varies each hop's delay, but a later message on the same edge is never due
+    before an earlier one; other edges are independent; no faults: due now."""
+    t = _table()
+    assert t.hop_due(A.peer_id, B.peer_id, 10.0) == 10.0
+    t.faults = Faults(delay_s=0.05, jitter_s=0.04)
+    dues = [t.hop_due(A.peer_id, B.peer_id, 10.0 + i * 0.001) for i in range(200)]
+    assert dues == sorted(dues) and all(d >= 10.0 + 0.01 for d in dues)
+    raw = [t.hop_due(A.peer_id, C.peer_id, 20.0) - 20.0 for _ in range(1)]
+    assert 0.01 <= raw[0] <= 0.09
+    t.faults = Faults()  # faults cleared: a hop still waits for the edge's last delayed one
+    assert t.hop_due(A.peer_id, B.peer_id, 10.0) == dues[-1]
+    assert t.hop_due(A.peer_id, B.peer_id, 99.0) == 99.0
