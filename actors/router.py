@@ -3,7 +3,10 @@
 ``send`` authenticates the sender from the outer signature, refuses unenrolled peers and
 unreachable recipients (AXL's 502), applies injected faults and pushes the envelope to each
 recipient's ``deliver``. Peers registered without a handle get a mailbox drained by ``recv``
-(AXL's pull API; 204 is ``None``). No store-and-forward: a delivery to a dead actor is lost.
+(AXL's pull API; 204 is ``None``), bounded at AXL's 100 messages: a full mailbox drops its
+oldest message, counts it per peer and audits ``mailbox_overflow``. No store-and-forward: a
+delivery to a dead actor is lost. A simulated WAN delay (``set_faults(delay_s=, jitter_s=)``)
+schedules each hop on a delay line, so delayed deliveries overlap instead of queueing.
 
 Restarts: the runtime hands the router a ``directory`` (peer id -> Ray actor name), so a
 restarted router (fresh ``__init__``, same arguments) finds its peers again by name; only the
@@ -17,6 +20,7 @@ import random
 import threading
 import time
 from collections import deque
+from functools import partial
 from typing import Any
 
 import ray
@@ -25,12 +29,11 @@ import structlog
 from medimesh.actors import telemetry
 from medimesh.actors.base import Audited
 from medimesh.errors import MediMeshError, PeerUnreachable
-from medimesh.routing import Faults, RoutingTable
-from medimesh.wire import digest
+from medimesh.routing import MAILBOX_LIMIT, DelayLine, Faults, Mailboxes, RoutingTable
+from medimesh.wire import Header, digest
 
 __all__ = ["DOWN_AFTER_S", "MAILBOX_LIMIT", "SLOW_AFTER_S", "Router"]
 
-MAILBOX_LIMIT = 1024
 SLOW_AFTER_S = 2.0  # a delivery still unprocessed after this long marks its peer "slow"
 DOWN_AFTER_S = 10.0  # restarting for longer than this (no node can take it): "down"
 log = structlog.get_logger("medimesh.router")
@@ -53,7 +56,12 @@ class Router(Audited):
         self._captured: deque[bytes] = deque(maxlen=max(capture, 0))
         self._table = RoutingTable(self.roster, self.peer_id, rng=random.Random(fault_seed))
         self._handles: dict[str, Any] = {}
-        self._mailboxes: dict[str, deque[tuple[str, bytes]]] = {}
+        self._boxes = Mailboxes(MAILBOX_LIMIT)
+        # The delay line's thread delivers too: it and the actor's methods share this lock
+        # around mailboxes, counters and audit records (the audit numbers its events).
+        self._lock = threading.RLock()
+        self._delay_line = DelayLine()
+        self._hops: deque[dict[str, Any]] = deque(maxlen=4096)  # delayed hops, for drills
         self._directory = dict(directory or {})
         self._namespace = namespace
         self._last_push: dict[str, tuple[Any, float]] = {}
@@ -79,7 +87,8 @@ class Router(Audited):
         """Attach an enrolled peer: push delivery to ``handle.deliver`` or a pull mailbox."""
         self._table.attach(peer_id)
         if handle is None:
-            self._mailboxes.setdefault(peer_id, deque(maxlen=MAILBOX_LIMIT))
+            with self._lock:
+                self._boxes.open(peer_id)
             self._handles.pop(peer_id, None)
         else:
             self._handles[peer_id] = handle
@@ -89,15 +98,26 @@ class Router(Audited):
         self._handles.pop(peer_id, None)
 
     def set_faults(
-        self, drop: float = 0.0, delay_s: float = 0.0, partitions: list[list[str]] | None = None
+        self,
+        drop: float = 0.0,
+        delay_s: float = 0.0,
+        partitions: list[list[str]] | None = None,
+        jitter_s: float = 0.0,
     ) -> None:
+        """Drop probability, per-hop delay ``delay_s`` ± ``jitter_s`` (deterministic from the
+        fault seed) and partitions."""
         self._table.faults = Faults(
-            drop, delay_s, tuple(frozenset(p) for p in (partitions or []))
+            drop, delay_s, tuple(frozenset(p) for p in (partitions or [])), jitter_s
         )
-        log.info("faults set", drop=drop, delay_s=delay_s, partitions=len(partitions or []))
+        log.info("faults set", drop=drop, delay_s=delay_s, jitter_s=jitter_s,
+                 partitions=len(partitions or []))
 
     def send(self, envelope: bytes) -> int:
         """Route one envelope; returns the number of recipients it was forwarded to."""
+        with self._lock:
+            return self._send(envelope)
+
+    def _send(self, envelope: bytes) -> int:
         try:
             header, deliver = self._table.route(envelope)
         except MediMeshError as exc:
@@ -122,33 +142,70 @@ class Router(Audited):
         self.maybe_flush()
         telemetry.record_routed(header.type, len(envelope))
         self._captured.append(envelope)
-        delay = self._table.faults.delay_s
         for peer in deliver:
+            if peer not in self._boxes and self._handle(peer) is None:
+                raise PeerUnreachable(f"no route to {peer[:12]}…")
+        routed_at = time.monotonic()
+        for peer in deliver:
+            due = self._table.hop_due(header.sender, peer, routed_at)
+            if due <= routed_at:
+                self._deliver(header, peer, envelope)
+                continue
+            hop: dict[str, Any] = {"message_id": header.message_id, "to": peer,
+                                   "routed_at": routed_at, "due_at": due, "delivered_at": None}
+            self._hops.append(hop)
+            self._delay_line.at(due, partial(self._deliver, header, peer, envelope, hop))
+        return len(deliver)
+
+    def _deliver(
+        self, header: Header, peer: str, envelope: bytes, hop: dict[str, Any] | None = None
+    ) -> None:
+        """One hop: into the peer's mailbox (counting and auditing overflow) or pushed to its
+        actor. Runs in ``send`` or, for a delayed hop, on the delay line's thread."""
+        with self._lock:
+            if hop is not None:
+                hop["delivered_at"] = time.monotonic()
             handle = self._handle(peer)
             if handle is None:
-                box = self._mailboxes.get(peer)
-                if box is None:
-                    raise PeerUnreachable(f"no route to {peer[:12]}…")
-                box.append((header.sender, envelope))
-                continue
-            if delay > 0:
-                timer = threading.Timer(delay, handle.deliver.remote, args=(envelope,))
-                timer.daemon = True
-                timer.start()
-            else:
-                # Fire-and-forget, as AXL: not awaiting the ref halves the router's cost per
-                # delivery. A dead recipient loses the message; the protocol's deadlines cope.
-                push = (handle.deliver.remote(envelope), time.time())
-                self._last_push[peer] = push
-                self._oldest.setdefault(peer, push)
-        return len(deliver)
+                if peer not in self._boxes:
+                    return  # detached while the hop was in flight: lost, as on AXL
+                dropped = self._boxes.put(peer, header.sender, envelope)
+                if dropped:
+                    self._table.overflowed(peer, dropped)
+                    self.audit.record("mailbox_overflow", header.round, peer, {
+                        "peer": peer, "dropped": dropped, "limit": self._boxes.limit,
+                        "dropped_total": self._boxes.dropped[peer],
+                    })
+                    log.warning("mailbox overflow", peer=peer[:12], dropped=dropped,
+                                limit=self._boxes.limit)
+                    self.maybe_flush()
+                return
+            # Fire-and-forget, as AXL: not awaiting the ref halves the router's cost per
+            # delivery. A dead recipient loses the message; the protocol's deadlines cope.
+            push = (handle.deliver.remote(envelope), time.time())
+            self._last_push[peer] = push
+            self._oldest.setdefault(peer, push)
+
+    def flush_audit(self) -> int:
+        with self._lock:  # the delay line's thread flushes too
+            return super().flush_audit()
+
+    def sync_audit(self) -> int:
+        with self._lock:
+            return super().sync_audit()
+
+    def hops(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The last delayed hops (router's monotonic clock): when each was routed, when it
+        was due, when it was delivered (None: not yet)."""
+        with self._lock:
+            return [dict(h) for h in list(self._hops)[-limit:]]
 
     def health(self) -> dict[str, str]:
         """Per pushed-to peer: "live", "slow", "restarting" or "down", from the outcome of the
         last delivery (a dead actor fails it; a restarting one cannot take it yet)."""
         out: dict[str, str] = {}
         now = time.time()
-        for peer, (ref, sent) in self._last_push.items():
+        for peer, (ref, sent) in list(self._last_push.items()):  # the delay line adds too
             oldest = self._oldest.get(peer, (ref, sent))
             if oldest[0] is not ref and ray.wait([oldest[0]], timeout=0)[0]:
                 oldest = self._oldest[peer] = (ref, sent)  # processed up to there: restart clock
@@ -173,10 +230,8 @@ class Router(Audited):
 
     def recv(self, peer_id: str) -> tuple[str, bytes] | None:
         """Pull the next message for a mailbox peer; ``None`` means empty (AXL's 204)."""
-        box = self._mailboxes.get(peer_id)
-        if not box:
-            return None
-        return box.popleft()
+        with self._lock:
+            return self._boxes.pop(peer_id)
 
     def captured(self) -> list[bytes]:
         """The envelopes kept by ``capture`` (empty unless capture was enabled)."""
@@ -205,7 +260,11 @@ class Router(Audited):
         return "slow"
 
     def stats(self) -> dict[str, Any]:
-        out = self._table.stats()
+        with self._lock:
+            out = self._table.stats()
+            out["mailboxes"] = {"limit": self._boxes.limit,
+                                "dropped": dict(self._boxes.dropped),
+                                "delayed_in_flight": self._delay_line.pending()}
         health = self.health()
         for pid, peer in out["peers"].items():
             peer["status"] = health.get(pid, "live" if peer.get("reachable") else "down")

@@ -771,18 +771,19 @@ class Consortium:
                     raise
 
     def set_faults(
-        self, drop: float = 0.0, delay_s: float = 0.0, partitions: Sequence[Sequence[str]] = ()
+        self, drop: float = 0.0, delay_s: float = 0.0, partitions: Sequence[Sequence[str]] = (),
+        jitter_s: float = 0.0,
     ) -> None:
-        """Fault drills on the router: drop probability, fixed delay, partitions by node name
-        (e.g. [["hospital-01", "coordinator"], ["hospital-02"]])."""
+        """Fault drills on the router: drop probability, per-hop delay ± jitter (a WAN),
+        partitions by node name (e.g. [["hospital-01", "coordinator"], ["hospital-02"]])."""
         groups = []
         for group in partitions:
             unknown = [n for n in group if n not in self.identities]
             if unknown:
                 raise ConfigError(f"partition names unknown nodes: {unknown}")
             groups.append([self.identities[n].peer_id for n in group])
-        Faults(drop, delay_s)  # validates before anything is sent to the router
-        ray.get(self.handles["router"].set_faults.remote(drop, delay_s, groups))
+        Faults(drop, delay_s, jitter_s=jitter_s)  # validates before anything is sent
+        ray.get(self.handles["router"].set_faults.remote(drop, delay_s, groups, jitter_s))
 
     def kill_hospital(self, name: str, restart: bool = True) -> None:
         """Crash a hospital's actor (a drill): Ray restarts it unless ``restart`` is False."""

@@ -14,19 +14,29 @@ envelope once per recipient. Who sent a message is read from the envelope's sign
 (``open_envelope``), never from ``X-From-Peer-Id``: a real AXL node derives that header from the
 sender's Yggdrasil address, which carries only part of the key. The same API is served by
 MediMesh's own router through ``medimesh.actors.axl_front``, so this class talks to either.
+
+Talking to a MediMesh front across institutions: ``identity`` signs ``/recv`` and ``/topology``
+(:mod:`medimesh.axl_auth`; the front refuses them unsigned), and an ``https`` URL needs ``pin``,
+the roster's router peer id, whose key the front's TLS certificate must carry
+(:mod:`medimesh.tls`). A real AXL node ignores the extra headers.
 """
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from medimesh.errors import MediMeshError, NotEnrolled, PeerUnreachable
+from medimesh.axl_auth import sign_request
+from medimesh.errors import ConfigError, MediMeshError, NotEnrolled, PeerUnreachable
+from medimesh.identity import Identity, Roster
+from medimesh.tls import pinned_context
 from medimesh.wire import MAX_ENVELOPE_BYTES, inspect
 
 __all__ = [
@@ -35,8 +45,10 @@ __all__ = [
     "TO_HEADER",
     "AxlError",
     "AxlTransport",
+    "AxlUnauthorized",
     "Received",
     "Topology",
+    "roster_pin",
 ]
 
 TO_HEADER = "X-Destination-Peer-Id"
@@ -82,9 +94,26 @@ class Topology:
         return cls(doc["our_public_key"], tuple(peers), str(doc.get("our_ipv6") or ""), tree)
 
 
+class AxlUnauthorized(AxlError):
+    """The front refused the request's proof of key possession (HTTP 401)."""
+
+
 def _detail(resp: httpx.Response) -> str:
     text = resp.text.strip()
     return text[:300] if text else resp.reason_phrase
+
+
+def _answer_error(call: str, resp: httpx.Response) -> AxlError:
+    cls = AxlUnauthorized if resp.status_code == 401 else AxlError
+    return cls(f"{call} answered {resp.status_code}: {_detail(resp)}")
+
+
+def roster_pin(roster: Roster) -> str:
+    """The TLS pin for a MediMesh front: the peer id of the roster's one router."""
+    routers = roster.with_role("router")
+    if len(routers) != 1:
+        raise ConfigError(f"the roster names {len(routers)} routers; a front's pin needs one")
+    return routers[0].peer_id
 
 
 class AxlTransport:
@@ -99,14 +128,45 @@ class AxlTransport:
         self,
         base_url: str,
         *,
+        identity: Identity | None = None,
+        pin: str | None = None,
         timeout: float = 30.0,
         client: httpx.Client | None = None,
     ) -> None:
+        """``identity`` signs ``/recv`` and ``/topology`` (a MediMesh front refuses them
+        unsigned); an ``https`` URL needs ``pin``, the peer id whose key the front's TLS
+        certificate must carry (the roster's router), checked before the first request."""
         self._base = base_url.rstrip("/")
-        self._client = client or httpx.Client(timeout=timeout)
+        parts = urlsplit(self._base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"an AXL URL is http(s)://host:port[/path], got {base_url!r}")
+        if parts.scheme == "https" and pin is None and client is None:
+            raise ConfigError(
+                f"{base_url} is https: pass pin=<the front's peer id> (the roster's router) so "
+                "the TLS certificate can be checked; MediMesh does not trust web CAs here"
+            )
+        self._path = parts.path
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._tls = parts.scheme == "https"
+        self._identity = identity
+        self._pin = pin
+        self._timeout = timeout
+        self._client = client
         self._owns_client = client is None
         self._failures: list[str] = []
-        self._peer_id: str | None = None
+        self._peer_id: str | None = None if identity is None else identity.peer_id
+
+    def _http(self) -> httpx.Client:
+        """The HTTP client, made on first use (for https: after the pin is checked)."""
+        if self._client is None:
+            verify: ssl.SSLContext | bool = True
+            if self._tls:
+                assert self._pin is not None
+                verify = pinned_context(self._host, self._port, self._pin,
+                                        timeout=self._timeout)
+            self._client = httpx.Client(timeout=self._timeout, verify=verify)
+        return self._client
 
     # -- the Transport protocol ------------------------------------------------------------
     def send(self, envelope: bytes) -> int:
@@ -128,6 +188,8 @@ class AxlTransport:
                 unreachable.append(f"{peer[:12]}… ({_detail(resp)})")
             elif resp.status_code == 403:
                 raise NotEnrolled(_detail(resp))
+            elif resp.status_code == 401:
+                raise AxlUnauthorized(f"/send refused: {_detail(resp)}")
             else:
                 raise AxlError(f"/send to {peer[:12]}… answered {resp.status_code}: "
                                f"{_detail(resp)}")
@@ -150,11 +212,11 @@ class AxlTransport:
     # -- the rest of the AXL API -----------------------------------------------------------
     def recv(self) -> Received | None:
         """The next queued message, or ``None`` when the node answers 204."""
-        resp = self._request("GET", "/recv")
+        resp = self._request("GET", "/recv", signed=True)
         if resp.status_code == 204:
             return None
         if resp.status_code != 200:
-            raise AxlError(f"/recv answered {resp.status_code}: {_detail(resp)}")
+            raise _answer_error("/recv", resp)
         return Received(resp.headers.get(FROM_HEADER, ""), resp.content)
 
     def poll(self, deliver: Callable[[bytes], object], limit: int = 100) -> int:
@@ -181,9 +243,9 @@ class AxlTransport:
                 stop.wait(idle_s)
 
     def topology(self) -> Topology:
-        resp = self._request("GET", "/topology")
+        resp = self._request("GET", "/topology", signed=True)
         if resp.status_code != 200:
-            raise AxlError(f"/topology answered {resp.status_code}: {_detail(resp)}")
+            raise _answer_error("/topology", resp)
         try:
             doc = resp.json()
         except ValueError:
@@ -197,15 +259,21 @@ class AxlTransport:
             self._peer_id = self.topology().our_public_key
         return self._peer_id
 
-    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, *, signed: bool = False,
+                 **kw: Any) -> httpx.Response:
+        if signed and self._identity is not None:
+            body = kw.get("content") or b""
+            kw["headers"] = {**kw.get("headers", {}),
+                             **sign_request(self._identity, method, self._path + path, body)}
         try:
-            return self._client.request(method, self._base + path, **kw)
+            return self._http().request(method, self._base + path, **kw)
         except httpx.HTTPError as exc:
             raise AxlError(f"cannot reach the AXL node at {self._base}: {exc}") from None
 
     def close(self) -> None:
-        if self._owns_client:
+        if self._owns_client and self._client is not None:
             self._client.close()
+            self._client = None
 
     def __enter__(self) -> AxlTransport:
         return self

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from medimesh.axl import FROM_HEADER, SENT_HEADER
+from medimesh.axl_auth import AuthRefused, RequestAuth, SignedRequest
 from medimesh.errors import EnvelopeError, NotEnrolled, PeerUnreachable
+from medimesh.identity import Roster
 from medimesh.wire import MAX_ENVELOPE_BYTES, digest, inspect
 
 __all__ = ["AxlFront", "Reply", "RouterPort", "topology_doc"]
@@ -54,6 +56,12 @@ class Reply:
     def text(cls, status: int, message: str) -> Reply:
         return cls(status, (message + "\n").encode())
 
+    @classmethod
+    def unauthorized(cls, reason: str) -> Reply:
+        """401 with a JSON reason, naming the scheme a client must use."""
+        body = _json({"error": "unauthorized", "reason": reason})
+        return cls(401, body, (("WWW-Authenticate", "MediMesh-Ed25519"),), "application/json")
+
 
 def _valid_peer_id(text: str) -> bool:
     return len(text) == 64 and set(text) <= _HEX
@@ -62,15 +70,44 @@ def _valid_peer_id(text: str) -> bool:
 class AxlFront:
     """AXL's ``/send``, ``/recv`` and ``/topology`` for the peers bound to this front."""
 
-    def __init__(self, router: RouterPort, peers: Iterable[str], *, remember: int = 4096) -> None:
+    def __init__(
+        self,
+        router: RouterPort,
+        peers: Iterable[str],
+        *,
+        roster: Roster | None = None,
+        auth: RequestAuth | None = None,
+        remember: int = 4096,
+    ) -> None:
+        """``roster``: the front's copy; it serves only its members and takes ``/send`` only
+        from them. ``auth``: required proof of key possession on ``/recv`` and ``/topology``
+        (None: open, as a bare AXL node on loopback)."""
         self._router = router
         self.peers: tuple[str, ...] = tuple(dict.fromkeys(peers))
         for p in self.peers:
             if not _valid_peer_id(p):
                 raise ValueError(f"not a peer id: {p!r}")
+            if roster is not None and p not in roster:
+                raise NotEnrolled(
+                    f"peer {p[:12]}… is not in the roster: a front serves members only"
+                )
+        self.roster = roster
+        self.auth = auth
         self._remember = remember
         self._routed: OrderedDict[str, int] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[int]] = {}
+
+    def _refused(self, peer: str, request: SignedRequest | None) -> Reply | None:
+        """401 unless ``request`` proves possession of ``peer``'s key (when auth is on)."""
+        if self.auth is None:
+            return None
+        if request is None:
+            return Reply.unauthorized("unsigned request")
+        try:
+            self.auth.check(request, peer)
+        except AuthRefused as exc:
+            return Reply.unauthorized(str(exc))
+        return None
 
     def _unknown(self, peer: str) -> Reply | None:
         if peer in self.peers:
@@ -92,6 +129,8 @@ class AxlFront:
             header = inspect(body)
         except EnvelopeError as exc:
             return Reply.text(400, f"not a valid MediMesh envelope: {exc}")
+        if self.roster is not None and header.sender not in self.roster:
+            return Reply.text(403, f"sender {header.sender[:12]}… is not in the roster")
         if header.sender != peer:
             return Reply.text(
                 403,
@@ -130,20 +169,24 @@ class AxlFront:
             return n
         return await asyncio.shield(task)
 
-    async def recv(self, peer: str) -> Reply:
+    async def recv(self, peer: str, request: SignedRequest | None = None) -> Reply:
         """``GET /recv`` for node ``peer``: one envelope from its mailbox, or 204."""
         if (missing := self._unknown(peer)) is not None:
             return missing
+        if (refused := self._refused(peer, request)) is not None:
+            return refused
         item = await self._router.recv(peer)
         if item is None:
             return Reply(204)
         sender, envelope = item
         return Reply(200, envelope, ((FROM_HEADER, sender),), "application/octet-stream")
 
-    async def topology(self, peer: str) -> Reply:
+    async def topology(self, peer: str, request: SignedRequest | None = None) -> Reply:
         """``GET /topology`` for node ``peer``: the router's view in AXL's shape."""
         if (missing := self._unknown(peer)) is not None:
             return missing
+        if (refused := self._refused(peer, request)) is not None:
+            return refused
         return Reply(200, _json(topology_doc(peer, await self._router.topology())),
                      media_type="application/json")
 

@@ -3,13 +3,20 @@
 Pure bookkeeping for the router actor. It authenticates a sender from the envelope's outer
 signature (never decrypting), decides which recipients get a copy under the current faults,
 and counts messages and bytes per peer and per edge for ``/network`` and the live feed.
+:class:`Mailboxes` are AXL's bounded receive queues (100 messages, the oldest dropped and
+counted when full); :class:`DelayLine` delivers each hop at its own due time, so a simulated
+WAN delays messages without serializing them.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import random
+import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,22 +24,38 @@ from medimesh.errors import ConfigError, NotEnrolled, PeerUnreachable
 from medimesh.identity import Roster
 from medimesh.wire import Header, inspect
 
-__all__ = ["Faults", "PeerCounters", "RoutingTable"]
+__all__ = ["MAILBOX_LIMIT", "DelayLine", "Faults", "Mailboxes", "PeerCounters", "RoutingTable"]
+
+MAILBOX_LIMIT = 100  # AXL's receive queue: it drops the oldest message when full
 
 
 @dataclass(frozen=True, slots=True)
 class Faults:
-    """Injected faults: drop probability, fixed delay, and partitions (sets that can't talk)."""
+    """Injected faults: drop probability, per-hop delay (mean ± uniform jitter, seconds), and
+    partitions (sets that can't talk)."""
 
     drop: float = 0.0
     delay_s: float = 0.0
     partitions: tuple[frozenset[str], ...] = ()
+    jitter_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drop <= 1.0:
             raise ConfigError("drop must be a probability in [0, 1]")
         if self.delay_s < 0:
             raise ConfigError("delay must be >= 0 seconds")
+        if self.jitter_s < 0:
+            raise ConfigError("jitter must be >= 0 seconds")
+
+    def hop_delay(self, rng: random.Random) -> float:
+        """One hop's delay: ``delay_s`` ± uniform ``jitter_s``, never negative.
+
+        Drawn from the routing table's seeded generator, so a fault seed replays the same
+        delays for the same sequence of messages; no draw at all without jitter.
+        """
+        if self.jitter_s == 0:
+            return self.delay_s
+        return max(0.0, self.delay_s + rng.uniform(-self.jitter_s, self.jitter_s))
 
     def separated(self, a: str, b: str) -> bool:
         """Two peers are separated when they sit in different partition groups."""
@@ -49,6 +72,7 @@ class PeerCounters:
     bytes_in: int = 0
     dropped: int = 0
     last_seen: float = 0.0
+    mailbox_dropped: int = 0
 
 
 @dataclass(slots=True)
@@ -67,6 +91,7 @@ class RoutingTable:
     feed: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2000))
     feed_seq: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    last_due: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def attach(self, peer_id: str) -> None:
         self.roster.get(peer_id)  # raises NotEnrolled
@@ -166,6 +191,7 @@ class RoutingTable:
                     "msgs_in": c.msgs_in,
                     "bytes_in": c.bytes_in,
                     "dropped": c.dropped,
+                    "mailbox_dropped": c.mailbox_dropped,
                     "last_seen": c.last_seen,
                 }
                 for pid, c in self.counters.items()
@@ -174,4 +200,112 @@ class RoutingTable:
             "messages_by_type": dict(self.by_type),
             "bytes_by_type": dict(self.bytes_by_type),
             "rejected": dict(self.rejected),
+            "faults": {"drop": self.faults.drop, "delay_s": self.faults.delay_s,
+                       "jitter_s": self.faults.jitter_s},
         }
+
+    def hop_due(self, sender: str, recipient: str, now: float) -> float:
+        """When one hop is due: ``now`` plus its delay under the current faults (see
+        :meth:`Faults.hop_delay`), but never before the previous hop on the same edge, so
+        jitter delays messages without reordering them between one pair (as one TCP stream
+        between two AXL nodes would not)."""
+        edge = (sender, recipient)
+        due = max(now + self.faults.hop_delay(self.rng), self.last_due.get(edge, now))
+        self.last_due[edge] = due
+        return due
+
+    def overflowed(self, peer: str, n: int = 1) -> None:
+        """Count messages a full mailbox dropped (AXL drops its oldest; we count them)."""
+        self.counters.setdefault(peer, PeerCounters()).mailbox_dropped += n
+
+
+class Mailboxes:
+    """Bounded per-peer receive queues that drop the OLDEST message when full (as AXL does).
+
+    :meth:`put` returns how many messages it pushed out, so the caller can count and audit
+    each drop; nothing is dropped silently. Not thread-safe: the caller holds its lock.
+    """
+
+    def __init__(self, limit: int = MAILBOX_LIMIT) -> None:
+        if limit < 1:
+            raise ConfigError("a mailbox holds at least one message")
+        self.limit = limit
+        self._boxes: dict[str, deque[tuple[str, bytes]]] = {}
+        self.dropped: Counter[str] = Counter()
+
+    def open(self, peer: str) -> None:
+        self._boxes.setdefault(peer, deque())
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._boxes
+
+    def put(self, peer: str, sender: str, envelope: bytes) -> int:
+        box = self._boxes[peer]
+        dropped = 0
+        while len(box) >= self.limit:
+            box.popleft()
+            dropped += 1
+        box.append((sender, envelope))
+        if dropped:
+            self.dropped[peer] += dropped
+        return dropped
+
+    def pop(self, peer: str) -> tuple[str, bytes] | None:
+        box = self._boxes.get(peer)
+        return box.popleft() if box else None
+
+    def size(self, peer: str) -> int:
+        return len(self._boxes.get(peer, ()))
+
+
+class DelayLine:
+    """Runs each callback at its own due time (``time.monotonic``) on one daemon thread.
+
+    Scheduling never waits: a hop due in 50 ms does not hold back the next hop, so a
+    simulated WAN adds latency to each message without serializing the router. Callbacks run
+    in due order (ties in scheduling order); an exception in one is counted, not fatal.
+    """
+
+    def __init__(self, name: str = "medimesh-delay-line") -> None:
+        self._heap: list[tuple[float, int, Callable[[], object]]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.errors = 0
+
+    def at(self, due: float, fn: Callable[[], object]) -> None:
+        with self._cv:
+            if self._closed:
+                return
+            heapq.heappush(self._heap, (due, next(self._seq), fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._heap)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._heap.clear()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and (
+                    not self._heap or self._heap[0][0] > time.monotonic()
+                ):
+                    self._cv.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                if self._closed:
+                    return
+                _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:
+                self.errors += 1

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from medimesh.axl import TO_HEADER, AxlError, AxlTransport, Topology
+from medimesh.axl_auth import sign_request
 from medimesh.errors import DecryptionFailed, NotARecipient, NotEnrolled, PeerUnreachable
 from medimesh.identity import Identity, Member, Role, Roster
 from medimesh.transport import Transport
@@ -84,7 +85,10 @@ def network(ray_session: None) -> Iterator[dict[str, Any]]:
         assert thread.is_alive() and time.monotonic() < deadline, "front did not start"
         time.sleep(0.05)
     base = f"http://127.0.0.1:{port}"
-    with AxlTransport(f"{base}/{A.peer_id}") as ta, AxlTransport(f"{base}/{B.peer_id}") as tb:
+    with (
+        AxlTransport(f"{base}/{A.peer_id}", identity=A) as ta,
+        AxlTransport(f"{base}/{B.peer_id}", identity=B) as tb,
+    ):
         yield {"router": router, "inbox": inbox, "base": base, "a": ta, "b": tb}
     server.should_exit = True
     thread.join(timeout=10)
@@ -154,7 +158,8 @@ def test_topology_lists_the_reachable_peers(network: dict[str, Any]) -> None:
     assert topo.our_public_key == A.peer_id == network["a"].peer_id
     assert set(topo.peers) == {B.peer_id, C.peer_id}
     assert D.peer_id not in topo.peers  # enrolled but never attached
-    raw = httpx.get(f"{network['base']}/{B.peer_id}/topology").json()
+    path = f"/{B.peer_id}/topology"
+    raw = httpx.get(network["base"] + path, headers=sign_request(B, "GET", path)).json()
     assert raw["our_public_key"] == B.peer_id
     assert {p["public_key"] for p in raw["peers"]} == {A.peer_id, C.peer_id}
     assert all(p["up"] for p in raw["peers"]) and raw["tree"]
@@ -210,7 +215,8 @@ def test_front_enforces_the_axl_contract(network: dict[str, Any]) -> None:
     assert spoof.status_code == 403 and "sends only as itself" in spoof.text
     stray = httpx.post(f"{base}/{A.peer_id}/send", content=env, headers={TO_HEADER: C.peer_id})
     assert stray.status_code == 400 and "not a recipient" in stray.text
-    assert httpx.get(f"{base}/{X.peer_id}/recv").status_code == 404
+    assert httpx.get(f"{base}/{X.peer_id}/recv",
+                     headers=sign_request(X, "GET", f"/{X.peer_id}/recv")).status_code == 404
     assert httpx.get(f"{base}/recv").status_code == 404  # two nodes here: no root alias
     huge = httpx.post(f"{base}/{A.peer_id}/send", content=b"\0" * (16 * 1024 * 1024 + 1),
                       headers={TO_HEADER: B.peer_id})
@@ -248,12 +254,13 @@ def test_single_node_front_serves_the_root_api_and_detaches_on_stop(
     router = network["router"]
     app = build_front_app(router, [S.peer_id])
     with TestClient(app) as client:
-        assert client.get("/topology").json()["our_public_key"] == S.peer_id
+        topo = client.get("/topology", headers=sign_request(S, "GET", "/topology"))
+        assert topo.json()["our_public_key"] == S.peer_id
         assert S.peer_id in ray.get(router.topology.remote())["peers"]
         assert network["a"].send(seal(A, "model", [S.peer_id], 2, b"m")) == 1
-        resp = client.get("/recv")
+        resp = client.get("/recv", headers=sign_request(S, "GET", "/recv"))
         assert resp.status_code == 200 and resp.headers["X-From-Peer-Id"] == A.peer_id
-        assert client.get("/recv").status_code == 204
+        assert client.get("/recv", headers=sign_request(S, "GET", "/recv")).status_code == 204
     assert S.peer_id not in ray.get(router.topology.remote())["peers"]
     with pytest.raises(PeerUnreachable):
         network["a"].send(seal(A, "model", [S.peer_id], 2, b"m"))
@@ -307,7 +314,7 @@ def test_a_hospital_outside_ray_trains_in_a_federation_over_axl(ray_session: Non
     while not server.started:
         time.sleep(0.05)
     stop = threading.Event()
-    with AxlTransport(f"http://127.0.0.1:{port}") as transport:
+    with AxlTransport(f"http://127.0.0.1:{port}", identity=outside.identity) as transport:
         seam: Transport = transport  # statically: AxlTransport is a Transport
         # Node annotates its transport as RouterTransport; the hospital only uses the seam.
         outside.transport = seam  # type: ignore[assignment]
@@ -335,6 +342,9 @@ def test_a_hospital_outside_ray_trains_in_a_federation_over_axl(ray_session: Non
         ([], "at least one peer"),
         (["--peer-id", "00"], "64 hex"),
         (["--pub", "none.pub"], "no public key file"),
+        (["--peer-id", A.peer_id, "--tls-key", "none.key"], "no key file"),
+        (["--peer-id", A.peer_id, "--allow-unsigned", "--host", "0.0.0.0"],
+         "--allow-unsigned only"),
     ],
 )
 def test_front_command_refuses_bad_peers_before_touching_ray(
@@ -357,15 +367,19 @@ def test_a_dead_router_is_503_not_a_stack_trace(ray_session: None) -> None:
     from medimesh.actors.router import Router
 
     router: Any = ray.remote(Router).options(num_cpus=0).remote(R.seed, ROSTER.to_json())
+
+    def recv(client: TestClient) -> Any:
+        return client.get("/recv", headers=sign_request(S, "GET", "/recv"))
+
     with TestClient(build_front_app(router, [S.peer_id])) as client:
-        assert client.get("/recv").status_code == 204
+        assert recv(client).status_code == 204
         ray.kill(router)
         # ray.kill is asynchronous: calls may still reach the actor for a moment (slow CI).
         deadline = time.monotonic() + 20
-        resp = client.get("/recv")
+        resp = recv(client)
         while resp.status_code == 204 and time.monotonic() < deadline:
             time.sleep(0.2)
-            resp = client.get("/recv")
+            resp = recv(client)
         for _ in range(2):
             assert resp.status_code == 503 and "router is unavailable" in resp.text
-            resp = client.get("/recv")
+            resp = recv(client)

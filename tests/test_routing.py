@@ -93,3 +93,90 @@ def test_feed_never_carries_payload_bytes() -> None:
     (event,) = t.events_since(0)
     assert set(event) == {"seq", "at", "from", "to", "type", "round", "bytes", "message_id",
                           "dropped"}
+
+
+def test_mailbox_drops_its_oldest_and_counts_it() -> None:
+    """AXL's bounded queue: at the limit, a new message pushes out the oldest; put says how
+    many went, and the per-peer count keeps them."""
+    from medimesh.routing import MAILBOX_LIMIT, Mailboxes
+
+    boxes = Mailboxes(3)
+    boxes.open("p")
+    assert [boxes.put("p", "s", bytes([i])) for i in range(5)] == [0, 0, 0, 1, 1]
+    assert boxes.dropped["p"] == 2 and boxes.size("p") == 3
+    assert [boxes.pop("p") for _ in range(4)] == [("s", b"\x02"), ("s", b"\x03"),
+                                                  ("s", b"\x04"), None]
+    assert Mailboxes().limit == MAILBOX_LIMIT == 100
+    with pytest.raises(ConfigError):
+        Mailboxes(0)
+    t = _table()
+    t.overflowed(B.peer_id, 2)
+    assert t.stats()["peers"][B.peer_id]["mailbox_dropped"] == 2
+
+
+def test_jitter_is_bounded_and_replayed_by_the_fault_seed() -> None:
+    """delay ± jitter per hop, never negative, the same sequence for the same seed; without
+    jitter the delay is fixed and the generator untouched (drop draws do not shift)."""
+    import random
+
+    faults = Faults(delay_s=0.05, jitter_s=0.02)
+    a = [faults.hop_delay(random.Random(7)) for _ in range(1)]
+    rng1, rng2 = random.Random(7), random.Random(7)
+    seq1 = [faults.hop_delay(rng1) for _ in range(200)]
+    seq2 = [faults.hop_delay(rng2) for _ in range(200)]
+    assert seq1 == seq2 and seq1[0] == a[0]
+    assert all(0.03 <= d <= 0.07 for d in seq1) and len(set(seq1)) > 100
+    assert Faults(delay_s=0.01, jitter_s=0.05).hop_delay(random.Random(1)) >= 0.0
+    rng = random.Random(3)
+    state = rng.getstate()
+    assert Faults(delay_s=0.2).hop_delay(rng) == 0.2 and rng.getstate() == state
+    with pytest.raises(ConfigError, match="jitter"):
+        Faults(jitter_s=-0.1)
+
+
+def test_delay_line_runs_callbacks_at_their_due_time_in_order() -> None:
+    """Scheduling returns at once; callbacks run in due order (not in scheduling order), and
+    one that raises is counted without stopping the line."""
+    import threading
+    import time
+
+    from medimesh.routing import DelayLine
+
+    line = DelayLine()
+    ran: list[tuple[str, float]] = []
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def boom() -> None:
+        raise RuntimeError("x")
+
+    def late() -> None:
+        ran.append(("late", time.monotonic()))
+        done.set()
+
+    line.at(t0 + 0.15, late)
+    line.at(t0 + 0.05, lambda: ran.append(("early", time.monotonic())))
+    line.at(t0 + 0.06, boom)
+    assert line.pending() == 3
+    assert done.wait(10)
+    assert [n for n, _ in ran] == ["early", "late"]
+    assert ran[0][1] >= t0 + 0.05 and ran[1][1] >= t0 + 0.15  # never early
+    assert line.errors == 1 and line.pending() == 0
+    line.close()
+    line.at(t0, lambda: ran.append(("closed", 0.0)))
+    assert line.pending() == 0
+
+
+def test_hops_on_one_edge_keep_their_order_under_jitter() -> None:
+    """Jitter varies each hop's delay, but a later message on the same edge is never due
+    before an earlier one; other edges are independent; no faults: due now."""
+    t = _table()
+    assert t.hop_due(A.peer_id, B.peer_id, 10.0) == 10.0
+    t.faults = Faults(delay_s=0.05, jitter_s=0.04)
+    dues = [t.hop_due(A.peer_id, B.peer_id, 10.0 + i * 0.001) for i in range(200)]
+    assert dues == sorted(dues) and all(d >= 10.0 + 0.01 for d in dues)
+    raw = [t.hop_due(A.peer_id, C.peer_id, 20.0) - 20.0 for _ in range(1)]
+    assert 0.01 <= raw[0] <= 0.09
+    t.faults = Faults()  # faults cleared: a hop still waits for the edge's last delayed one
+    assert t.hop_due(A.peer_id, B.peer_id, 10.0) == dues[-1]
+    assert t.hop_due(A.peer_id, B.peer_id, 99.0) == 99.0
