@@ -103,8 +103,17 @@ def build_app(config: OracleConfig | None = None, **kwargs: Any) -> FastAPI:
     add_event_route(app, st)
 
     @app.get("/vocabulary", summary="Symptoms, biomarkers, genes, classes and worked examples")
-    async def vocabulary() -> VocabularyOut:
-        return VocabularyOut.model_validate(vocabulary_doc())
+    async def vocabulary(request: Request) -> VocabularyOut:
+        # The served model's own spec (a --diseases N model lists its N diseases' terms);
+        # before any model, the default panel's. No store needed.
+        state: OracleState | None = getattr(request.app.state, "oracle", None)
+        served = None if state is None else state.served
+        if served is None:
+            return VocabularyOut.model_validate(vocabulary_doc())
+        engine = served.engine
+        return VocabularyOut.model_validate(
+            vocabulary_doc(engine.features, engine.saved.classes)
+        )
 
     @app.get("/health", summary="The process is up")
     async def health() -> dict[str, str]:

@@ -99,13 +99,18 @@ def voucher_for(
     its weights, the checkpoint's mean/std and its own feature spec, from a coordinator among
     ``members``; else UnvouchedModel."""
     model = latest.to_model()
+    try:
+        feats, classes = cohort_spec(model.n_classes)
+    except ValueError as exc:
+        raise UnvouchedModel(f"no feature spec reads a model with {model.n_classes} classes: "
+                             f"{exc}") from None
     coordinators, signers = roster_keys(members)
     return find_voucher(
         entries,
         model=model,
         mean=np.asarray(state["mean"], dtype=float),
         std=np.asarray(state["std"], dtype=float),
-        spec_hash=spec_digest([f.name for f in cohort.features()], cohort.class_names()),
+        spec_hash=spec_digest([f.name for f in feats], classes),
         run_id=run,
         coordinators=coordinators,
         signers=signers,
