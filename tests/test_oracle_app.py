@@ -68,9 +68,11 @@ async def until(pred: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> N
         await asyncio.sleep(0.05)
 
 
-async def publish(url: str, model: Model, mean: np.ndarray, std: np.ndarray, r: int) -> str:
+async def publish(
+    url: str, model: Model, mean: np.ndarray, std: np.ndarray, r: int, **kw: Any
+) -> str:
     async with await Store.open(url) as store:
-        return await publish_model(store, model, mean, std, r)
+        return await publish_model(store, model, mean, std, r, **kw)
 
 
 async def ready_with(client: Client, want: str) -> None:
@@ -334,6 +336,37 @@ def test_chunked_oversized_body_is_413(url: str) -> None:
 
 
 # --------------------------------------------------------------------- models and rounds
+
+
+def test_a_larger_panel_model_is_served_with_its_own_vocabulary(url: str) -> None:
+    """A model trained with ``--diseases 13`` is vouched for under its own feature spec and
+    served; /vocabulary then lists its 14 classes and its extra terms, not the ten-disease
+    panel's (which it lists before any model)."""
+    from medimesh.data import cohort
+    from medimesh.model import init_model
+
+    n = 13
+    feats, classes = cohort.features(n), cohort.class_names(n)
+    model = init_model(len(feats), len(classes))
+    mean, std = np.zeros(len(feats)), np.ones(len(feats))
+    terms = {f.name for f in feats if f.name.startswith("HP:")}
+    extra = terms - {f.name for f in cohort.features()}
+
+    async def scenario() -> None:
+        async with oracle(url) as (client, _):
+            before = (await client.get("/vocabulary")).json()
+            assert before["classes"] == list(cohort.class_names())
+            h = await publish(url, model, mean, std, 1, n_diseases=n)
+            await ready_with(client, h)
+            v = (await client.get("/vocabulary")).json()
+            assert v["classes"] == list(classes) and len(classes) == n + 1
+            assert extra and {t["id"] for t in v["symptoms"]} == terms
+            assert len(v["examples"]) == len(before["examples"])
+            r = await client.post("/diagnose", json={"symptoms": sorted(extra)[:1]})
+            assert r.status_code == 200, r.text
+            assert len(r.json()["differential"]) == n + 1 and not r.json()["unknown_terms"]
+
+    run(scenario())
 
 
 def test_models_and_model_by_hash(url: str, models: Models) -> None:

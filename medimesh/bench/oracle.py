@@ -121,19 +121,22 @@ async def publish_model(
     parent_hash: str | None = None,
     finding_hist: Sequence[float] | None = None,
     run: str = UNNAMED_RUN,
+    n_diseases: int = cohort.PANEL_SIZE,
 ) -> str:
     """Store a model as the coordinator/auditor would: model row, round row, checkpoint,
     all under ``run`` (default: the run of rows written without a federation), and the signed
     ``model_published`` audit entry (release hash over weights and mean/std) an oracle requires,
     by :func:`bench_roster`'s members, enrolled in the store; the checkpoint carries the setup
-    round's symptom-count histogram when given."""
+    round's symptom-count histogram when given; ``n_diseases``: the panel (``--diseases N``)
+    whose feature spec the release hash covers."""
     from medimesh.audit import AuditChain, sign_event
     from medimesh.release import release_hash, spec_digest
 
     coordinator, writer = bench_identities()
     for member in bench_roster():
         await store.register_node(member)
-    spec = spec_digest([f.name for f in cohort.features()], cohort.class_names())
+    spec = spec_digest([f.name for f in cohort.features(n_diseases)],
+                       cohort.class_names(n_diseases))
     body = {"parent": parent_hash or "", "updates": [], "verdicts": [], "run_id": run,
             "release_hash": release_hash(model, mean, std, spec), "spec_hash": spec}
     seq, head = await store.head()  # the entry first: an oracle never sees an unvouched row

@@ -129,8 +129,10 @@ def _aclient(base: str, source: str, token: str | None) -> httpx.AsyncClient:
 
 def _guard(app: Any) -> Any:
     """The access middleware instance of a started app (its counters are the evidence)."""
+    from medimesh.oracle.middleware import AccessGuard
+
     stack = app.middleware_stack
-    while stack is not None and type(stack).__name__ != "_Guard":
+    while stack is not None and not isinstance(stack, AccessGuard):
         stack = getattr(stack, "app", None) or getattr(stack, "_app", None)
     return stack
 
