@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from medimesh.actors.adversary_hospital import AttackingHospital
 from medimesh.actors.auditor import Auditor
 from medimesh.actors.base import ActorName
 from medimesh.actors.colluders import Colluders
@@ -600,7 +601,8 @@ class Consortium:
         )
         hospitals = {
             d.name: _actor(
-                self._hospital_classes.get(d.name, Hospital), self._name(f"hospital:{d.name}"),
+                self._hospital_classes.get(d.name, AttackingHospital if d.name in behaviour
+                                           else Hospital), self._name(f"hospital:{d.name}"),
                 self.cfg.restarts,
                 {hospital_resource(d.name): 1} if self.cfg.placement == "pinned" else None,
             ).remote(
