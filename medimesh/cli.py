@@ -1145,6 +1145,9 @@ def build_parser() -> argparse.ArgumentParser:
     from medimesh.keys_cli import add_keys_commands
 
     add_keys_commands(sub)
+    from medimesh.node.cli import add_node_commands
+
+    add_node_commands(sub)
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bsub = bench.add_subparsers(dest="bench", required=True)
     acc = bsub.add_parser("accuracy", help="federated vs pooled vs isolated")

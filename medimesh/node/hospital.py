@@ -1,0 +1,263 @@
+"""``medimesh node hospital``: one hospital as its own OS process, speaking only through AXL.
+
+The process holds its own key, its verified roster copy, the consortium's spec and its own CSV;
+it never starts or joins a Ray cluster. It polls its AXL node's ``/recv``, hands each envelope
+to the hospital, sends what the hospital sends through ``/send`` and its signed audit events to
+the auditor (:class:`~medimesh.node.outbox.AuditOutbox`).
+
+What survives ``kill -9`` lives in ``--state DIR``:
+
+* ``policy_state.json``: the hospital policy's state (local-DP spend, last round; medimesh.policy);
+* ``witness/heads.jsonl``: the audit writer's signed chain heads it witnessed (medimesh.witness);
+* ``setup_result.env``: the coordinator's last SetupResult, as the sealed envelope it arrived in
+  (only this key opens it; its contents are consortium-wide statistics). The coordinator sends
+  the SetupResult once, and again only to a hospital that missed a whole round (its ``_resync``):
+  a process restarted between two rounds would otherwise get a RoundStart it cannot train for.
+  Replaying the stored envelope at start makes it ready before its first round.
+
+SIGTERM or SIGINT: stop polling, flush the audit outbox, exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from medimesh.errors import ConfigError, EnvelopeError, MediMeshError
+from medimesh.identity import Identity, Roster
+from medimesh.node.outbox import AuditOutbox
+from medimesh.sites import SiteDescriptor
+from medimesh.transport import Transport
+
+__all__ = ["HospitalAdapter", "HospitalNodeConfig", "NodeState", "forbid_ray",
+           "load_verified_roster", "run_hospital_node"]
+
+log = structlog.get_logger("medimesh.node")
+
+SETUP_FILE = "setup_result.env"
+IDLE_S = 0.05
+FLUSH_AT_EXIT_S = 10.0
+
+
+def forbid_ray() -> None:
+    """This process must never start a Ray of its own by accident: a Ray API touched outside an
+    actor (e.g. ``ray.get_runtime_context()``) would otherwise ``ray.init()`` a local cluster."""
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+    import ray._private.auto_init_hook as hook
+
+    hook.enable_auto_connect = False
+
+
+def load_verified_roster(path: Path) -> Roster:
+    """This site's own roster copy, only if every member signed it (medimesh.signed_roster)."""
+    from medimesh.signed_roster import verify_signed_roster
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read roster {path}: {exc.strerror}") from None
+    try:
+        return verify_signed_roster(text)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{path}: {exc}; a hospital node joins only with a roster copy every member signed "
+            "(`medimesh roster sign`, `medimesh roster verify`)"
+        ) from None
+
+
+class NodeState:
+    """The node's own directory (``--state``): what a restart with the same key needs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def witness_dir(self) -> Path:
+        return self.path / "witness"
+
+    def setup_envelope(self) -> bytes | None:
+        f = self.path / SETUP_FILE
+        return f.read_bytes() if f.is_file() else None
+
+    def save_setup_envelope(self, envelope: bytes) -> None:
+        tmp = self.path / (SETUP_FILE + ".tmp")
+        tmp.write_bytes(envelope)
+        os.replace(tmp, self.path / SETUP_FILE)
+
+
+class HospitalAdapter:
+    """The ONE place the node drives a hospital implementation: envelope in, sends through its
+    transport, signed audit events out to the outbox.
+
+    Today it wraps the plain ``medimesh.actors.hospital.Hospital`` class (no Ray is used: its
+    router and auditor are None, its transport is the node's, and its audit flushes go to the
+    outbox). The sans-IO ``HospitalRole`` replaces the body of this class at merge: its Send /
+    SendRaw effects go to ``transport``, its Record effects to ``outbox``.
+    """
+
+    def __init__(
+        self, identity: Identity, roster: Roster, descriptor: SiteDescriptor,
+        transport: Transport, outbox: AuditOutbox, *, state: NodeState,
+        policy_toml: str | None = None,
+    ) -> None:
+        from medimesh.actors.hospital import Hospital
+        from medimesh.policy import PolicyConfig
+
+        policy = PolicyConfig()
+        if policy_toml is not None:
+            policy = policy.with_toml(policy_toml)
+
+        class OffRay(Hospital):
+            def flush_audit(self) -> int:
+                self._last_flush = time.monotonic()
+                events = self.audit.drain()
+                outbox.add(events)
+                return len(events)
+
+            def sync_audit(self) -> int:
+                return self.flush_audit()
+
+        self._hospital = OffRay(
+            identity.seed, roster.to_json(), None, None, descriptor,
+            policy=policy, state_dir=str(state.path), witness_dir=str(state.witness_dir),
+        )
+        self._hospital.transport = transport  # type: ignore[assignment]  # the Transport seam
+        self.coordinator = roster.with_role("coordinator")[0].peer_id
+
+    def receive(self, envelope: bytes) -> None:
+        self._hospital.deliver(envelope)
+        self._hospital.flush_audit()
+
+    def info(self) -> dict[str, Any]:
+        return self._hospital.info()
+
+    @property
+    def rounds_trained(self) -> int:
+        return self._hospital.rounds_trained
+
+
+@dataclass(frozen=True, slots=True)
+class HospitalNodeConfig:
+    key: Path
+    roster: Path
+    spec: Path
+    site: Path
+    axl: str
+    state: Path
+    axl_pin: str | None = None
+    policy: Path | None = None
+    seed: int = 0
+    test_fraction: float = 0.3
+
+
+def _descriptor(cfg: HospitalNodeConfig, name: str) -> SiteDescriptor:
+    """This site's CSV under the consortium's spec: the same recipe a Ray run would ship."""
+    from medimesh.spec import load_spec
+
+    if not cfg.site.is_file():
+        raise ConfigError(f"--site {cfg.site} is not a file")
+    spec = load_spec(cfg.spec).to_dict()  # SpecError names the bad field
+    params = {"path": str(cfg.site.resolve()), "spec": spec, "test_fraction": cfg.test_fraction,
+              "seed": cfg.seed, "skip_bad_rows": False}
+    return SiteDescriptor("csv", name, params)
+
+
+def _install_stop(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def run_hospital_node(cfg: HospitalNodeConfig, stop: threading.Event | None = None) -> int:
+    """Run until ``stop`` is set (SIGTERM / SIGINT); returns the exit code (0)."""
+    forbid_ray()
+    from medimesh.keys import load_key
+    from medimesh.node.front import connect
+    from medimesh.protocol import SetupResult
+    from medimesh.wire import inspect
+
+    identity = load_key(cfg.key)
+    roster = load_verified_roster(cfg.roster)
+    if identity.peer_id not in roster:
+        raise ConfigError(f"{cfg.key} (peer {identity.peer_id[:12]}…) is not on {cfg.roster}")
+    me = roster.get(identity.peer_id)
+    if me.role != "hospital":
+        raise ConfigError(f"the roster enrols {me.name} as {me.role}, not as a hospital")
+    routers = roster.with_role("router")
+    pin = cfg.axl_pin or (routers[0].peer_id if routers else "")
+    auditor = roster.with_role("auditor")[0].peer_id
+    policy_toml = None
+    if cfg.policy is not None:
+        try:
+            policy_toml = cfg.policy.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read policy {cfg.policy}: {exc.strerror}") from None
+    state = NodeState(cfg.state)
+    stop = stop or threading.Event()
+    _install_stop(stop)
+    transport = connect(cfg.axl, identity, pin)
+    outbox = AuditOutbox(identity, auditor)
+    node = HospitalAdapter(identity, roster, _descriptor(cfg, me.name), transport, outbox,
+                           state=state, policy_toml=policy_toml)
+    info = node.info()
+    log.info("hospital node up", name=me.name, peer=identity.peer_id[:12], axl=cfg.axl,
+             n_train=info["n_train"], n_test=info["n_test"], state=str(cfg.state))
+    saved = state.setup_envelope()
+    if saved is not None:
+        node.receive(saved)  # ready to train before the first RoundStart (see module doc)
+        log.info("setup restored from state", name=me.name)
+    trained, down_since = node.rounds_trained, 0.0
+    try:
+        while not stop.is_set():
+            try:
+                msg = transport.recv()
+            except MediMeshError as exc:  # the front is not up (yet) or restarting
+                if not down_since:
+                    down_since = time.monotonic()
+                    log.warning("AXL node unreachable; retrying", error=str(exc)[:200])
+                stop.wait(1.0)
+                continue
+            if down_since:
+                log.info("AXL node reachable", after_s=round(time.monotonic() - down_since, 1))
+                down_since = 0.0
+            if msg is None:
+                stop.wait(IDLE_S)
+            else:
+                node.receive(msg.envelope)
+                try:
+                    header = inspect(msg.envelope)
+                except EnvelopeError:
+                    header = None
+                if (header is not None and header.type == SetupResult.TYPE
+                        and header.sender == node.coordinator):
+                    state.save_setup_envelope(msg.envelope)
+            if outbox.due():
+                outbox.flush(transport.send)
+            if node.rounds_trained != trained:
+                trained = node.rounds_trained
+                log.info("round trained", name=me.name, rounds_trained=trained,
+                         audit_pending=outbox.pending())
+    finally:
+        deadline = time.monotonic() + FLUSH_AT_EXIT_S
+        while outbox.pending() and time.monotonic() < deadline:
+            if not outbox.flush(transport.send):
+                time.sleep(0.5)
+        if outbox.pending():
+            log.warning("audit events not delivered at exit", events=outbox.pending(),
+                        error=outbox.last_error)
+        transport.close()
+    log.info("hospital node stopped", name=me.name, rounds_trained=node.rounds_trained)
+    return 0
