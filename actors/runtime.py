@@ -138,6 +138,9 @@ class RunConfig:
     roster_file: str | None = None
     axl_listen: str = "127.0.0.1:0"
     setup_timeout_s: float = 60.0
+    # "axl": the hospital actors get no push from the router; each polls the AXL front this
+    # run serves (medimesh.actors.axl_hospital), so rounds cross the AXL HTTP path (the bench).
+    hospital_transport: str = "ray"
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -163,6 +166,9 @@ class RunConfig:
             )
         if self.remote_hospitals:
             _check_remote(self)
+        if self.hospital_transport not in ("ray", "axl"):
+            raise ConfigError(f"hospital transport must be 'ray' or 'axl', not "
+                              f"{self.hospital_transport!r}")
         if self.dataset == "csv" and (
             self.spec is None or not (self.csv_sites or self.remote_hospitals)
         ):
@@ -541,6 +547,11 @@ class Consortium:
         self.roster.add(Member(name, role, ident.peer_id))
         return ident
 
+    @property
+    def _over_axl(self) -> bool:
+        """Hospital actors reached through the AXL front (mailboxes), never pushed to."""
+        return self.cfg.hospital_transport == "axl"
+
     def _remote_roster(self) -> Roster:
         """The signed roster (every member signed it), enrolling exactly the remote hospitals."""
         from medimesh.node.hospital import load_verified_roster
@@ -580,7 +591,7 @@ class Consortium:
                 n if n in ("validator", "coordinator") else f"hospital:{n}"
             )
             for n in self.identities
-            if n not in ("router", "auditor")
+            if n not in ("router", "auditor") and (not self._over_axl or n in _SERVICES)
         }
         if self.remote_peers:  # remote nodes send their audit events through the router
             directory[self.identities["auditor"].peer_id] = self._name("auditor")
@@ -646,9 +657,18 @@ class Consortium:
             if colluding
             else None
         )
+        axl: dict[str, Any] = {}
+        if self._over_axl:  # the front first: its mailboxes must exist before setup
+            from medimesh.actors.axl_hospital import AxlHospital
+
+            self._start_front(router, [self.identities[d.name].peer_id
+                                       for d in self.descriptors])
+            axl = {"axl_url": self.front.url}
+        hospital_class = AxlHospital if self._over_axl else Hospital
         hospitals = {
             d.name: _actor(
-                self._hospital_classes.get(d.name, Hospital), self._name(f"hospital:{d.name}"),
+                self._hospital_classes.get(d.name, hospital_class),
+                self._name(f"hospital:{d.name}"),
                 self.cfg.restarts,
                 {hospital_resource(d.name): 1} if self.cfg.placement == "pinned" else None,
             ).remote(
@@ -668,6 +688,7 @@ class Consortium:
                     None if self.cfg.state_dir is None
                     else str(Path(self.cfg.state_dir).resolve() / d.name)
                 ),
+                **axl,
             )
             for d in self.descriptors
         }
@@ -682,13 +703,13 @@ class Consortium:
         regs = [
             router.register.remote(self.identities[n].peer_id, h)
             for n, h in self.handles.items()
-            if n not in ("router", "auditor")
+            if n not in ("router", "auditor") and (not self._over_axl or n in _SERVICES)
         ]
         if self.remote_peers:
             regs.append(router.register.remote(self.identities["auditor"].peer_id, auditor))
         ray.get(regs)
         if self.remote_peers:
-            self._start_front(router)
+            self._start_front(router, list(self.remote_peers.values()))
         self.hospital_info = []
         for name, h in hospitals.items():
             try:
@@ -716,12 +737,12 @@ class Consortium:
         }
         return self.timings
 
-    def _start_front(self, router: Any) -> None:
-        """Serve the AXL API for the remote hospitals (each gets a mailbox at the router)."""
+    def _start_front(self, router: Any, peers: list[str]) -> None:
+        """Serve the AXL API for ``peers`` (each gets a mailbox at the router)."""
         from medimesh.node.front import parse_listen, start_front
 
         host, port = parse_listen(self.cfg.axl_listen)
-        self.front = start_front(router, list(self.remote_peers.values()), host=host, port=port,
+        self.front = start_front(router, peers, host=host, port=port,
                                  router_peer=self.identities["router"].peer_id)
         if self.on_front is not None:
             self.on_front(self.front)

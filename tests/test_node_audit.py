@@ -138,3 +138,18 @@ def test_a_node_refuses_an_unsigned_roster_copy(tmp_path: Path) -> None:
     edited.write_text(signed.read_text().replace('"h2"', '"h3"'))
     with pytest.raises(ConfigError, match="edited after signing"):
         load_verified_roster(edited)
+
+
+def test_a_drained_mailbox_keeps_only_the_newest_round_start() -> None:
+    """After a restart the node skips RoundStarts a newer queued one supersedes."""
+    from medimesh.node.hospital import superseded
+    from medimesh.wire import Header, inspect
+
+    def header(type_: str, round_: int) -> Header:
+        return inspect(seal(AUD, type_, [H1.peer_id], round_, b"x"))
+
+    drained: list[Header | None] = [header("round_start", 3), header("setup_result", 4), header("round_start", 4),
+               None, header("model_published", 4), header("round_start", 5)]
+    assert superseded(drained) == {0: 5, 2: 5}
+    assert superseded([header("round_start", 2), header("round_start", 2)]) == {}
+    assert superseded([]) == {}

@@ -23,8 +23,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from string import Template
 from typing import IO, Any
@@ -85,11 +87,22 @@ def _find(blocks: list[tuple[str, list[str]]], who: str, prefix: str) -> list[st
     return [c for w, cmds in blocks if w == who for c in cmds if c.startswith(prefix)]
 
 
-def test_three_hospital_processes_train_over_axl_and_survive_kill_9(tmp_path: Path) -> None:
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """A folder others may traverse: as root, pgserver runs PostgreSQL as its own system user,
+    which cannot enter pytest's 0700 temporary tree."""
+    path = Path(tempfile.mkdtemp(prefix="medimesh-node-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_three_hospital_processes_train_over_axl_and_survive_kill_9(work: Path) -> None:
     from medimesh.data import heart
 
     if heart.default_data_dir() is None:
         pytest.skip("../shared/data/heart is not present")
+    tmp_path = work
     blocks = _blocks()
     ops = tmp_path / "ops"
     ops.mkdir()

@@ -22,7 +22,7 @@ from medimesh.axl import AxlTransport
 from medimesh.errors import ConfigError
 from medimesh.identity import Identity
 
-__all__ = ["RunningFront", "connect", "parse_listen", "start_front"]
+__all__ = ["RunningFront", "connect", "node_url", "parse_listen", "start_front"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,5 +86,11 @@ def connect(url: str, identity: Identity, pin: str) -> AxlTransport:
     """The node's AXL client. ``identity`` signs its requests and ``pin`` is the router peer
     id the front's certificate must carry, once the front speaks TLS; over today's plain-HTTP
     front neither is used (bind the front to a private network, deploy/README.md)."""
-    del identity, pin  # the TLS / signed-request transport takes them here
-    return AxlTransport(url, timeout=30.0)
+    del pin  # the TLS / signed-request transport takes it (and signs with identity) here
+    return AxlTransport(node_url(url, identity.peer_id), timeout=30.0)
+
+
+def node_url(url: str, peer_id: str) -> str:
+    """The front serves each of its nodes at ``URL/<peer id>/send|recv|topology``."""
+    base = url.rstrip("/")
+    return base if base.endswith("/" + peer_id) else f"{base}/{peer_id}"

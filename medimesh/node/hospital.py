@@ -15,6 +15,11 @@ What survives ``kill -9`` lives in ``--state DIR``:
   a process restarted between two rounds would otherwise get a RoundStart it cannot train for.
   Replaying the stored envelope at start makes it ready before its first round.
 
+Messages that arrived while the process was down wait in its mailbox at the front. The node
+drains what is queued before handing it over and skips every RoundStart that a newer one in the
+same drain supersedes (audited as ``round_skipped``): training for rounds already closed would
+only send stale updates, and the coordinator would count them as this site's answer.
+
 SIGTERM or SIGINT: stop polling, flush the audit outbox, exit 0.
 """
 
@@ -24,6 +29,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -31,19 +37,22 @@ from typing import Any
 
 import structlog
 
+from medimesh.axl import AxlTransport
 from medimesh.errors import ConfigError, EnvelopeError, MediMeshError
 from medimesh.identity import Identity, Roster
 from medimesh.node.outbox import AuditOutbox
 from medimesh.sites import SiteDescriptor
 from medimesh.transport import Transport
+from medimesh.wire import Header, inspect
 
 __all__ = ["HospitalAdapter", "HospitalNodeConfig", "NodeState", "forbid_ray",
-           "load_verified_roster", "run_hospital_node"]
+           "load_verified_roster", "run_hospital_node", "superseded"]
 
 log = structlog.get_logger("medimesh.node")
 
 SETUP_FILE = "setup_result.env"
 IDLE_S = 0.05
+DRAIN = 100  # AXL's queue size: at most this many envelopes per drain
 FLUSH_AT_EXIT_S = 10.0
 
 
@@ -71,6 +80,17 @@ def load_verified_roster(path: Path) -> Roster:
             f"{path}: {exc}; a hospital node joins only with a roster copy every member signed "
             "(`medimesh roster sign`, `medimesh roster verify`)"
         ) from None
+
+
+def superseded(headers: Sequence[Header | None]) -> dict[int, int]:
+    """Index of each RoundStart in one drain that a later-round RoundStart in the same drain
+    supersedes -> that newer round (what the node skips). Pure."""
+    from medimesh.protocol import RoundStart
+
+    starts = [(i, h.round) for i, h in enumerate(headers)
+              if h is not None and h.type == RoundStart.TYPE]
+    newest = max((r for _, r in starts), default=0)
+    return {i: newest for i, r in starts if r < newest}
 
 
 class NodeState:
@@ -137,6 +157,11 @@ class HospitalAdapter:
         self._hospital.deliver(envelope)
         self._hospital.flush_audit()
 
+    def record(self, event: str, round_: int, subject: str, body: dict[str, Any]) -> None:
+        """An event of the node's own (signed with the site's key, like the hospital's)."""
+        self._hospital.audit.record(event, round_, subject, body)
+        self._hospital.flush_audit()
+
     def info(self) -> dict[str, Any]:
         return self._hospital.info()
 
@@ -171,6 +196,24 @@ def _descriptor(cfg: HospitalNodeConfig, name: str) -> SiteDescriptor:
     return SiteDescriptor("csv", name, params)
 
 
+def _header(envelope: bytes) -> Header | None:
+    try:
+        return inspect(envelope)
+    except EnvelopeError:
+        return None  # the hospital audits it when it fails to open it
+
+
+def _drain(transport: AxlTransport) -> list[bytes]:
+    """Everything queued for this node (up to DRAIN envelopes), oldest first."""
+    out: list[bytes] = []
+    while len(out) < DRAIN:
+        msg = transport.recv()
+        if msg is None:
+            break
+        out.append(msg.envelope)
+    return out
+
+
 def _install_stop(stop: threading.Event) -> None:
     def handler(signum: int, _frame: FrameType | None) -> None:
         log.info("stopping", signal=signal.Signals(signum).name)
@@ -187,7 +230,6 @@ def run_hospital_node(cfg: HospitalNodeConfig, stop: threading.Event | None = No
     from medimesh.keys import load_key
     from medimesh.node.front import connect
     from medimesh.protocol import SetupResult
-    from medimesh.wire import inspect
 
     identity = load_key(cfg.key)
     roster = load_verified_roster(cfg.roster)
@@ -223,7 +265,7 @@ def run_hospital_node(cfg: HospitalNodeConfig, stop: threading.Event | None = No
     try:
         while not stop.is_set():
             try:
-                msg = transport.recv()
+                batch = _drain(transport)
             except MediMeshError as exc:  # the front is not up (yet) or restarting
                 if not down_since:
                     down_since = time.monotonic()
@@ -233,17 +275,20 @@ def run_hospital_node(cfg: HospitalNodeConfig, stop: threading.Event | None = No
             if down_since:
                 log.info("AXL node reachable", after_s=round(time.monotonic() - down_since, 1))
                 down_since = 0.0
-            if msg is None:
+            if not batch:
                 stop.wait(IDLE_S)
-            else:
-                node.receive(msg.envelope)
-                try:
-                    header = inspect(msg.envelope)
-                except EnvelopeError:
-                    header = None
+            headers = [_header(env) for env in batch]
+            skip = superseded(headers)
+            for i, (envelope, header) in enumerate(zip(batch, headers, strict=True)):
+                if i in skip:
+                    assert header is not None
+                    node.record("round_skipped", header.round, header.message_id,
+                                {"superseded_by": skip[i]})
+                    continue
+                node.receive(envelope)
                 if (header is not None and header.type == SetupResult.TYPE
                         and header.sender == node.coordinator):
-                    state.save_setup_envelope(msg.envelope)
+                    state.save_setup_envelope(envelope)
             if outbox.due():
                 outbox.flush(transport.send)
             if node.rounds_trained != trained:
