@@ -148,8 +148,10 @@ def test_a_drained_mailbox_keeps_only_the_newest_round_start() -> None:
     def header(type_: str, round_: int) -> Header:
         return inspect(seal(AUD, type_, [H1.peer_id], round_, b"x"))
 
-    drained: list[Header | None] = [header("round_start", 3), header("setup_result", 4), header("round_start", 4),
-               None, header("model_published", 4), header("round_start", 5)]
+    drained: list[Header | None] = [
+        header("round_start", 3), header("setup_result", 4), header("round_start", 4),
+        None, header("model_published", 4), header("round_start", 5),
+    ]
     assert superseded(drained) == {0: 5, 2: 5}
     assert superseded([header("round_start", 2), header("round_start", 2)]) == {}
     assert superseded([]) == {}
