@@ -176,13 +176,18 @@ def test_three_hospital_processes_train_over_axl_and_survive_kill_9(work: Path) 
 
         front = wait_for(lambda m: "axl" in m, "AXL front", 120)
         assert front["axl"] == site_env[SITES[0]]["AXL"] and len(front["axl_pin"]) == 64
-        wait_for(lambda m: m.get("round") == 1, "round 1", 120)
         victim = SITES[-1]
+        # Mid-run: once the victim holds the setup result (rounds take ~0.1 s each here, so
+        # waiting for a round line would leave too few rounds for the restart to show).
+        setup = dirs[victim] / "state" / "setup_result.env"
+        deadline = time.monotonic() + 120
+        while not setup.exists() and time.monotonic() < deadline and consortium.poll() is None:
+            time.sleep(0.05)
+        assert setup.exists(), (tmp_path / "consortium.log").read_text()[-3000:]
         procs[victim].send_signal(signal.SIGKILL)
         procs[victim].wait(timeout=10)
         # The run goes on without it: a round closes on quorum (2 of 3).
-        quorum = wait_for(lambda m: m.get("round", 0) > 1 and m.get("accepted") == 2,
-                          "round closed on quorum", 60)
+        quorum = wait_for(lambda m: m.get("accepted") == 2, "round closed on quorum", 60)
         restarted_at = time.time()
         procs[victim] = _spawn(hospital_cmd, dirs[victim], site_env[victim], logs["restart"])
         consortium.wait(timeout=120)
@@ -223,6 +228,8 @@ def test_three_hospital_processes_train_over_axl_and_survive_kill_9(work: Path) 
                 if e["at"] > restarted_at and e["body"]["digest"] in accepted]
     assert rejoined and min(rejoined) > quorum["round"], (quorum, routed)
     # Every hospital's own signed events reached the chain over the wire, none refused.
-    for s in SITES:
-        assert any(e["actor"] == peer[s] for e in entries), s
+    started = [e["actor"] for e in entries if e["event"] == "node_started"]
+    assert sorted(started) == sorted([peer[s] for s in SITES] + [peer[victim]])  # + restart
+    restart = [e for e in entries if e["event"] == "node_started" and e["actor"] == peer[victim]]
+    assert restart[-1]["body"]["setup_restored"]  # from its --state, before any round
     assert not [e for e in entries if e["event"] == "audit_events_refused"]

@@ -261,6 +261,10 @@ def run_hospital_node(cfg: HospitalNodeConfig, stop: threading.Event | None = No
     if saved is not None:
         node.receive(saved)  # ready to train before the first RoundStart (see module doc)
         log.info("setup restored from state", name=me.name)
+    # On the trail, signed by this site: each (re)start of its process, counts only.
+    node.record("node_started", -1, identity.peer_id,
+                {"n_train": info["n_train"], "n_test": info["n_test"],
+                 "setup_restored": saved is not None})
     trained, down_since = node.rounds_trained, 0.0
     try:
         while not stop.is_set():
@@ -296,6 +300,8 @@ def run_hospital_node(cfg: HospitalNodeConfig, stop: threading.Event | None = No
                 log.info("round trained", name=me.name, rounds_trained=trained,
                          audit_pending=outbox.pending())
     finally:
+        node.record("node_stopped", -1, identity.peer_id,
+                    {"rounds_trained": node.rounds_trained})
         deadline = time.monotonic() + FLUSH_AT_EXIT_S
         while outbox.pending() and time.monotonic() < deadline:
             if not outbox.flush(transport.send):
