@@ -29,7 +29,7 @@ from medimesh.actors.router import Router
 from medimesh.actors.validator import Validator
 from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
 from medimesh.attacks import COLLUDING, FRAMING, framing_victim
-from medimesh.errors import ConfigError
+from medimesh.errors import ConfigError, QuorumNotReached
 from medimesh.identity import Identity, Member, Roster
 from medimesh.model import TrainConfig
 from medimesh.policy import PolicyConfig
@@ -719,7 +719,13 @@ class Consortium:
                 cause = _cause(exc)
                 raise ConfigError(f"hospital {name} could not load its data: {cause}") from None
         t_actors = time.perf_counter()
-        self.setup_summary = ray.get(coordinator.setup.remote())
+        try:
+            self.setup_summary = ray.get(coordinator.setup.remote())
+        except ray.exceptions.RayTaskError as exc:
+            if not (self.remote_peers and isinstance(exc.cause, QuorumNotReached)):
+                raise
+            self.setup_summary = {}  # nobody answered: name them all
+            self._remote_info(wait_s=0)
         if self.remote_peers:
             self.hospital_info = self._remote_info()
         if self.privacy is not None:  # δ must be below 1/N for the N patients it protects
@@ -747,10 +753,10 @@ class Consortium:
         if self.on_front is not None:
             self.on_front(self.front)
 
-    def _remote_info(self) -> list[dict[str, Any]]:
+    def _remote_info(self, wait_s: float = 10.0) -> list[dict[str, Any]]:
         """Counts the remote hospitals reported at setup (from the coordinator's signed
         checkpoint); a hospital that did not answer is an error naming it."""
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + wait_s
         cp = ray.get(self.handles["auditor"].latest_checkpoint.remote())
         while cp is None and time.monotonic() < deadline:  # the checkpoint is fire-and-forget
             time.sleep(0.1)
