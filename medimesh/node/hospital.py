@@ -29,6 +29,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ def forbid_ray() -> None:
     import ray._private.auto_init_hook as hook
 
     hook.enable_auto_connect = False
+    # The hospital asks Ray whether it is a restarted actor; outside Ray that is a no (and a
+    # deprecation warning per start, which says nothing to a site's IT team).
+    warnings.filterwarnings("ignore", module="ray.runtime_context")
 
 
 def load_verified_roster(path: Path) -> Roster:
@@ -77,8 +81,7 @@ def load_verified_roster(path: Path) -> Roster:
         return verify_signed_roster(text)
     except ConfigError as exc:
         raise ConfigError(
-            f"{path}: {exc}; a hospital node joins only with a roster copy every member signed "
-            "(`medimesh roster sign`, `medimesh roster verify`)"
+            f"{path}: {exc} (a node joins only with a roster copy every member signed)"
         ) from None
 
 
