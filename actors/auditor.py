@@ -530,6 +530,20 @@ class Auditor:
             self._pg = None
             return drained and not left
 
+    def deliver(self, envelope: bytes) -> None:
+        """A remote node's ``audit_events`` through the router: chained if every check passes
+        (medimesh.audit_ingest), else refused whole and the refusal chained with its reason."""
+        from medimesh.audit import sign_event
+        from medimesh.audit_ingest import ingest
+
+        got = ingest(self._identity, {m.peer_id for m in self._roster}, envelope)
+        if got.refused:
+            _log.warning("audit events refused: %s", got.refused)
+            self.append([sign_event(self._identity, "audit_events_refused", -1, got.sender,
+                                    got.refusal_body())])
+        elif got.accepted:
+            self.append(got.accepted)
+
 
 def _match(e: AuditEntry, event: str | None, round_: int | None) -> bool:
     return (event is None or e.event == event) and (round_ is None or e.round == round_)

@@ -30,7 +30,7 @@ from medimesh.actors.router import Router
 from medimesh.actors.validator import Validator
 from medimesh.aggregation import DEFAULT as DEFAULT_AGGREGATOR
 from medimesh.attacks import COLLUDING, FRAMING, framing_victim
-from medimesh.errors import ConfigError
+from medimesh.errors import ConfigError, QuorumNotReached
 from medimesh.identity import Identity, Member, Roster
 from medimesh.model import TrainConfig
 from medimesh.policy import PolicyConfig
@@ -131,6 +131,17 @@ class RunConfig:
     # that must survive a restart (local-DP spend, last round). None: kept in memory only, and
     # a hospital Ray restarts refuses local-DP releases (medimesh.policy, docs/privacy.md §6).
     state_dir: str | None = None
+    # Issue 16 (medimesh.node, deploy/README.md): the roster's hospitals run as their own
+    # processes (`medimesh node hospital`) over the AXL front this run serves on axl_listen
+    # (HOST:PORT); none is started here. Needs keys_dir (the operator's own keys), roster_file
+    # (the roster every member signed) and the spec (dataset "csv", no --site).
+    remote_hospitals: tuple[str, ...] = ()
+    roster_file: str | None = None
+    axl_listen: str = "127.0.0.1:0"
+    setup_timeout_s: float = 60.0
+    # "axl": the hospital actors get no push from the router; each polls the AXL front this
+    # run serves (medimesh.actors.axl_hospital), so rounds cross the AXL HTTP path (the bench).
+    hospital_transport: str = "ray"
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:
@@ -154,7 +165,14 @@ class RunConfig:
                 f"unknown dataset {self.dataset!r}; expected rare, sparse, heart, csv or "
                 "phenopackets"
             )
-        if self.dataset == "csv" and (self.spec is None or not self.csv_sites):
+        if self.remote_hospitals:
+            _check_remote(self)
+        if self.hospital_transport not in ("ray", "axl"):
+            raise ConfigError(f"hospital transport must be 'ray' or 'axl', not "
+                              f"{self.hospital_transport!r}")
+        if self.dataset == "csv" and (
+            self.spec is None or not (self.csv_sites or self.remote_hospitals)
+        ):
             raise ConfigError("the csv dataset needs --spec and at least one --site NAME=PATH")
         if self.dataset == "phenopackets" and not self.csv_sites:
             raise ConfigError("phenopacket sites need at least one --site NAME=DIRECTORY")
@@ -201,8 +219,21 @@ class RunConfig:
     @property
     def n_sites(self) -> int:
         if self.dataset in ("csv", "phenopackets"):
-            return len(self.csv_sites)
+            return len(self.csv_sites) + len(self.remote_hospitals)
         return 4 if self.dataset == "heart" else self.hospitals
+
+
+def _check_remote(cfg: RunConfig) -> None:
+    """Remote hospitals: the operator holds its own keys and a signed roster, nothing else."""
+    if cfg.keys_dir is None or cfg.roster_file is None:
+        raise ConfigError("remote hospitals need --keys (the operator's key files) and --roster "
+                          "(the roster every member signed)")
+    if cfg.dataset != "csv" or cfg.spec is None or cfg.csv_sites:
+        raise ConfigError("remote hospitals need the consortium's --spec and no local --site")
+    if cfg.behaviours or cfg.placement != "any":
+        raise ConfigError("remote hospitals run their own code: no behaviours, no placement")
+    if cfg.setup_timeout_s <= 0:
+        raise ConfigError("--setup-timeout must be a positive number of seconds")
 
 
 def site_descriptors(cfg: RunConfig) -> list[SiteDescriptor]:
@@ -461,8 +492,13 @@ class Consortium:
         self.cfg = cfg
         self._hospital_classes = dict(hospital_classes or {})
         self.descriptors = site_descriptors(cfg)
-        first = self.descriptors[0]
+        first = self.descriptors[0] if self.descriptors else SiteDescriptor(
+            "csv", "", {"spec": cfg.spec}  # remote hospitals only: the spec alone
+        )
         self.info = dataset_info(first.kind, first.params)
+        self.remote_peers: dict[str, str] = {}  # remote hospital name -> peer id
+        self.front: Any = None  # the AXL front serving them (medimesh.node.front)
+        self.on_front: Callable[[Any], None] | None = None  # told the front's URL and pin
         self.identities: dict[str, Identity] = {}
         self.roster = Roster()
         self.handles: dict[str, Any] = {}
@@ -501,7 +537,9 @@ class Consortium:
             from medimesh.keys import consortium_roster, enrolled_identity
 
             keys_dir = Path(self.cfg.keys_dir)
-            if not len(self.roster):
+            if not len(self.roster) and self.cfg.remote_hospitals:
+                self.roster = self._remote_roster()
+            elif not len(self.roster):
                 self.roster = consortium_roster(keys_dir, [d.name for d in self.descriptors])
             self.identities[name] = enrolled_identity(keys_dir, self.roster, name, role)
             return self.identities[name]
@@ -509,6 +547,24 @@ class Consortium:
         self.identities[name] = ident
         self.roster.add(Member(name, role, ident.peer_id))
         return ident
+
+    @property
+    def _over_axl(self) -> bool:
+        """Hospital actors reached through the AXL front (mailboxes), never pushed to."""
+        return self.cfg.hospital_transport == "axl"
+
+    def _remote_roster(self) -> Roster:
+        """The signed roster (every member signed it), enrolling exactly the remote hospitals."""
+        from medimesh.node.hospital import load_verified_roster
+
+        assert self.cfg.roster_file is not None
+        roster = load_verified_roster(Path(self.cfg.roster_file))
+        names = {m.name: m.peer_id for m in roster.with_role("hospital")}
+        if set(names) != set(self.cfg.remote_hospitals):
+            raise ConfigError(f"the roster enrols hospitals {sorted(names)}, this run expects "
+                              f"{sorted(self.cfg.remote_hospitals)}")
+        self.remote_peers = {n: names[n] for n in self.cfg.remote_hospitals}
+        return roster
 
     def start(self) -> dict[str, float]:
         """Create and wire all actors, then run the setup round. Returns timings (s)."""
@@ -536,8 +592,10 @@ class Consortium:
                 n if n in ("validator", "coordinator") else f"hospital:{n}"
             )
             for n in self.identities
-            if n not in ("router", "auditor")
+            if n not in ("router", "auditor") and (not self._over_axl or n in _SERVICES)
         }
+        if self.remote_peers:  # remote nodes send their audit events through the router
+            directory[self.identities["auditor"].peer_id] = self._name("auditor")
         pin = self.cfg.placement == "pinned"
         earlier = self._write_signed_roster()
         auditor = _actor(Auditor, self._name("auditor"), here=pin).remote(
@@ -573,6 +631,7 @@ class Consortium:
             server_momentum=self.cfg.server_momentum,
             min_updates=self.cfg.quorum,
             round_timeout_s=self.cfg.round_timeout_s,
+            setup_timeout_s=self.cfg.setup_timeout_s,
             pace_s=self.cfg.pace_s,
             round_retries=self.cfg.round_retries,
             privacy=self.privacy,
@@ -599,10 +658,19 @@ class Consortium:
             if colluding
             else None
         )
+        axl: dict[str, Any] = {}
+        if self._over_axl:  # the front first: its mailboxes must exist before setup
+            from medimesh.actors.axl_hospital import AxlHospital
+
+            self._start_front(router, [self.identities[d.name].peer_id
+                                       for d in self.descriptors])
+            axl = {"axl_url": self.front.url, "axl_pin": self.front.pin}
+        hospital_class = AxlHospital if self._over_axl else Hospital
         hospitals = {
             d.name: _actor(
                 self._hospital_classes.get(d.name, AttackingHospital if d.name in behaviour
-                                           else Hospital), self._name(f"hospital:{d.name}"),
+                                           else hospital_class),
+                self._name(f"hospital:{d.name}"),
                 self.cfg.restarts,
                 {hospital_resource(d.name): 1} if self.cfg.placement == "pinned" else None,
             ).remote(
@@ -622,6 +690,7 @@ class Consortium:
                     None if self.cfg.state_dir is None
                     else str(Path(self.cfg.state_dir).resolve() / d.name)
                 ),
+                **axl,
             )
             for d in self.descriptors
         }
@@ -636,9 +705,13 @@ class Consortium:
         regs = [
             router.register.remote(self.identities[n].peer_id, h)
             for n, h in self.handles.items()
-            if n not in ("router", "auditor")
+            if n not in ("router", "auditor") and (not self._over_axl or n in _SERVICES)
         ]
+        if self.remote_peers:
+            regs.append(router.register.remote(self.identities["auditor"].peer_id, auditor))
         ray.get(regs)
+        if self.remote_peers:
+            self._start_front(router, list(self.remote_peers.values()))
         self.hospital_info = []
         for name, h in hospitals.items():
             try:
@@ -648,7 +721,15 @@ class Consortium:
                 cause = _cause(exc)
                 raise ConfigError(f"hospital {name} could not load its data: {cause}") from None
         t_actors = time.perf_counter()
-        self.setup_summary = ray.get(coordinator.setup.remote())
+        try:
+            self.setup_summary = ray.get(coordinator.setup.remote())
+        except ray.exceptions.RayTaskError as exc:
+            if not (self.remote_peers and isinstance(exc.cause, QuorumNotReached)):
+                raise
+            self.setup_summary = {}  # nobody answered: name them all
+            self._remote_info(wait_s=0)
+        if self.remote_peers:
+            self.hospital_info = self._remote_info()
         if self.privacy is not None:  # δ must be below 1/N for the N patients it protects
             try:
                 check_delta(self.privacy.delta, int(self.setup_summary["n_train"]))
@@ -663,6 +744,41 @@ class Consortium:
             "startup_s": t_setup - t0,
         }
         return self.timings
+
+    def _start_front(self, router: Any, peers: list[str]) -> None:
+        """Serve the AXL API for ``peers`` (each gets a mailbox at the router)."""
+        from medimesh.node.front import parse_listen, start_front
+
+        host, port = parse_listen(self.cfg.axl_listen)
+        self.front = start_front(router, peers, host=host, port=port,
+                                 tls_seed=self.identities["router"].seed, roster=self.roster)
+        if self.on_front is not None:
+            self.on_front(self.front)
+
+    def _remote_info(self, wait_s: float = 10.0) -> list[dict[str, Any]]:
+        """Counts the remote hospitals reported at setup (from the coordinator's signed
+        checkpoint); a hospital that did not answer is an error naming it."""
+        deadline = time.monotonic() + wait_s
+        cp = ray.get(self.handles["auditor"].latest_checkpoint.remote())
+        while cp is None and time.monotonic() < deadline:  # the checkpoint is fire-and-forget
+            time.sleep(0.1)
+            cp = ray.get(self.handles["auditor"].latest_checkpoint.remote())
+        state = cp["state"] if cp is not None else {}
+        committed = {str(k): int(v) for k, v in state.get("committed", {}).items()}
+        tests = {str(k): int(v) for k, v in state.get("test_sizes", {}).items()}
+        refused = set(self.setup_summary.get("refused", {}))
+        silent = [n for n, p in self.remote_peers.items()
+                  if p not in committed and n not in refused]
+        if silent:
+            url = self.front.url if self.front is not None else "?"
+            self.shutdown()
+            raise ConfigError(
+                f"setup: no answer within {self.cfg.setup_timeout_s:g} s from "
+                f"{', '.join(silent)} (is `medimesh node hospital --axl {url}` running there?)"
+            )
+        return [{"name": n, "peer_id": p, "n_train": committed.get(p, 0),
+                 "n_test": tests.get(p, 0), "remote": True}
+                for n, p in self.remote_peers.items()]
 
     @property
     def signed_roster_path(self) -> Path | None:
@@ -690,7 +806,10 @@ class Consortium:
             except (UnverifiedRoster, ConfigError):
                 continue  # not a signed roster: its members are not trusted signers
             earlier.append(text)
-        path.write_text(sign_all(self.roster, self.identities.values()) + "\n")
+        if self.cfg.roster_file is not None and self.remote_peers:  # already signed by all
+            path.write_text(Path(self.cfg.roster_file).read_text())
+        else:
+            path.write_text(sign_all(self.roster, self.identities.values()) + "\n")
         return earlier
 
     def _run_info(self) -> dict[str, Any]:
@@ -809,6 +928,9 @@ class Consortium:
 
     def shutdown(self) -> None:
         extra = [self._colluders] if getattr(self, "_colluders", None) is not None else []
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
         for h in [*self.handles.values(), *extra]:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(h)

@@ -1034,7 +1034,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from medimesh.bench.rounds import run_rounds
 
-        result = run_rounds(cfg, progress)
+        result = run_rounds(cfg, progress, transport=args.transport, delay_s=args.delay)
     result["wall_s"] = round(time.perf_counter() - t0, 2)
     emit(json.dumps(result, indent=None if args.json else 2))
     return 0
@@ -1145,6 +1145,9 @@ def build_parser() -> argparse.ArgumentParser:
     from medimesh.keys_cli import add_keys_commands
 
     add_keys_commands(sub)
+    from medimesh.node.cli import add_node_commands
+
+    add_node_commands(sub)
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bsub = bench.add_subparsers(dest="bench", required=True)
     acc = bsub.add_parser("accuracy", help="federated vs pooled vs isolated")
@@ -1225,6 +1228,11 @@ def build_parser() -> argparse.ArgumentParser:
     rounds = bsub.add_parser("rounds", help="startup and per-round wall time")
     _run_args(rounds, hospitals=10, rounds=30)
     _ray_dashboard_args(rounds, default_on=False)  # what the dashboard adds to startup
+    rounds.add_argument("--transport", choices=["ray", "axl"], default="ray",
+                        help="axl: also run the hospitals over the AXL front's HTTP API and "
+                             "report both paths (medimesh.bench.rounds)")
+    rounds.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
+                        help="router delay on every push delivery (a WAN hop)")
     rounds.set_defaults(func=cmd_bench)
     return parser
 

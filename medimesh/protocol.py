@@ -20,6 +20,7 @@ from medimesh.errors import MalformedPayload
 
 __all__ = [
     "MESSAGE_TYPES",
+    "AuditEvents",
     "ChainHead",
     "CrossEvalReport",
     "EvalReport",
@@ -494,6 +495,18 @@ class ChainHead(Message):
     signature: str
 
 
+@dataclass(frozen=True, slots=True)
+class AuditEvents(Message):
+    """A node outside Ray hands its signed audit events to the auditor (medimesh.audit_ingest).
+
+    ``events``: each an :class:`~medimesh.audit.AuditEvent` as a JSON object, signed by the
+    envelope's sender; the auditor refuses the batch if any event names another actor.
+    """
+
+    TYPE: ClassVar[str] = "audit_events"
+    events: list[dict[str, Any]]
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -518,6 +531,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SecAggUnmaskRequest,
         SecAggUnmask,
         ChainHead,
+        AuditEvents,
     )
 }
 

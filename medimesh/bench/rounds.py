@@ -1,21 +1,58 @@
-"""``medimesh bench rounds``: startup time and per-round wall time of the full protocol."""
+"""``medimesh bench rounds``: startup time and per-round wall time of the full protocol.
+
+``--transport axl`` runs the same consortium twice in one Ray, once with the hospitals pushed
+to by the router (in-Ray path) and once with the hospitals reached only through the AXL front
+over HTTP (``medimesh.actors.axl_hospital``), and reports both; ``--delay`` is the router's
+fault delay on every push delivery, for both runs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
-__all__ = ["run_rounds"]
+__all__ = ["AXL_HOSPITALS_AS", "run_rounds"]
+
+AXL_HOSPITALS_AS = (
+    "Ray actors that poll the AXL front over HTTP (AxlTransport: GET /recv, POST /send); the "
+    "router never pushes to them. Coordinator, validator and auditor as in the in-Ray run."
+)
 
 
-def run_rounds(cfg: Any, progress: Any = None) -> dict[str, Any]:
+def run_rounds(
+    cfg: Any, progress: Any = None, *, transport: str = "ray", delay_s: float = 0.0
+) -> dict[str, Any]:
     """Each round: train, seal, route, validate, aggregate, publish, evaluate, audit."""
+    if transport == "ray":
+        return _one(cfg, progress, delay_s)
+    in_ray = _one(dataclasses.replace(cfg, hospital_transport="ray"), progress, delay_s)
+    over_axl = _one(dataclasses.replace(cfg, hospital_transport="axl"), progress, delay_s)
+    return {
+        "benchmark": "rounds",
+        "transport": "axl",
+        "hospitals_as": AXL_HOSPITALS_AS,
+        "dataset": cfg.dataset,
+        "hospitals": cfg.n_sites,
+        "rounds": cfg.rounds,
+        "delay_s": delay_s,
+        "in_ray": in_ray,
+        "axl": over_axl,
+        "axl_p50_over_in_ray_p50": round(
+            over_axl["round_ms"]["p50"] / in_ray["round_ms"]["p50"], 3
+        ),
+    }
+
+
+def _one(cfg: Any, progress: Any, delay_s: float) -> dict[str, Any]:
     from medimesh.actors.runtime import Consortium
 
     fed = Consortium(cfg)
     try:
         timings = fed.start()
+        if delay_s:
+            fed.set_faults(delay_s=delay_s)
         history = fed.run(progress)
         stats = fed.router_stats()
         audit = fed.verify_audit()
@@ -25,6 +62,8 @@ def run_rounds(cfg: Any, progress: Any = None) -> dict[str, Any]:
     n_updates = stats["messages_by_type"].get("update", 0)
     return {
         "benchmark": "rounds",
+        "hospital_transport": cfg.hospital_transport,
+        "delay_s": delay_s,
         "dataset": cfg.dataset,
         "hospitals": cfg.n_sites,
         "rounds": cfg.rounds,
