@@ -29,7 +29,9 @@ def test_rounds_close_with_every_hospital_behind_the_axl_front(ray_session: None
         fed.start()
         history = fed.run()
         stats = fed.router_stats()
-        assert fed.front is not None and fed.front.url.startswith("http://127.0.0.1:")
+        # TLS whose certificate carries the roster's router key (what every client pins).
+        assert fed.front is not None and fed.front.url.startswith("https://127.0.0.1:")
+        assert fed.front.pin == fed.roster.with_role("router")[0].peer_id
         audit = fed.verify_audit()
     finally:
         fed.shutdown()
