@@ -7,7 +7,7 @@ hospitals are the production HospitalNode, the envelopes are sealed with their o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,10 @@ from medimesh.model import Model, TrainConfig, model_hash
 from medimesh.protocol import (
     Message,
     RoundStart,
+    SecAggAdverts,
+    SecAggCheckRequest,
+    SecAggInbox,
+    SecAggUnmaskRequest,
     SetupRequest,
     SetupResult,
     SetupStats,
@@ -37,6 +41,8 @@ from medimesh.roles.coordinator_effects import (
     SaveCheckpoint,
     SetupDone,
 )
+from medimesh.secagg import SecAggConfig
+from medimesh.secagg_round import SecAggHospital
 from medimesh.sites import SiteDescriptor, dataset_info, load_site
 from medimesh.wire import digest, seal
 
@@ -305,3 +311,91 @@ def test_the_published_model_is_the_aggregate_of_the_accepted_updates(fed: Conso
     assert model_hash(Model(pub.weights, pub.bias)) == pub.model_hash
     assert not np.array_equal(pub.weights, start.weights)
     assert set(pub.updates) == {digest(e) for e in envs}
+
+
+def _secure_step(
+    fed: Consortium, role: CoordinatorRole, effects: Sequence[CoordinatorEffect], now: float,
+    answer: Callable[[int, Message], Message | None],
+) -> tuple[list[CoordinatorEffect], list[tuple[int, bytes]]]:
+    """Each hospital answers what the coordinator sent it (sealed with its own key)."""
+    envs = []
+    for send in _sends(effects):
+        for peer in send.to:
+            i = [h.peer_id for h in fed.hospitals].index(peer)
+            reply = answer(i, send.msg)
+            if reply is not None:
+                envs.append((i, _sealed(fed.hospitals[i], reply, fed.coord, send.round)))
+    for _, env in envs:
+        assert not _named(role.receive(env, now), "late_secagg")
+    return role.tick(now), envs
+
+
+def test_a_secure_round_runs_its_phases_and_publishes_the_unmasked_sum(
+    fed: Consortium,
+) -> None:
+    """Advertise, share keys, masked input, verdicts, consistency check, unmask: the role
+    holds only masked vectors and publishes one model with the round's SecAgg summary."""
+    role = CoordinatorRole(fed.coord, fed.roster,
+                           _config(fed.nodes, min_updates=2, secure_aggregation=SecAggConfig()))
+    _set_up(fed, role)
+    clients = [SecAggHospital(h) for h in fed.hospitals]
+    begun = role.begin_round(T0 + 2)
+    start = _only(begun, RoundStart)
+    assert isinstance(start, RoundStart) and start.secagg_threshold == N_SITES
+    assert role.phase == "advertise"
+    t = T0 + 3
+    for i, c in enumerate(clients):
+        advert = c.start(start, fed.nodes[i].on_round_start(start, fed.coord.peer_id))
+        role.receive(_sealed(fed.hospitals[i], advert, fed.coord, 1), t)
+    effects = role.tick(t)
+    assert role.phase == "share_keys"
+
+    def answer(i: int, msg: Message) -> Message | None:
+        c = clients[i]
+        if isinstance(msg, SecAggAdverts):
+            return c.on_adverts(msg)
+        if isinstance(msg, SecAggInbox):
+            return c.on_inbox(msg)
+        if isinstance(msg, SecAggCheckRequest):
+            return c.on_check_request(msg)
+        if isinstance(msg, SecAggUnmaskRequest):
+            return c.on_unmask_request(msg)
+        return None
+
+    effects, _ = _secure_step(fed, role, effects, t, answer)
+    assert role.phase == "masked_input" and all(not s.wait for s in _sends(effects))
+    effects, masked = _secure_step(fed, role, effects, t, answer)
+    assert role.phase == "verdicts" and effects == []
+    assert role.secure is not None
+    held = role.secure.sa.held()
+    assert set(held) == {h.peer_id for h in fed.hospitals}  # masked vectors, nothing else
+    role.receive(_verdicts(fed, 1, [e for _, e in masked], [i for i, _ in masked]), t)
+    effects = role.tick(t)
+    assert role.phase == "consistency", effects
+    effects, _ = _secure_step(fed, role, effects, t, answer)
+    assert role.phase == "unmask"
+    effects, _ = _secure_step(fed, role, effects, t, answer)
+    published = _named(effects, "model_published")
+    assert len(published) == 1 and role.phase == "idle"
+    summary = published[0].body["secure_aggregation"]
+    assert summary["summed"] == N_SITES and summary["answered_unmask"] == N_SITES
+    assert sorted(published[0].body["updates"]) == sorted(digest(e) for _, e in masked)
+    pub = next(e for e in effects if isinstance(e, PublishModel))
+    assert not np.array_equal(pub.weights, start.weights)
+
+
+def test_a_secure_round_below_the_threshold_fails_and_is_retried(fed: Consortium) -> None:
+    """Two advertisements of three needed by the round's deadline: Failed(retry)."""
+    role = CoordinatorRole(fed.coord, fed.roster,
+                           _config(fed.nodes, min_updates=2, secure_aggregation=SecAggConfig()))
+    _set_up(fed, role)
+    start = _start(fed, role, T0 + 2)
+    for i in range(2):
+        c = SecAggHospital(fed.hospitals[i])
+        advert = c.start(start, fed.nodes[i].on_round_start(start, fed.coord.peer_id))
+        role.receive(_sealed(fed.hospitals[i], advert, fed.coord, 1), T0 + 3)
+    assert role.tick(T0 + 3) == [] and role.phase == "advertise"
+    effects = role.tick(T0 + 2 + 30.0)
+    failed = [e for e in effects if isinstance(e, Failed)]
+    assert len(failed) == 1 and failed[0].retry and "secure aggregation failed" in failed[0].reason
+    assert _named(effects, "round_failed") and role.secure is None and role.phase == "idle"
