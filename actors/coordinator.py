@@ -36,6 +36,7 @@ from medimesh.roles.coordinator_effects import (
     SaveCheckpoint,
     SetupDone,
 )
+from medimesh.rounds import RoundMetrics
 
 __all__ = ["STATISTICAL_REASONS", "Coordinator", "CoordinatorConfig"]
 
@@ -59,7 +60,7 @@ class Coordinator(Node):
         self._router_down = False  # a send failed: the router is (re)starting
 
     @property
-    def history(self) -> list[Any]:
+    def history(self) -> list[RoundMetrics]:
         return self.role.history
 
     async def send_async(self, msg: Any, recipients: list[str], round_: int) -> bytes:

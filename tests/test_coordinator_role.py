@@ -137,7 +137,7 @@ def _set_up(fed: Consortium, role: CoordinatorRole) -> None:
         node.on_setup_result(result)
     assert any(isinstance(e, PublishModel) and e.round == 0 for e in effects)
     assert any(isinstance(e, SaveCheckpoint) for e in effects)
-    assert any(isinstance(e, SetupDone) for e in effects) and role.phase == "idle"
+    assert any(isinstance(e, SetupDone) for e in effects) and role.phase == "idle" and role.done
 
 
 def _updates(fed: Consortium, start: RoundStart, which: Sequence[int]) -> Iterator[bytes]:

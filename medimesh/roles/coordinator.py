@@ -148,6 +148,11 @@ class CoordinatorRole:
         return self._wait is not None
 
     @property
+    def done(self) -> bool:
+        """True when no step is in flight: the last step's outcome is among its effects."""
+        return self._wait is None
+
+    @property
     def phase(self) -> str:
         """What the role waits for now ("idle" when no step is in flight)."""
         return "idle" if self._wait is None else self._wait.phase
