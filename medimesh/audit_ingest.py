@@ -20,7 +20,7 @@ from typing import Any
 
 from nacl.exceptions import BadSignatureError
 
-from medimesh.audit import AuditEvent
+from medimesh.audit import AuditEvent, sign_event
 from medimesh.errors import EnvelopeError, MalformedPayload
 from medimesh.identity import Identity, verify_key
 from medimesh.protocol import AuditEvents, decode
@@ -47,6 +47,12 @@ class Ingested:
     def refusal_body(self) -> dict[str, Any]:
         """The body of the auditor's own ``audit_events_refused`` event."""
         return {"sender": self.sender, "reason": self.refused, "digest": self.digest}
+
+    def to_chain(self, writer: Identity) -> list[AuditEvent]:
+        """What the auditor chains: the accepted events, or its own signed refusal."""
+        if not self.refused:
+            return self.accepted
+        return [sign_event(writer, "audit_events_refused", -1, self.sender, self.refusal_body())]
 
 
 def event_to_json(event: AuditEvent) -> dict[str, Any]:
