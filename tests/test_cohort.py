@@ -554,6 +554,23 @@ def test_larger_panel_keeps_the_ten_and_adds_orphanet_differentials() -> None:
     assert class_names() == class_names(10) and len(small) == 794
 
 
+def test_larger_panel_names_its_orpha_ids_and_is_recognised_by_its_classes() -> None:
+    """``orpha_ids(N)`` gives each disease class its Orphanet id (the panel's ten first, then
+    the differentials'); ``panel_size_for`` finds N from a model's class names, and nothing
+    for a label set that is not a rare panel's."""
+    from medimesh.data.sparse import differentials
+
+    panel = load_panel()["diseases"]
+    assert cohort.orpha_ids() == tuple(d["orpha_id"] for d in panel)
+    extra = differentials([d["orpha_id"] for d in panel], N_LARGER)
+    assert cohort.orpha_ids(N_LARGER) == (*cohort.orpha_ids(), *(d.orpha_id for d in extra))
+    assert cohort.panel_size_for(class_names()) == 10
+    assert cohort.panel_size_for(list(class_names(N_LARGER))) == N_LARGER
+    assert cohort.panel_size_for(class_names(N_LARGER)[:-1]) is None  # no "Other"
+    assert cohort.panel_size_for((*class_names()[:10], "Some disease", cohort.OTHER_NAME)) is None
+    assert cohort.panel_size_for(("No", "Yes")) is None
+
+
 def test_larger_panel_sites_follow_the_staged_cohort() -> None:
     """Every class of a larger panel appears, Other stays the largest class, and the same
     stages apply: about 30 % of a differential's patients are first referrals (no labs, not

@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final, Literal
@@ -59,6 +60,8 @@ __all__ = [
     "features",
     "load_panel",
     "make_site",
+    "orpha_ids",
+    "panel_size_for",
     "sample_patients",
     "shortened_records",
     "site_mixes",
@@ -419,6 +422,7 @@ class _Model:
     """Precomputed per-class sampling tables (built once per process and panel size)."""
 
     disease_names: tuple[str, ...]  # D short names: the ten panel diseases, then differentials
+    orpha_ids: tuple[str, ...]  # D Orphanet ids (``ORPHA:…``), same order
     terms: tuple[str, ...]
     term_names: tuple[str, ...]
     annotated: NDArray[np.bool_]  # (D, T) disease annotates term
@@ -502,7 +506,8 @@ def _model(n_diseases: int = PANEL_SIZE) -> _Model:
         for a in above:
             below[a].append(j)
     return _Model(
-        tuple(d.short_name for d in diseases), terms, tuple(names[t] for t in terms),
+        tuple(d.short_name for d in diseases), tuple(d.orpha_id for d in diseases), terms,
+        tuple(names[t] for t in terms),
         annotated, p, mimic, nonspecific, up,
         _closure([list(above) for above in parents]), _closure(below), parents,
         noise_weight=n_dis / n_dis.sum(),
@@ -578,6 +583,24 @@ def class_names(n_diseases: int = PANEL_SIZE) -> tuple[str, ...]:
     """Class labels in index order: the ten panel diseases, the ``n_diseases - 10`` Orphanet
     differentials (their Orphanet names), then "Other / none of these"."""
     return (*_model(_check_diseases(n_diseases)).disease_names, OTHER_NAME)
+
+
+def orpha_ids(n_diseases: int = PANEL_SIZE) -> tuple[str, ...]:
+    """The Orphanet id (``ORPHA:…``) of each disease class, in class order (``Other`` has none):
+    the ten panel diseases, then the ``n_diseases - 10`` differentials."""
+    return _model(_check_diseases(n_diseases)).orpha_ids
+
+
+def panel_size_for(classes: Sequence[str]) -> int | None:
+    """``n_diseases`` of the rare cohort whose :func:`class_names` are exactly ``classes``
+    (a model trained with ``--diseases N``), or None for any other label set."""
+    classes = tuple(classes)
+    n = len(classes) - 1
+    if not PANEL_SIZE <= n <= MAX_DISEASES or classes[-1] != OTHER_NAME:
+        return None
+    if classes[:PANEL_SIZE] != class_names()[:PANEL_SIZE]:
+        return None  # do not build a larger panel for a label set that cannot be one
+    return n if class_names(n) == classes else None
 
 
 def symptom_probabilities(disease_index: int, n_diseases: int = PANEL_SIZE) -> dict[str, float]:
