@@ -521,6 +521,28 @@ def test_shortened_records_keep_a_few_specific_terms_of_the_same_patient() -> No
     np.testing.assert_array_equal(plain.x_train, site.x_train)
 
 
+def test_phenocopy_share_thins_only_the_phenocopies_and_defaults_to_the_whole_profile() -> None:
+    """``phenocopy_share`` s < 1: an "Other" phenocopy can show each term of the disease it
+    resembles only with probability s (fewer true findings); disease patients are untouched,
+    and the default (1.0) builds exactly the sites it always built."""
+    other = N_CLASSES - 1
+
+    def mean_terms(cls: int, share: float) -> float:
+        rng = np.random.default_rng(9)
+        return float(true_phenotypes(cls, 3000, rng, phenocopy_share=share).sum(axis=1).mean())
+
+    assert mean_terms(other, 0.3) < 0.75 * mean_terms(other, 1.0)
+    assert mean_terms(cohort.FABRY, 0.3) == mean_terms(cohort.FABRY, 1.0)
+    default, explicit = make_site(CohortConfig(seed=4), 2), make_site(
+        CohortConfig(seed=4, phenocopy_share=1.0), 2)
+    np.testing.assert_array_equal(default.x_train, explicit.x_train)
+    thinned = make_site(CohortConfig(seed=4, phenocopy_share=0.3), 2)
+    assert not np.array_equal(np.nan_to_num(thinned.x_train), np.nan_to_num(default.x_train))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="phenocopy_share"):
+            CohortConfig(phenocopy_share=bad)
+
+
 # ------------------------------------------------------------- larger panel (--diseases N)
 N_LARGER = 13  # small and quick: the ten panel diseases + three Orphanet differentials
 

@@ -120,6 +120,9 @@ class CohortConfig:
     # Off by default: it helps short textbook queries but not the symptom-only test rows
     # (docs/cohort.md, "Why Other keeps short textbook presentations").
     short_record_copies: int = 0
+    # Share of the resembled disease's terms a phenocopy ("Other") can show at all, drawn per
+    # patient and term; 1.0 (default) copies the whole profile (docs/cohort.md, fourth round).
+    phenocopy_share: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -170,6 +173,8 @@ class CohortConfig:
                 f"hand-picked panel diseases plus up to {MAX_DISEASES - PANEL_SIZE} Orphanet "
                 f"differentials), got {self.n_diseases!r}"
             )
+        if not 0.0 < self.phenocopy_share <= 1.0:
+            raise ValueError(f"phenocopy_share must be in (0, 1], got {self.phenocopy_share!r}")
         if not isinstance(self.short_record_copies, int) or not 0 <= self.short_record_copies <= 5:
             raise ValueError(
                 f"short_record_copies must be an int in 0..5, got {self.short_record_copies!r}"
@@ -665,11 +670,13 @@ def _record(
 
 
 def _true_phenotype(
-    cls: int, n: int, rng: np.random.Generator, background: float, n_diseases: int = PANEL_SIZE
+    cls: int, n: int, rng: np.random.Generator, background: float, n_diseases: int = PANEL_SIZE,
+    phenocopy_share: float = 1.0,
 ) -> tuple[NDArray[np.bool_], FloatArray, IntArray, NDArray[np.bool_]]:
     """Which terms ``n`` patients of class ``cls`` truly have, with the per-term probability
     used, each patient's resembled disease (itself, or a phenocopy's target) and whether an
-    "Other" patient is a phenocopy. Class ``n_diseases`` is "Other"."""
+    "Other" patient is a phenocopy. Class ``n_diseases`` is "Other". A phenocopy can show
+    each of the resembled disease's terms only with probability ``phenocopy_share``."""
     m = _model(n_diseases)
     n_terms = len(m.terms)
     phenocopy = np.zeros(n, dtype=bool)
@@ -680,7 +687,11 @@ def _true_phenotype(
             phenocopy, rng.uniform(*_PHENOCOPY_M, size=n), rng.uniform(*_WEAK_M, size=n)
         )
         extra = np.where(phenocopy[:, None], 0.0, m.nonspecific[None, :])
-        prob = np.minimum(background + extra + strength[:, None] * m.mimic[target], 1.0)
+        mimic = m.mimic[target]
+        if phenocopy_share < 1.0:
+            shared = rng.random((n, n_terms)) < phenocopy_share
+            mimic = mimic * np.where(phenocopy[:, None], shared, True)
+        prob = np.minimum(background + extra + strength[:, None] * mimic, 1.0)
     else:
         target = np.full(n, cls, dtype=np.int64)
         prob = np.broadcast_to(
@@ -692,14 +703,16 @@ def _true_phenotype(
 
 def true_phenotypes(
     disease_index: int, n: int, rng: np.random.Generator, *, background_rate: float = 0.02,
-    n_diseases: int = PANEL_SIZE,
+    n_diseases: int = PANEL_SIZE, phenocopy_share: float = 1.0,
 ) -> NDArray[np.bool_]:
     """The terms (columns of the observed-symptom block of :func:`features`) that ``n``
     patients of one class truly have, before recording; used to check the frequencies."""
     _check_diseases(n_diseases)
     if not 0 <= disease_index <= n_diseases:
         raise ValueError(f"disease_index must be in 0..{n_diseases}, got {disease_index}")
-    return _true_phenotype(disease_index, n, rng, background_rate, n_diseases)[0]
+    return _true_phenotype(
+        disease_index, n, rng, background_rate, n_diseases, phenocopy_share
+    )[0]
 
 
 def _sample_block(
@@ -712,6 +725,7 @@ def _sample_block(
     lab_factor: FloatArray,
     recording: Recording,
     n_diseases: int = PANEL_SIZE,
+    phenocopy_share: float = 1.0,
 ) -> FloatArray:
     """Draw ``n`` patients of class ``cls`` (``n_diseases`` is "Other"); columns follow
     :func:`features`. Labs, genes, onset and sex are modelled for the ten panel diseases;
@@ -726,7 +740,9 @@ def _sample_block(
     male = rng.random(n) < _MALE_FRACTION.get(kind, 0.5)
 
     # The patient's true phenotype, then what the clinician recorded of it (issue 14).
-    has, prob, target, phenocopy = _true_phenotype(cls, n, rng, background, n_diseases)
+    has, prob, target, phenocopy = _true_phenotype(
+        cls, n, rng, background, n_diseases, phenocopy_share
+    )
     observed, excluded = _record(has, prob, rng, m, recording)
     x[:, :n_terms] = observed
     x[:, n_terms : 2 * n_terms] = excluded
@@ -904,7 +920,8 @@ def make_site(config: CohortConfig, site: int) -> SiteData:
         blocks.append(
             _sample_block(cls, n_c, rng, background=config.background_rate,
                           sequencing=sequencing, lab_factor=lab_factor,
-                          recording=config.recording(), n_diseases=config.n_diseases)
+                          recording=config.recording(), n_diseases=config.n_diseases,
+                          phenocopy_share=config.phenocopy_share)
         )
         labels.append(np.full(n_c, cls, dtype=np.int64))
         # Stratified-ish split: stochastic rounding of test_fraction * n_c within each class.
