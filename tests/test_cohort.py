@@ -543,6 +543,33 @@ def test_phenocopy_share_thins_only_the_phenocopies_and_defaults_to_the_whole_pr
             CohortConfig(phenocopy_share=bad)
 
 
+def test_recorded_terms_and_coding_power_set_record_length_and_order() -> None:
+    """``recorded_terms`` (lo, hi): every class gets the same coded-term count; a high
+    ``coding_power`` codes the same top-priority finding far more often (hallmark-first);
+    the defaults keep the binomial count and the frequency x IC priority."""
+    from medimesh.data.cohort import Recording, _model
+
+    t, _ = _blocks()
+    strict_up = _model().strict_up
+
+    def coded(cls: int, **kw: Any) -> np.ndarray:
+        rec = Recording(imprecision=0.0, noise_terms=0.0, excluded_terms=0.0, **kw)
+        x = sample_patients(cls, 600, np.random.default_rng(6), recording=rec)
+        return np.asarray(x[:, :t] > 0)
+
+    for cls in (cohort.FABRY, N_CLASSES - 1):
+        leaves = coded(cls, recorded_terms=(3, 3))
+        n_leaves = (leaves & ~strict_up.apply(leaves)).sum(axis=1)
+        assert n_leaves.max() <= 3 and np.median(n_leaves) == 3
+    soft = coded(cohort.FABRY, recorded_terms=(1, 1)).sum(axis=0)
+    sharp = coded(cohort.FABRY, recorded_terms=(1, 1), coding_power=8.0).sum(axis=0)
+    assert sharp.max() > 1.5 * soft.max()
+    with pytest.raises(ValueError, match="recorded_terms"):
+        CohortConfig(recorded_terms=(5, 2))
+    with pytest.raises(ValueError, match="coding_power"):
+        CohortConfig(coding_power=0.0)
+
+
 # ------------------------------------------------------------- larger panel (--diseases N)
 N_LARGER = 13  # small and quick: the ten panel diseases + three Orphanet differentials
 

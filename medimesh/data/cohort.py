@@ -112,6 +112,12 @@ class CohortConfig:
     imprecision: float = 0.1
     noise_terms: float = 0.5
     excluded_terms: float = 1.5
+    # Coded-term count: None draws binomial(true findings, recording_rate) clipped to 3..12;
+    # (lo, hi) draws it uniformly in lo..hi for every class (record length says nothing about
+    # the disease). coding_power p: terms are coded with priority (frequency x IC) ** p, so a
+    # large p codes the most frequent-and-distinctive findings first ("hallmark-first").
+    recorded_terms: tuple[int, int] | None = None
+    coding_power: float = 1.0
     # Panel size: the ten hand-picked diseases, plus ``n_diseases - 10`` Orphanet differentials
     # of them chosen from the bundled HPO annotations (``medimesh.data.sparse.differentials``).
     n_diseases: int = PANEL_SIZE
@@ -165,6 +171,13 @@ class CohortConfig:
             raise ValueError(f"noise_terms must be in [0, 20], got {self.noise_terms}")
         if not 0.0 <= self.excluded_terms <= 20.0:
             raise ValueError(f"excluded_terms must be in [0, 20], got {self.excluded_terms}")
+        if self.recorded_terms is not None:
+            lo_k, hi_k = self.recorded_terms
+            if not (isinstance(lo_k, int) and isinstance(hi_k, int) and 1 <= lo_k <= hi_k <= 40):
+                raise ValueError(f"recorded_terms must be None or (lo, hi) with "
+                                 f"1 <= lo <= hi <= 40, got {self.recorded_terms!r}")
+        if not 0.0 < self.coding_power <= 10.0:
+            raise ValueError(f"coding_power must be in (0, 10], got {self.coding_power!r}")
         if isinstance(self.n_diseases, bool) or not isinstance(self.n_diseases, int) or not (
             PANEL_SIZE <= self.n_diseases <= MAX_DISEASES
         ):
@@ -189,6 +202,9 @@ class CohortConfig:
             imprecision=self.imprecision,
             noise_terms=self.noise_terms,
             excluded_terms=self.excluded_terms,
+            recorded_terms=None if self.recorded_terms is None else (
+                int(self.recorded_terms[0]), int(self.recorded_terms[1])),
+            coding_power=self.coding_power,
         )
 
 
@@ -202,6 +218,8 @@ class Recording:
     :data:`_RECORDED_MAX` and to what the patient has). ``imprecision``: chance a coded
     term is replaced by a more general one. ``noise_terms``, ``excluded_terms``: Poisson means
     of unrelated terms coded and of findings explicitly checked and found absent.
+    ``recorded_terms``: (lo, hi) draws the coded-term count uniformly for every class instead;
+    ``coding_power``: exponent of the coding priority (frequency x information content).
     """
 
     stage_mix: tuple[float, float, float] = (0.3, 0.3, 0.4)
@@ -209,6 +227,8 @@ class Recording:
     imprecision: float = 0.1
     noise_terms: float = 0.5
     excluded_terms: float = 1.5
+    recorded_terms: tuple[int, int] | None = None
+    coding_power: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -649,9 +669,16 @@ def _record(
     excluded implies descendants excluded, and an observed term is never also excluded.
     """
     n, n_terms = has.shape
-    k = rng.binomial(has.sum(axis=1), rec.recording_rate)
-    k = np.clip(k, _RECORDED_MIN, _RECORDED_MAX).astype(np.int64)
-    coded = _pick(np.where(has, prob * m.salience[None, :], 0.0), k, rng)
+    if rec.recorded_terms is None:
+        k = rng.binomial(has.sum(axis=1), rec.recording_rate)
+        k = np.clip(k, _RECORDED_MIN, _RECORDED_MAX).astype(np.int64)
+    else:
+        k = rng.integers(rec.recorded_terms[0], rec.recorded_terms[1] + 1, size=n)
+        k = k.astype(np.int64)
+    priority = prob * m.salience[None, :]
+    if rec.coding_power != 1.0:
+        priority = priority**rec.coding_power
+    coded = _pick(np.where(has, priority, 0.0), k, rng)
     rows, cols = np.nonzero(coded & (rng.random(coded.shape) < rec.imprecision))
     for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
         coded[i, j] = False
