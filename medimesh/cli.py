@@ -850,25 +850,26 @@ def _evaluate_phenopackets(args: argparse.Namespace) -> int:
         PhenopacketError,
         encode_directory,
         load_label_codes,
+        panel_label_codes,
+        rare_panel_size,
         spec_encoder,
         spec_label_codes,
     )
     from medimesh.spec import load_spec
 
-    feats = cohort.features()
     if args.api is not None:
         return _evaluate_served(args)
     saved = load_model(Path(args.model))
+    n_diseases = rare_panel_size(saved.classes)  # --diseases N: N + 1 classes
+    feats = cohort.features(n_diseases or cohort.PANEL_SIZE)
     try:
         if saved.spec is not None:  # a CSV-spec model: the spec's own encoders
             spec = load_spec(saved.spec)
             codes = load_label_codes(_label_codes(args.label_codes),
                                      spec_label_codes(spec.classes))
             encoder, width = spec_encoder(spec, codes), len(spec.column_names())
-        elif saved.feature_names == tuple(f.name for f in feats) and (
-            saved.classes == cohort.class_names()
-        ):
-            codes = load_label_codes(_label_codes(args.label_codes))
+        elif n_diseases is not None and saved.feature_names == tuple(f.name for f in feats):
+            codes = load_label_codes(_label_codes(args.label_codes), panel_label_codes(n_diseases))
             encoder = DiagnosisEngine(saved, feats, HpoAncestors.load()).encode
             width = len(feats)
         else:
@@ -893,12 +894,23 @@ def _evaluate_served(args: argparse.Namespace) -> int:
     from medimesh.client import Client, ValidationFailed
     from medimesh.data import cohort
     from medimesh.diagnosis import ValidationError
-    from medimesh.phenopackets import PhenopacketError, encode_directory, load_label_codes
+    from medimesh.phenopackets import (
+        PhenopacketError,
+        encode_directory,
+        load_label_codes,
+        panel_label_codes,
+        rare_panel_size,
+    )
 
-    classes = cohort.class_names()
-    index = {c: i for i, c in enumerate(classes)}
     hashes: set[str] = set()
     with Client.from_env(args.api) as client:
+        # The served model's classes (a larger panel with --diseases N), else the default.
+        classes = client.vocabulary().classes or cohort.class_names()
+        n_diseases = rare_panel_size(classes)
+        if n_diseases is None:
+            raise MediMeshError(f"{args.api}: the served model is not a rare-panel model; "
+                                "cannot read phenopackets for it")
+        index = {c: i for i, c in enumerate(classes)}
 
         def answer(req: Any) -> tuple[Any, list[str], dict[str, Any]]:
             try:
@@ -911,11 +923,15 @@ def _evaluate_served(args: argparse.Namespace) -> int:
             hashes.add(d.model_hash)
             row = np.zeros(len(classes))
             for c in d.differential:
+                if c.name not in index:
+                    raise MediMeshError(f"{args.api}: the model answers class {c.name!r}, "
+                                        "which its /vocabulary does not list")
                 row[index[c.name]] = c.probability
             return row, list(d.unknown_terms), {}
 
         try:
-            codes = load_label_codes(_label_codes(args.label_codes))
+            codes = load_label_codes(_label_codes(args.label_codes),
+                                     panel_label_codes(n_diseases))
             enc = encode_directory(Path(args.phenopackets), codes, answer, len(classes))
         except PhenopacketError as exc:
             raise MediMeshError(str(exc)) from None

@@ -61,6 +61,7 @@ __all__ = [
     "panel_label_codes",
     "parse_phenopacket",
     "phenopacket_files",
+    "rare_panel_size",
     "read_phenopacket",
     "request_encoder",
     "spec_encoder",
@@ -160,17 +161,28 @@ class LabelCodes:
                    dict(doc.get("assay_codes", {})), dict(doc.get("spec_columns", {})))
 
 
-def panel_label_codes() -> LabelCodes:
-    """The built-in rare panel: its ten ORPHA ids (``rare_panel.json``) → class names.
+def panel_label_codes(n_diseases: int | None = None) -> LabelCodes:
+    """The built-in rare panel: its ORPHA ids → class names, for a model of ``n_diseases``
+    (default the ten of ``rare_panel.json``; ``--diseases N`` adds the N - 10 Orphanet
+    differentials, each under its own ORPHA id, ``medimesh.data.cohort.orpha_ids``).
 
     The panel carries ORPHA ids only; OMIM or MONDO ids need an explicit mapping file
     (:func:`load_label_codes`).
     """
     from medimesh.data import cohort
 
-    panel = cohort.load_panel()
-    codes = {_norm_code(d["orpha_id"]): d["short_name"] for d in panel["diseases"]}
-    return LabelCodes(codes, cohort.class_names())
+    n = cohort.PANEL_SIZE if n_diseases is None else n_diseases
+    classes = cohort.class_names(n)
+    codes = {_norm_code(o): c for o, c in zip(cohort.orpha_ids(n), classes, strict=False)}
+    return LabelCodes(codes, classes)
+
+
+def rare_panel_size(classes: Sequence[str]) -> int | None:
+    """The rare panel's ``n_diseases`` for a model with these classes (``--diseases N``), or
+    None when the classes are not a rare panel's (e.g. a CSV-spec consortium's)."""
+    from medimesh.data import cohort
+
+    return cohort.panel_size_for(classes)
 
 
 def spec_label_codes(classes: Sequence[str]) -> LabelCodes:
@@ -425,8 +437,9 @@ def convert(pp: Any, codes: LabelCodes | None = None) -> Converted:
     return Converted(pp.id, request, label, problem, unmapped, source)
 
 
-def request_encoder(ontology: Any = None) -> Encoder:
-    """The oracle's own request encoder, for the rare panel's columns, without a trained model.
+def request_encoder(ontology: Any = None, n_diseases: int | None = None) -> Encoder:
+    """The oracle's own request encoder, for the rare panel's columns (``n_diseases``, default
+    the ten-disease panel), without a trained model.
 
     :meth:`DiagnosisEngine.encode` needs the feature layout (and the HPO ontology), not the
     weights: it is bound to an engine over a blank model, so training rows are encoded by the
@@ -436,8 +449,9 @@ def request_encoder(ontology: Any = None) -> Encoder:
     from medimesh.diagnosis import DiagnosisEngine, saved_model_for
     from medimesh.model import Model
 
-    feats = cohort.features()
-    classes = cohort.class_names()
+    n_dis = cohort.PANEL_SIZE if n_diseases is None else n_diseases
+    feats = cohort.features(n_dis)
+    classes = cohort.class_names(n_dis)
     n, k = len(feats), len(classes)
     blank = Model(np.zeros((n, k), np.float32), np.zeros(k, np.float32))
     saved = saved_model_for(blank, feats, classes, np.zeros(n), np.ones(n))
@@ -699,9 +713,10 @@ def write_cohort(out_dir: Path, config: Any) -> tuple[Path, list[tuple[str, Path
     from medimesh.bench.oracle import request_from_row
     from medimesh.data import cohort
 
-    feats = cohort.features()
-    classes = cohort.class_names()
-    orpha = {d["short_name"]: d["orpha_id"] for d in cohort.load_panel()["diseases"]}
+    n_diseases = int(getattr(config, "n_diseases", cohort.PANEL_SIZE))
+    feats = cohort.features(n_diseases)
+    classes = cohort.class_names(n_diseases)
+    orpha = dict(zip(classes, cohort.orpha_ids(n_diseases), strict=False))
     out_dir.mkdir(parents=True, exist_ok=True)
     sites: list[tuple[str, Path, int]] = []
     for i in range(config.n_hospitals):

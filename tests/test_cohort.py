@@ -521,6 +521,55 @@ def test_shortened_records_keep_a_few_specific_terms_of_the_same_patient() -> No
     np.testing.assert_array_equal(plain.x_train, site.x_train)
 
 
+def test_phenocopy_share_thins_only_the_phenocopies_and_defaults_to_the_whole_profile() -> None:
+    """``phenocopy_share`` s < 1: an "Other" phenocopy can show each term of the disease it
+    resembles only with probability s (fewer true findings); disease patients are untouched,
+    and the default (1.0) builds exactly the sites it always built."""
+    other = N_CLASSES - 1
+
+    def mean_terms(cls: int, share: float) -> float:
+        rng = np.random.default_rng(9)
+        return float(true_phenotypes(cls, 3000, rng, phenocopy_share=share).sum(axis=1).mean())
+
+    assert mean_terms(other, 0.3) < 0.75 * mean_terms(other, 1.0)
+    assert mean_terms(cohort.FABRY, 0.3) == mean_terms(cohort.FABRY, 1.0)
+    default, explicit = make_site(CohortConfig(seed=4), 2), make_site(
+        CohortConfig(seed=4, phenocopy_share=1.0), 2)
+    np.testing.assert_array_equal(default.x_train, explicit.x_train)
+    thinned = make_site(CohortConfig(seed=4, phenocopy_share=0.3), 2)
+    assert not np.array_equal(np.nan_to_num(thinned.x_train), np.nan_to_num(default.x_train))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="phenocopy_share"):
+            CohortConfig(phenocopy_share=bad)
+
+
+def test_recorded_terms_and_coding_power_set_record_length_and_order() -> None:
+    """``recorded_terms`` (lo, hi): every class gets the same coded-term count; a high
+    ``coding_power`` codes the same top-priority finding far more often (hallmark-first);
+    the defaults keep the binomial count and the frequency x IC priority."""
+    from medimesh.data.cohort import Recording, _model
+
+    t, _ = _blocks()
+    strict_up = _model().strict_up
+
+    def coded(cls: int, **kw: Any) -> np.ndarray:
+        rec = Recording(imprecision=0.0, noise_terms=0.0, excluded_terms=0.0, **kw)
+        x = sample_patients(cls, 600, np.random.default_rng(6), recording=rec)
+        return np.asarray(x[:, :t] > 0)
+
+    for cls in (cohort.FABRY, N_CLASSES - 1):
+        leaves = coded(cls, recorded_terms=(3, 3))
+        n_leaves = (leaves & ~strict_up.apply(leaves)).sum(axis=1)
+        assert n_leaves.max() <= 3 and np.median(n_leaves) == 3
+    soft = coded(cohort.FABRY, recorded_terms=(1, 1)).sum(axis=0)
+    sharp = coded(cohort.FABRY, recorded_terms=(1, 1), coding_power=8.0).sum(axis=0)
+    assert sharp.max() > 1.5 * soft.max()
+    with pytest.raises(ValueError, match="recorded_terms"):
+        CohortConfig(recorded_terms=(5, 2))
+    with pytest.raises(ValueError, match="coding_power"):
+        CohortConfig(coding_power=0.0)
+
+
 # ------------------------------------------------------------- larger panel (--diseases N)
 N_LARGER = 13  # small and quick: the ten panel diseases + three Orphanet differentials
 
@@ -552,6 +601,23 @@ def test_larger_panel_keeps_the_ten_and_adds_orphanet_differentials() -> None:
     assert n_sym > n_small
     assert big[2 * n_sym:] == small[2 * n_small:]
     assert class_names() == class_names(10) and len(small) == 794
+
+
+def test_larger_panel_names_its_orpha_ids_and_is_recognised_by_its_classes() -> None:
+    """``orpha_ids(N)`` gives each disease class its Orphanet id (the panel's ten first, then
+    the differentials'); ``panel_size_for`` finds N from a model's class names, and nothing
+    for a label set that is not a rare panel's."""
+    from medimesh.data.sparse import differentials
+
+    panel = load_panel()["diseases"]
+    assert cohort.orpha_ids() == tuple(d["orpha_id"] for d in panel)
+    extra = differentials([d["orpha_id"] for d in panel], N_LARGER)
+    assert cohort.orpha_ids(N_LARGER) == (*cohort.orpha_ids(), *(d.orpha_id for d in extra))
+    assert cohort.panel_size_for(class_names()) == 10
+    assert cohort.panel_size_for(list(class_names(N_LARGER))) == N_LARGER
+    assert cohort.panel_size_for(class_names(N_LARGER)[:-1]) is None  # no "Other"
+    assert cohort.panel_size_for((*class_names()[:10], "Some disease", cohort.OTHER_NAME)) is None
+    assert cohort.panel_size_for(("No", "Yes")) is None
 
 
 def test_larger_panel_sites_follow_the_staged_cohort() -> None:

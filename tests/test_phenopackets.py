@@ -16,6 +16,7 @@ from medimesh.bench.oracle import train_quick_model
 from medimesh.data import cohort
 from medimesh.diagnosis import DiagnosisEngine, saved_model_for
 from medimesh.hpo import HpoAncestors
+from medimesh.model import model_hash
 from medimesh.phenopackets import (
     PhenopacketError,
     convert,
@@ -433,6 +434,121 @@ def test_cohort_rows_written_as_phenopackets_encode_back_to_the_same_rows(tmp_pa
     assert enc.y.tolist() == np.concatenate([site.y_train, site.y_test]).tolist()
     np.testing.assert_array_equal(np.delete(enc.x, age, axis=1), np.delete(rows, age, axis=1))
     np.testing.assert_allclose(enc.x[:, age], rows[:, age], atol=1 / 24)
+
+
+# --------------------------------------------------------------- a larger panel (--diseases N)
+
+N_LARGER = 12  # the ten panel diseases plus two Orphanet differentials
+
+
+def test_a_larger_panel_maps_the_orpha_ids_of_its_differentials() -> None:
+    """--diseases 12: each differential's ORPHA id labels its own class; the ten-disease
+    mapping still reports it unmappable (it is not one of its classes)."""
+    from medimesh.phenopackets import rare_panel_size
+
+    classes, orpha = cohort.class_names(N_LARGER), cohort.orpha_ids(N_LARGER)
+    assert len(orpha) == N_LARGER and orpha[:10] == cohort.orpha_ids()
+    codes = panel_label_codes(N_LARGER)
+    assert codes.classes == classes
+    for c in range(N_LARGER):
+        assert codes.label([orpha[c].replace("ORPHA", "Orphanet")]) == (classes[c], None)
+    assert panel_label_codes().label([orpha[10]]) == (None, "unmappable disease")
+    assert rare_panel_size(classes) == N_LARGER and rare_panel_size(cohort.class_names()) == 10
+    assert rare_panel_size(("Fabry disease", cohort.OTHER_NAME)) is None
+    extended = load_label_codes({"label_codes": {"OMIM:999998": classes[11]}}, codes)
+    assert extended.label(["OMIM:999998"]) == (classes[11], None)
+
+
+def _larger_panel_model(directory: Path) -> None:
+    """A pooled --diseases 12 model saved as `medimesh train` saves one (no Ray needed)."""
+    from medimesh.bench.baselines import fit_centralized
+    from medimesh.features import combine_stats, local_stats, log_transform
+    from medimesh.model import TrainConfig
+    from medimesh.modelfile import save_model
+    from medimesh.sites import dataset_info
+
+    info = dataset_info("rare", {"cohort": {"n_diseases": N_LARGER}})
+    k = len(info.class_names)
+    rng = np.random.default_rng(4)
+    x = np.vstack([cohort.sample_patients(c, 40, rng, n_diseases=N_LARGER) for c in range(k)])
+    y = np.repeat(np.arange(k), 40)
+    logged = log_transform(x, info.log_mask)
+    std, prior = combine_stats([local_stats(logged, y, k)])
+    mean = np.where(info.scale_mask, std.mean, 0.0)
+    sd = np.where(info.scale_mask, std.std, 1.0)
+    z = (logged - mean) / sd
+    model = fit_centralized(np.where(np.isnan(z), 0.0, z), y, k, prior, TrainConfig(l2=3e-4), 300)
+    final = {"model_hash": model_hash(model), "round": 1, "mean": std.mean, "std": std.std,
+             "weights": model.weights, "bias": model.bias}
+    save_model(directory, final, info.class_names, info.feature_names, info.log_mask,
+               info.scale_mask, None, [])
+
+
+def test_evaluate_reads_phenopackets_of_a_larger_panel_model(tmp_path: Path) -> None:
+    """`medimesh evaluate --model M --phenopackets DIR` for a model trained with --diseases 12:
+    phenopackets written by the phenopackets library for the two Orphanet differentials (with
+    excluded features and an unknown term) are labelled by their ORPHA ids and scored."""
+    import contextlib
+    import io
+
+    from google.protobuf.json_format import MessageToJson
+
+    from medimesh.bench.oracle import request_from_row
+    from medimesh.cli import build_parser
+    from medimesh.phenopackets import to_phenopacket
+
+    feats, classes = cohort.features(N_LARGER), cohort.class_names(N_LARGER)
+    orpha = cohort.orpha_ids(N_LARGER)
+    _larger_panel_model(tmp_path / "model")
+    folder = tmp_path / "packets"
+    folder.mkdir()
+    rng = np.random.default_rng(11)
+    n_excluded = 0
+    for c in (10, 11):
+        for j, row in enumerate(cohort.sample_patients(c, 15, rng, n_diseases=N_LARGER)):
+            body = request_from_row(row, feats)
+            body["symptoms"] += ["HP:9999999"] if j == 0 else []  # not an HPO term
+            n_excluded += bool(body["excluded_symptoms"])
+            pp = to_phenopacket(f"d{c}-{j}", body, orpha[c])
+            (folder / f"d{c}-{j:02d}.json").write_text(MessageToJson(pp))
+    _write(folder, "fabry-omim.json", _packet([_feature(ANGIOKERATOMA)], disease="OMIM:301500"))
+    assert n_excluded > 0
+    args = build_parser().parse_args(["evaluate", "--model", str(tmp_path / "model"),
+                                      "--phenopackets", str(folder), "--json"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert args.func(args) == 0
+    result = json.loads(out.getvalue())
+    assert result["classes"] == list(classes)
+    report = result["report"]
+    assert report["files_read"] == 31 and report["used"] == result["n"] == 30
+    assert report["skipped"] == {"unmappable disease": 1}
+    assert report["unknown_terms"] == 2 and report["files_with_unknown_terms"] == 2
+    recall = result["per_class_recall"]
+    assert recall[10] is not None and recall[11] is not None
+    assert all(r is None for i, r in enumerate(recall) if i not in (10, 11))
+    assert result["top3"] >= 0.6, result  # chance is 3 / 13
+
+
+def test_a_larger_panel_cohort_written_as_phenopackets_keeps_its_labels(tmp_path: Path) -> None:
+    """`write_cohort` for --diseases 12: a differential's patients carry its ORPHA id and
+    re-read as its class (not as "Other"), in the larger panel's columns."""
+    from medimesh.phenopackets import write_cohort
+
+    cfg = cohort.CohortConfig(n_hospitals=2, seed=2, min_site_size=40, max_site_size=60,
+                              n_diseases=N_LARGER)
+    codes_path, sites = write_cohort(tmp_path, cfg)
+    feats = cohort.features(N_LARGER)
+    site = cohort.make_site(cfg, 0)
+    ys = np.concatenate([site.y_train, site.y_test])
+    assert np.isin(ys, [10, 11]).any()  # the site has patients of a differential
+    enc = encode_directory(sites[0][1], load_label_codes(codes_path, panel_label_codes(N_LARGER)),
+                           request_encoder(HpoAncestors.load(), N_LARGER), len(feats))
+    assert enc.report.used == enc.report.files_read == len(ys)
+    assert enc.y.tolist() == ys.tolist()
+    age = [f.name for f in feats].index("age_onset_years")
+    rows = np.vstack([site.x_train, site.x_test])
+    np.testing.assert_array_equal(np.delete(enc.x, age, axis=1), np.delete(rows, age, axis=1))
 
 
 # ------------------------------------------------------------------------ command line

@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final, Literal
@@ -59,6 +60,8 @@ __all__ = [
     "features",
     "load_panel",
     "make_site",
+    "orpha_ids",
+    "panel_size_for",
     "sample_patients",
     "shortened_records",
     "site_mixes",
@@ -109,6 +112,12 @@ class CohortConfig:
     imprecision: float = 0.1
     noise_terms: float = 0.5
     excluded_terms: float = 1.5
+    # Coded-term count: None draws binomial(true findings, recording_rate) clipped to 3..12;
+    # (lo, hi) draws it uniformly in lo..hi for every class (record length says nothing about
+    # the disease). coding_power p: terms are coded with priority (frequency x IC) ** p, so a
+    # large p codes the most frequent-and-distinctive findings first ("hallmark-first").
+    recorded_terms: tuple[int, int] | None = None
+    coding_power: float = 1.0
     # Panel size: the ten hand-picked diseases, plus ``n_diseases - 10`` Orphanet differentials
     # of them chosen from the bundled HPO annotations (``medimesh.data.sparse.differentials``).
     n_diseases: int = PANEL_SIZE
@@ -117,6 +126,9 @@ class CohortConfig:
     # Off by default: it helps short textbook queries but not the symptom-only test rows
     # (docs/cohort.md, "Why Other keeps short textbook presentations").
     short_record_copies: int = 0
+    # Share of the resembled disease's terms a phenocopy ("Other") can show at all, drawn per
+    # patient and term; 1.0 (default) copies the whole profile (docs/cohort.md, fourth round).
+    phenocopy_share: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -159,6 +171,13 @@ class CohortConfig:
             raise ValueError(f"noise_terms must be in [0, 20], got {self.noise_terms}")
         if not 0.0 <= self.excluded_terms <= 20.0:
             raise ValueError(f"excluded_terms must be in [0, 20], got {self.excluded_terms}")
+        if self.recorded_terms is not None:
+            lo_k, hi_k = self.recorded_terms
+            if not (isinstance(lo_k, int) and isinstance(hi_k, int) and 1 <= lo_k <= hi_k <= 40):
+                raise ValueError(f"recorded_terms must be None or (lo, hi) with "
+                                 f"1 <= lo <= hi <= 40, got {self.recorded_terms!r}")
+        if not 0.0 < self.coding_power <= 10.0:
+            raise ValueError(f"coding_power must be in (0, 10], got {self.coding_power!r}")
         if isinstance(self.n_diseases, bool) or not isinstance(self.n_diseases, int) or not (
             PANEL_SIZE <= self.n_diseases <= MAX_DISEASES
         ):
@@ -167,6 +186,8 @@ class CohortConfig:
                 f"hand-picked panel diseases plus up to {MAX_DISEASES - PANEL_SIZE} Orphanet "
                 f"differentials), got {self.n_diseases!r}"
             )
+        if not 0.0 < self.phenocopy_share <= 1.0:
+            raise ValueError(f"phenocopy_share must be in (0, 1], got {self.phenocopy_share!r}")
         if not isinstance(self.short_record_copies, int) or not 0 <= self.short_record_copies <= 5:
             raise ValueError(
                 f"short_record_copies must be an int in 0..5, got {self.short_record_copies!r}"
@@ -181,6 +202,9 @@ class CohortConfig:
             imprecision=self.imprecision,
             noise_terms=self.noise_terms,
             excluded_terms=self.excluded_terms,
+            recorded_terms=None if self.recorded_terms is None else (
+                int(self.recorded_terms[0]), int(self.recorded_terms[1])),
+            coding_power=self.coding_power,
         )
 
 
@@ -194,6 +218,8 @@ class Recording:
     :data:`_RECORDED_MAX` and to what the patient has). ``imprecision``: chance a coded
     term is replaced by a more general one. ``noise_terms``, ``excluded_terms``: Poisson means
     of unrelated terms coded and of findings explicitly checked and found absent.
+    ``recorded_terms``: (lo, hi) draws the coded-term count uniformly for every class instead;
+    ``coding_power``: exponent of the coding priority (frequency x information content).
     """
 
     stage_mix: tuple[float, float, float] = (0.3, 0.3, 0.4)
@@ -201,6 +227,8 @@ class Recording:
     imprecision: float = 0.1
     noise_terms: float = 0.5
     excluded_terms: float = 1.5
+    recorded_terms: tuple[int, int] | None = None
+    coding_power: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -419,6 +447,7 @@ class _Model:
     """Precomputed per-class sampling tables (built once per process and panel size)."""
 
     disease_names: tuple[str, ...]  # D short names: the ten panel diseases, then differentials
+    orpha_ids: tuple[str, ...]  # D Orphanet ids (``ORPHA:…``), same order
     terms: tuple[str, ...]
     term_names: tuple[str, ...]
     annotated: NDArray[np.bool_]  # (D, T) disease annotates term
@@ -502,7 +531,8 @@ def _model(n_diseases: int = PANEL_SIZE) -> _Model:
         for a in above:
             below[a].append(j)
     return _Model(
-        tuple(d.short_name for d in diseases), terms, tuple(names[t] for t in terms),
+        tuple(d.short_name for d in diseases), tuple(d.orpha_id for d in diseases), terms,
+        tuple(names[t] for t in terms),
         annotated, p, mimic, nonspecific, up,
         _closure([list(above) for above in parents]), _closure(below), parents,
         noise_weight=n_dis / n_dis.sum(),
@@ -580,6 +610,24 @@ def class_names(n_diseases: int = PANEL_SIZE) -> tuple[str, ...]:
     return (*_model(_check_diseases(n_diseases)).disease_names, OTHER_NAME)
 
 
+def orpha_ids(n_diseases: int = PANEL_SIZE) -> tuple[str, ...]:
+    """The Orphanet id (``ORPHA:…``) of each disease class, in class order (``Other`` has none):
+    the ten panel diseases, then the ``n_diseases - 10`` differentials."""
+    return _model(_check_diseases(n_diseases)).orpha_ids
+
+
+def panel_size_for(classes: Sequence[str]) -> int | None:
+    """``n_diseases`` of the rare cohort whose :func:`class_names` are exactly ``classes``
+    (a model trained with ``--diseases N``), or None for any other label set."""
+    classes = tuple(classes)
+    n = len(classes) - 1
+    if not PANEL_SIZE <= n <= MAX_DISEASES or classes[-1] != OTHER_NAME:
+        return None
+    if classes[:PANEL_SIZE] != class_names()[:PANEL_SIZE]:
+        return None  # do not build a larger panel for a label set that cannot be one
+    return n if class_names(n) == classes else None
+
+
 def symptom_probabilities(disease_index: int, n_diseases: int = PANEL_SIZE) -> dict[str, float]:
     """Per-term presence probability used for a panel disease (annotated terms only)."""
     m = _model(_check_diseases(n_diseases))
@@ -621,9 +669,16 @@ def _record(
     excluded implies descendants excluded, and an observed term is never also excluded.
     """
     n, n_terms = has.shape
-    k = rng.binomial(has.sum(axis=1), rec.recording_rate)
-    k = np.clip(k, _RECORDED_MIN, _RECORDED_MAX).astype(np.int64)
-    coded = _pick(np.where(has, prob * m.salience[None, :], 0.0), k, rng)
+    if rec.recorded_terms is None:
+        k = rng.binomial(has.sum(axis=1), rec.recording_rate)
+        k = np.clip(k, _RECORDED_MIN, _RECORDED_MAX).astype(np.int64)
+    else:
+        k = rng.integers(rec.recorded_terms[0], rec.recorded_terms[1] + 1, size=n)
+        k = k.astype(np.int64)
+    priority = prob * m.salience[None, :]
+    if rec.coding_power != 1.0:
+        priority = priority**rec.coding_power
+    coded = _pick(np.where(has, priority, 0.0), k, rng)
     rows, cols = np.nonzero(coded & (rng.random(coded.shape) < rec.imprecision))
     for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
         coded[i, j] = False
@@ -642,11 +697,13 @@ def _record(
 
 
 def _true_phenotype(
-    cls: int, n: int, rng: np.random.Generator, background: float, n_diseases: int = PANEL_SIZE
+    cls: int, n: int, rng: np.random.Generator, background: float, n_diseases: int = PANEL_SIZE,
+    phenocopy_share: float = 1.0,
 ) -> tuple[NDArray[np.bool_], FloatArray, IntArray, NDArray[np.bool_]]:
     """Which terms ``n`` patients of class ``cls`` truly have, with the per-term probability
     used, each patient's resembled disease (itself, or a phenocopy's target) and whether an
-    "Other" patient is a phenocopy. Class ``n_diseases`` is "Other"."""
+    "Other" patient is a phenocopy. Class ``n_diseases`` is "Other". A phenocopy can show
+    each of the resembled disease's terms only with probability ``phenocopy_share``."""
     m = _model(n_diseases)
     n_terms = len(m.terms)
     phenocopy = np.zeros(n, dtype=bool)
@@ -657,7 +714,11 @@ def _true_phenotype(
             phenocopy, rng.uniform(*_PHENOCOPY_M, size=n), rng.uniform(*_WEAK_M, size=n)
         )
         extra = np.where(phenocopy[:, None], 0.0, m.nonspecific[None, :])
-        prob = np.minimum(background + extra + strength[:, None] * m.mimic[target], 1.0)
+        mimic = m.mimic[target]
+        if phenocopy_share < 1.0:
+            shared = rng.random((n, n_terms)) < phenocopy_share
+            mimic = mimic * np.where(phenocopy[:, None], shared, True)
+        prob = np.minimum(background + extra + strength[:, None] * mimic, 1.0)
     else:
         target = np.full(n, cls, dtype=np.int64)
         prob = np.broadcast_to(
@@ -669,14 +730,16 @@ def _true_phenotype(
 
 def true_phenotypes(
     disease_index: int, n: int, rng: np.random.Generator, *, background_rate: float = 0.02,
-    n_diseases: int = PANEL_SIZE,
+    n_diseases: int = PANEL_SIZE, phenocopy_share: float = 1.0,
 ) -> NDArray[np.bool_]:
     """The terms (columns of the observed-symptom block of :func:`features`) that ``n``
     patients of one class truly have, before recording; used to check the frequencies."""
     _check_diseases(n_diseases)
     if not 0 <= disease_index <= n_diseases:
         raise ValueError(f"disease_index must be in 0..{n_diseases}, got {disease_index}")
-    return _true_phenotype(disease_index, n, rng, background_rate, n_diseases)[0]
+    return _true_phenotype(
+        disease_index, n, rng, background_rate, n_diseases, phenocopy_share
+    )[0]
 
 
 def _sample_block(
@@ -689,6 +752,7 @@ def _sample_block(
     lab_factor: FloatArray,
     recording: Recording,
     n_diseases: int = PANEL_SIZE,
+    phenocopy_share: float = 1.0,
 ) -> FloatArray:
     """Draw ``n`` patients of class ``cls`` (``n_diseases`` is "Other"); columns follow
     :func:`features`. Labs, genes, onset and sex are modelled for the ten panel diseases;
@@ -703,7 +767,9 @@ def _sample_block(
     male = rng.random(n) < _MALE_FRACTION.get(kind, 0.5)
 
     # The patient's true phenotype, then what the clinician recorded of it (issue 14).
-    has, prob, target, phenocopy = _true_phenotype(cls, n, rng, background, n_diseases)
+    has, prob, target, phenocopy = _true_phenotype(
+        cls, n, rng, background, n_diseases, phenocopy_share
+    )
     observed, excluded = _record(has, prob, rng, m, recording)
     x[:, :n_terms] = observed
     x[:, n_terms : 2 * n_terms] = excluded
@@ -881,7 +947,8 @@ def make_site(config: CohortConfig, site: int) -> SiteData:
         blocks.append(
             _sample_block(cls, n_c, rng, background=config.background_rate,
                           sequencing=sequencing, lab_factor=lab_factor,
-                          recording=config.recording(), n_diseases=config.n_diseases)
+                          recording=config.recording(), n_diseases=config.n_diseases,
+                          phenocopy_share=config.phenocopy_share)
         )
         labels.append(np.full(n_c, cls, dtype=np.int64))
         # Stratified-ish split: stochastic rounding of test_fraction * n_c within each class.
