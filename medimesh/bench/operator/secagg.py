@@ -52,6 +52,14 @@ HOSPITALS = 4
 CLIP = 1.0
 WAIT_S = 12.0  # the longest a scenario waits for one phase's answers
 
+# The request each awaited answer is sent for: a hospital that refused that request (a
+# ``secagg_refused`` entry naming its type) will not answer it.
+_ASKED_WITH: dict[type[Message], str] = {
+    SecAggAdvert: RoundStart.TYPE, Update: RoundStart.TYPE, SecAggShares: SecAggAdverts.TYPE,
+    SecAggMasked: SecAggInbox.TYPE, SecAggCheck: SecAggCheckRequest.TYPE,
+    SecAggUnmask: SecAggUnmaskRequest.TYPE,
+}
+
 
 
 def consortium(lab: Lab, name: str, behaviours: tuple[tuple[str, str], ...] = ()) -> Any:
@@ -92,6 +100,9 @@ class HostileCoordinator:
         self.base_hash = str(model["model_hash"])
         self.committed = {self.peer[h["name"]]: int(h["n_train"]) for h in fed.hospital_info}
         self.got: list[tuple[str, Message]] = []  # (sender, message) opened with our key
+        # How many refusals the trail held before the first request since the last wait: a
+        # refusal that comes before the next wait starts still ends that wait.
+        self._mark: int | None = None
 
     def hospital(self, i: int) -> str:
         return str(self.peer[f"hospital-{i:02d}"])
@@ -99,6 +110,8 @@ class HostileCoordinator:
     def send(self, msg: Message, to: Iterable[str], round_: int) -> None:
         import ray
 
+        if self._mark is None:
+            self._mark = len(self.refusals())
         env = seal(self.ident, msg.TYPE, list(to), round_, msg.to_payload())
         ray.get(self.router.send.remote(env))
 
@@ -131,10 +144,13 @@ class HostileCoordinator:
         round_: int | None = None,
     ) -> dict[str, Any]:
         """The first ``kind`` message from each sender, until all came, each sender either
-        answered or refused (audited), or ``timeout``."""
+        answered or refused (audited) the request sent for it since the last wait (of
+        ``round_``, when given), or ``timeout``."""
         want = set(senders)
         deadline = time.monotonic() + timeout
-        seen = len(self.refusals())
+        seen = len(self.refusals()) if self._mark is None else self._mark
+        self._mark = None
+        asked = _ASKED_WITH.get(kind)
         while True:
             self._pull()
             out: dict[str, Any] = {}
@@ -143,7 +159,11 @@ class HostileCoordinator:
                     round_ is None or getattr(msg, "round", None) == round_
                 ):
                     out[sender] = msg
-            refused = {e.actor for e in self.refusals(seen)} if len(out) < len(want) else set()
+            refused = {
+                e.actor for e in self.refusals(seen)
+                if (round_ is None or e.round == round_)
+                and (asked is None or e.body.get("type") == asked)
+            } if len(out) < len(want) else set()
             if set(out) | refused >= want or time.monotonic() > deadline:
                 taken = {id(m) for m in out.values()}  # consumed: a retry waits for new ones
                 self.got = [(p, m) for p, m in self.got if id(m) not in taken]
