@@ -173,7 +173,12 @@ def attacks(ray_session: None, pg: Any, tmp_path_factory: pytest.TempPathFactory
 
     The same two steps ``medimesh bench operator`` takes: run_with_liar, then the judge."""
     from medimesh.bench.operator import Lab
-    from medimesh.bench.operator.setup_reports import ATTACKS, SCENARIOS, run_with_liar
+    from medimesh.bench.operator.setup_reports import (
+        ATTACKS,
+        SCENARIOS,
+        round_timeout,
+        run_with_liar,
+    )
 
     cache: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
@@ -181,7 +186,8 @@ def attacks(ray_session: None, pg: Any, tmp_path_factory: pytest.TempPathFactory
         assert attack in SCENARIOS
         if attack not in cache:
             lie_, judge = ATTACKS[attack]
-            run = run_with_liar(Lab(tmp_path_factory.mktemp(attack), pg.get_uri()), lie_)
+            run = run_with_liar(Lab(tmp_path_factory.mktemp(attack), pg.get_uri()), lie_,
+                                round_timeout(attack))
             cache[attack] = (run, judge(attack, run).to_dict())
         return cache[attack]
 
