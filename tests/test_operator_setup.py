@@ -176,7 +176,7 @@ def attacks(ray_session: None, pg: Any, tmp_path_factory: pytest.TempPathFactory
     from medimesh.bench.operator.setup_reports import (
         ATTACKS,
         SCENARIOS,
-        round_timeout,
+        run_options,
         run_with_liar,
     )
 
@@ -187,7 +187,7 @@ def attacks(ray_session: None, pg: Any, tmp_path_factory: pytest.TempPathFactory
         if attack not in cache:
             lie_, judge = ATTACKS[attack]
             run = run_with_liar(Lab(tmp_path_factory.mktemp(attack), pg.get_uri()), lie_,
-                                round_timeout(attack))
+                                **run_options(attack))
             cache[attack] = (run, judge(attack, run).to_dict())
         return cache[attack]
 
@@ -255,8 +255,9 @@ def test_inflated_evaluation_counts_are_refused_and_left_out_of_accuracy(
     assert {b["check"] for b in refused} == {"eval_n_exceeds_committed_test"}
     assert all(b["value"] == INFLATED_N for b in refused)
     assert all(b["bound"] == run["sites"][run["liar"]]["n_test"] for b in refused)
-    # Every evaluated model: round 1's (riding on round 2) and the final one.
-    assert len(refused) >= len(run["history"])
+    # Every evaluated model: each round's base (its counts ride on the liar's update) and the
+    # final one (an EvalReport): one more than there are rounds.
+    assert len(refused) >= len(run["history"]) + 1
     honest_test = sum(i["n_test"] for n, i in run["sites"].items() if n != run["liar"])
     for m in run["history"]:
         assert m["n_eval"] == honest_test and m["evaluated_by"] == 3 and m["top1"] < 0.99

@@ -103,6 +103,7 @@ class HostileCoordinator:
         # How many refusals the trail held before the first request since the last wait: a
         # refusal that comes before the next wait starts still ends that wait.
         self._mark: int | None = None
+        self.first_refusal = len(self.refusals())  # earlier attacks' refusals are not this one's
 
     def hospital(self, i: int) -> str:
         return str(self.peer[f"hospital-{i:02d}"])
@@ -136,7 +137,7 @@ class HostileCoordinator:
                 self.got.append((h.sender, decode(h.type, opened.payload, MESSAGE_TYPES[h.type])))
 
     def refusals(self, since: int = 0) -> list[Any]:
-        """``secagg_refused`` audit entries (all actors flushed first)."""
+        """``secagg_refused`` audit entries (all actors flushed first), from the ``since``-th."""
         return [e for e in self.fed.audit_entries() if e.event == "secagg_refused"][since:]
 
     def wait(
@@ -220,7 +221,7 @@ def _refusal_outcome(
     attack: str, hostile: HostileCoordinator, rules: set[str], leaked: bool,
     details: dict[str, Any], loss: str,
 ) -> AttackOutcome:
-    refused = [e for e in hostile.refusals() if e.body.get("rule") in rules]
+    refused = [e for e in hostile.refusals(hostile.first_refusal) if e.body.get("rule") in rules]
     by = sorted({hostile.names.get(e.actor, e.actor[:12]) for e in refused})
     caught = bool(refused) and not leaked
     details = {
@@ -239,21 +240,30 @@ def _refusal_outcome(
 
 
 def _with(lab: Lab, name: str, body: Callable[[Any], AttackOutcome],
-          behaviours: tuple[tuple[str, str], ...] = ()) -> AttackOutcome:
-    """Run ``body`` on a fresh consortium; the audit trail ends up in the lab's database,
-    whose URL (and the hospitals' public peer ids) the outcome names as its evidence."""
+          behaviours: tuple[tuple[str, str], ...] = (), fed: Any = None) -> AttackOutcome:
+    """Run ``body`` on ``fed`` — a started :func:`consortium` the caller shares among attacks
+    that every hospital refuses before it keeps any state, and stops itself — or on a fresh
+    one. The audit trail ends up in the consortium's database, whose URL, the hospitals'
+    public peer ids and the last entry before the attack (``from_seq``) the outcome names as
+    its evidence."""
     import dataclasses
 
-    fed = consortium(lab, name, behaviours)
+    own = fed is None
+    if fed is None:
+        fed = consortium(lab, name, behaviours)
     try:
+        before = fed.audit_entries()
+        from_seq = before[-1].seq if before else -1
         outcome = body(fed)
         fed.flush_store()
     finally:
-        fed.shutdown()
+        if own:
+            fed.shutdown()
     evidence = {
         "database": fed.cfg.database_url,
         "hospital_ids": {n: i.peer_id for n, i in fed.identities.items()
                          if n.startswith("hospital-")},
+        "from_seq": from_seq,
     }
     return dataclasses.replace(outcome, details={**outcome.details, **evidence})
 
@@ -261,7 +271,7 @@ def _with(lab: Lab, name: str, body: Callable[[Any], AttackOutcome],
 # ----------------------------------------------------------------------------- the attacks
 
 
-def fake_peers(lab: Lab) -> AttackOutcome:
+def fake_peers(lab: Lab, fed: Any = None) -> AttackOutcome:
     """A RoundStart for one target and two peers the operator made up (t = 2 of 3)."""
 
     def attack(fed: Any) -> AttackOutcome:
@@ -319,10 +329,10 @@ def fake_peers(lab: Lab) -> AttackOutcome:
             "the made-up peers' shares matched its signed commitment)",
         )
 
-    return _with(lab, "fake_peers", attack)
+    return _with(lab, "fake_peers", attack, fed=fed)
 
 
-def threshold_zero(lab: Lab) -> AttackOutcome:
+def threshold_zero(lab: Lab, fed: Any = None) -> AttackOutcome:
     """A plaintext RoundStart (``secagg_threshold = 0``) in a secure consortium."""
 
     def attack(fed: Any) -> AttackOutcome:
@@ -336,10 +346,10 @@ def threshold_zero(lab: Lab) -> AttackOutcome:
             f"{len(updates)} plaintext update(s) readable by the coordinator",
         )
 
-    return _with(lab, "threshold_zero", attack)
+    return _with(lab, "threshold_zero", attack, fed=fed)
 
 
-def retry_subtract(lab: Lab) -> AttackOutcome:
+def retry_subtract(lab: Lab, fed: Any = None) -> AttackOutcome:
     """Round 1 twice: all four hospitals, then the three others; subtract the sums."""
 
     def attack(fed: Any) -> AttackOutcome:
@@ -373,7 +383,7 @@ def retry_subtract(lab: Lab) -> AttackOutcome:
             "hospital-01's clipped update, as the difference of two secure sums",
         )
 
-    return _with(lab, "retry_subtract", attack)
+    return _with(lab, "retry_subtract", attack, fed=fed)
 
 
 def _share_kinds(answers: dict[str, bytes], sa: SecAggRound, owner: str) -> dict[str, list[str]]:

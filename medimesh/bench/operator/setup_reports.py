@@ -17,19 +17,24 @@ import numpy as np
 
 from medimesh.bench.operator import AttackOutcome, Lab, Scenario
 
-__all__ = ["ATTACKS", "SCENARIOS", "judge_eval", "judge_setup", "round_timeout", "run_with_liar"]
+__all__ = ["ATTACKS", "SCENARIOS", "judge_eval", "judge_setup", "run_options", "run_with_liar"]
 
 LIAR_SITE = 3  # the fourth of four hospitals lies
 ROUNDS = 2
 ROUND_TIMEOUT_S = 20.0
-# A refused evaluation report leaves the coordinator's tally short of the liar, so every round
-# of the evaluation attack runs to its deadline (the updates are all in within a second or two
-# on an idle machine): a shorter deadline there, still several times what a round needs.
+# The evaluation attack: a refused report leaves the coordinator's tally short of the liar, so
+# every round runs to its deadline (the updates are all in within a second or two on an idle
+# machine) and the final evaluation to its own (10 s): a shorter deadline, several times what a
+# round needs, and one round. One round still refuses both kinds of report the liar sends — the
+# counts riding on its update (of the round's base model) and the EvalReport of the final model.
+EVAL_ROUNDS = 1
 EVAL_ROUND_TIMEOUT_S = 8.0
 
 
-def run_with_liar(lab: Lab, lie: str, round_timeout_s: float = ROUND_TIMEOUT_S) -> dict[str, Any]:
-    """Four hospitals (one of them ``lie``-ing), two rounds, audit in a fresh PostgreSQL.
+def run_with_liar(
+    lab: Lab, lie: str, rounds: int = ROUNDS, round_timeout_s: float = ROUND_TIMEOUT_S
+) -> dict[str, Any]:
+    """Four hospitals (one of them ``lie``-ing), ``rounds`` rounds, audit in a fresh PostgreSQL.
 
     Returns what the evidence needs: the liar's name and peer id, the audit entries (event,
     body), the history, the published standardization and checkpoint, the honest sites'
@@ -40,7 +45,7 @@ def run_with_liar(lab: Lab, lie: str, round_timeout_s: float = ROUND_TIMEOUT_S) 
     from medimesh.actors.liars import LIARS
     from medimesh.actors.runtime import Consortium, RunConfig, site_descriptors
 
-    cfg = RunConfig(hospitals=4, rounds=ROUNDS, seed=7, round_timeout_s=round_timeout_s,
+    cfg = RunConfig(hospitals=4, rounds=rounds, seed=7, round_timeout_s=round_timeout_s,
                     database_url=lab.new_database(), cross_baselines=False, round_retries=0)
     liar = site_descriptors(cfg)[LIAR_SITE].name
     fed = Consortium(cfg, {liar: LIARS[lie]})
@@ -140,16 +145,18 @@ ATTACKS: dict[str, tuple[str, Callable[[str, dict[str, Any]], AttackOutcome]]] =
 }
 
 
-def round_timeout(attack: str) -> float:
-    """The rounds' deadline for ``attack`` (see EVAL_ROUND_TIMEOUT_S)."""
-    return EVAL_ROUND_TIMEOUT_S if ATTACKS[attack][1] is judge_eval else ROUND_TIMEOUT_S
+def run_options(attack: str) -> dict[str, Any]:
+    """``run_with_liar``'s rounds and deadline for ``attack`` (see EVAL_ROUNDS)."""
+    if ATTACKS[attack][1] is judge_eval:
+        return {"rounds": EVAL_ROUNDS, "round_timeout_s": EVAL_ROUND_TIMEOUT_S}
+    return {}
 
 
 def _scenario(attack: str) -> Scenario:
     lie, judge = ATTACKS[attack]
 
     def scenario(lab: Lab) -> AttackOutcome:
-        return judge(attack, run_with_liar(lab, lie, round_timeout(attack)))
+        return judge(attack, run_with_liar(lab, lie, **run_options(attack)))
 
     scenario.__name__ = attack
     return scenario
