@@ -242,10 +242,9 @@ def _refusal_outcome(
 def _with(lab: Lab, name: str, body: Callable[[Any], AttackOutcome],
           behaviours: tuple[tuple[str, str], ...] = (), fed: Any = None) -> AttackOutcome:
     """Run ``body`` on ``fed`` — a started :func:`consortium` the caller shares among attacks
-    that every hospital refuses before it keeps any state, and stops itself — or on a fresh
-    one. The audit trail ends up in the consortium's database, whose URL, the hospitals'
-    public peer ids and the last entry before the attack (``from_seq``) the outcome names as
-    its evidence."""
+    that leave no state the next one depends on, and stops itself — or on a fresh one. The
+    audit trail ends up in the consortium's database, whose URL, the hospitals' public peer ids
+    and the last entry before the attack (``from_seq``) the outcome names as its evidence."""
     import dataclasses
 
     own = fed is None
