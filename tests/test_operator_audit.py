@@ -15,12 +15,15 @@ import pytest
 
 from medimesh.bench.operator import Lab
 from medimesh.bench.operator.audit_trail import (
+    Trail,
+    _entries,
     audit_backpressure_loss,
     audit_disable_trigger,
     audit_empty_signers,
     audit_omit_event,
     audit_rewrite,
     audit_truncate,
+    federation,
 )
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -30,9 +33,17 @@ def lab(tmp_path: Path, pg: Any) -> Lab:
     return Lab(tmp_path, pg.get_uri())
 
 
-def test_empty_signers_table_is_not_a_pass(tmp_path: Path, pg: Any) -> None:
+@pytest.fixture(scope="module")
+def trail(ray_session: None, pg: Any, tmp_path_factory: pytest.TempPathFactory) -> Trail:
+    """One real federation run to the end (3 hospitals witnessing, 2 rounds): each trail
+    attack below tampers with its own copy of its database (Lab.copy_database), as the bench
+    does with a federation of each scenario's own."""
+    return federation(Lab(tmp_path_factory.mktemp("trail"), pg.get_uri()))
+
+
+def test_empty_signers_table_is_not_a_pass(tmp_path: Path, pg: Any, trail: Trail) -> None:
     """Emptying ``nodes`` and forging an entry: named with --roster, never ok without one."""
-    out = audit_empty_signers(lab(tmp_path, pg))
+    out = audit_empty_signers(lab(tmp_path, pg), trail)
     assert out.attempted and out.detected, out
     with_roster = out.details["with_roster"]
     assert with_roster["exit"] == 1
@@ -45,9 +56,9 @@ def test_empty_signers_table_is_not_a_pass(tmp_path: Path, pg: Any) -> None:
     assert "signers not checked" in without["report"]["problem"]
 
 
-def test_truncation_is_named_by_the_witnesses(tmp_path: Path, pg: Any) -> None:
+def test_truncation_is_named_by_the_witnesses(tmp_path: Path, pg: Any, trail: Trail) -> None:
     """Deleting the newest entries leaves a valid chain; the witnessed heads name the cut."""
-    out = audit_truncate(lab(tmp_path, pg))
+    out = audit_truncate(lab(tmp_path, pg), trail)
     assert out.attempted and out.detected, out
     assert out.details["without_witness"]["exit"] == 0  # the chain alone cannot tell
     check = out.details["check"]
@@ -55,15 +66,17 @@ def test_truncation_is_named_by_the_witnesses(tmp_path: Path, pg: Any) -> None:
     problems = check["report"]["witness_problems"]
     assert problems and all("truncation" in p["problem"] for p in problems)
     assert {p["length"] for p in problems} >= {out.details["witnessed"]}
-    heads = [json.loads(line) for f in (tmp_path / "witness").rglob("heads.jsonl")
+    heads = [json.loads(line) for f in trail.witness_dir.rglob("heads.jsonl")
              for line in f.read_text().splitlines()]
     # The final flush sends one more head after the scenario read them: at least that long.
     assert max(h["length"] for h in heads) >= out.details["witnessed"]
+    # The cut was made in this scenario's copy: the shared federation's database is whole.
+    assert len(_entries(trail.url)) >= out.details["witnessed"] > out.details["cut_from"]
 
 
-def test_rewrite_with_the_writer_key_is_named(tmp_path: Path, pg: Any) -> None:
+def test_rewrite_with_the_writer_key_is_named(tmp_path: Path, pg: Any, trail: Trail) -> None:
     """A rewritten, re-signed and re-hashed chain verifies alone; the witnesses name it."""
-    out = audit_rewrite(lab(tmp_path, pg))
+    out = audit_rewrite(lab(tmp_path, pg), trail)
     assert out.attempted and out.detected, out
     assert out.details["without_witness"]["exit"] == 0
     report = out.details["check"]["report"]
@@ -72,9 +85,9 @@ def test_rewrite_with_the_writer_key_is_named(tmp_path: Path, pg: Any) -> None:
     assert mismatched and all(p["length"] >= out.details["rewritten_seq"] for p in mismatched)
 
 
-def test_omitted_event_is_a_named_gap(tmp_path: Path, pg: Any) -> None:
+def test_omitted_event_is_a_named_gap(tmp_path: Path, pg: Any, trail: Trail) -> None:
     """The writer leaving one validator event out: a gap naming the validator and the number."""
-    out = audit_omit_event(lab(tmp_path, pg))
+    out = audit_omit_event(lab(tmp_path, pg), trail)
     assert out.attempted and out.detected, out
     check = out.details["check_no_witness"]
     assert check["exit"] == 1 and check["report"]["chain_ok"]

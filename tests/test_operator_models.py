@@ -23,10 +23,12 @@ import pytest
 
 from medimesh.bench.operator import Lab
 from medimesh.bench.operator.models import (
+    Trained,
     checkpoint_budget_reset,
     checkpoint_rollback,
     model_swapped_standardization,
     model_swapped_weights,
+    trained,
 )
 from medimesh.checkpoint_seal import (
     CheckpointRefused,
@@ -53,13 +55,20 @@ def _rows(url: str, sql: str, *args: Any) -> list[Any]:
 # ------------------------------------------------------------------------------ attacks
 
 
+@pytest.fixture(scope="module")
+def run(ray_session: None, pg: Any, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """One real run (3 hospitals, 2 rounds), stopped: the two model attacks each tamper with
+    their own copy of its database (Lab.copy_database); the bench trains one per attack."""
+    return trained(Lab(tmp_path_factory.mktemp("run"), pg.get_uri()), seed=11)
+
+
 @pytest.mark.ray
 def test_a_model_nobody_trained_is_never_served(
-    ray_session: None, pg: Any, tmp_path: Path
+    ray_session: None, pg: Any, tmp_path: Path, run: Trained
 ) -> None:
     """A new models row: the running oracle keeps the vouched model and says why it refuses
     the new one; weights edited in place: a started oracle answers 503 naming the reason."""
-    out = model_swapped_weights(Lab(tmp_path, pg.get_uri()))
+    out = model_swapped_weights(Lab(tmp_path, pg.get_uri()), run)
     d = out.details
     assert out.attempted and out.detected, out
     final, forged = d["final_model"], d["forged_model"]
@@ -87,14 +96,19 @@ def test_a_model_nobody_trained_is_never_served(
     doc = json.loads(done.stdout)
     assert doc["unvouched"] == [final] and doc["lineage"][0]["weights_match"] is False
     assert doc["lineage"][1]["vouched_by"]["event"] == "model_published"  # round 1: intact
+    # The edit was made in this attack's copy: the shared run's database still has the model.
+    assert d["database_url"] != run.url
+    [row] = _rows(run.url, "SELECT weights FROM models WHERE model_hash = $1", final)
+    [edited] = _rows(d["database_url"], "SELECT weights FROM models WHERE model_hash = $1", final)
+    assert bytes(row["weights"]) != bytes(edited["weights"])
 
 
 @pytest.mark.ray
 def test_an_edited_standardization_is_refused(
-    ray_session: None, pg: Any, tmp_path: Path
+    ray_session: None, pg: Any, tmp_path: Path, run: Trained
 ) -> None:
     """mean/std edited in the checkpoint row, weights untouched: 503 with the reason."""
-    out = model_swapped_standardization(Lab(tmp_path, pg.get_uri()))
+    out = model_swapped_standardization(Lab(tmp_path, pg.get_uri()), run)
     d = out.details
     assert out.attempted and out.detected, out
     assert d["before"]["ready_status"] == 200 and d["before"]["vouched_by"] is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,14 @@ import pytest
 
 from medimesh.audit import AuditEntry
 from medimesh.bench.operator import AttackOutcome, Lab
-from medimesh.bench.operator.secagg import CLIP, SCENARIOS
+from medimesh.bench.operator.secagg import (
+    CLIP,
+    SCENARIOS,
+    consortium,
+    fake_peers,
+    retry_subtract,
+    threshold_zero,
+)
 from medimesh.identity import Identity, Member, Roster
 from medimesh.protocol import (
     Message,
@@ -41,8 +49,23 @@ def _run(name: str, tmp_path: Path, pg: Any) -> AttackOutcome:
     return SCENARIOS[name](Lab(tmp_path, pg.get_uri()))
 
 
+@pytest.fixture(scope="module")
+def refusing(
+    ray_session: None, pg: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """One started secure consortium for the three attacks the hospitals refuse before they
+    keep any state — made-up peers, a plaintext round, then the retried round (the only one
+    that masks, last in this file). Each attack's evidence is the trail after its own
+    ``from_seq``; the bench starts a consortium per attack."""
+    fed = consortium(Lab(tmp_path_factory.mktemp("refusing"), pg.get_uri()), "refusing")
+    try:
+        yield fed
+    finally:
+        fed.shutdown()
+
+
 def _entries(out: AttackOutcome, event: str) -> list[AuditEntry]:
-    """The scenario's audit trail, read back from its own PostgreSQL database."""
+    """The scenario's audit trail (after its ``from_seq``), read back from its PostgreSQL."""
     from medimesh.store import Store
 
     async def read() -> list[AuditEntry]:
@@ -52,7 +75,7 @@ def _entries(out: AttackOutcome, event: str) -> list[AuditEntry]:
         finally:
             await store.close()
 
-    return asyncio.run(read())
+    return [e for e in asyncio.run(read()) if e.seq > out.details["from_seq"]]
 
 
 def _sent(out: AttackOutcome, hospital: str, type_: str) -> int:
@@ -70,11 +93,11 @@ def _refusals(out: AttackOutcome, rule: str) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.ray
 def test_made_up_peers_are_refused_before_anything_is_sent(
-    ray_session: None, pg: Any, tmp_path: Path
+    ray_session: None, pg: Any, tmp_path: Path, refusing: Any
 ) -> None:
     """A RoundStart naming two peers that are not on hospital-01's roster (t = 2 of 3) is
     refused and audited with the strangers named; hospital-01 sends no SecAgg message."""
-    out = _run("secagg_fake_peers", tmp_path, pg)
+    out = fake_peers(Lab(tmp_path, pg.get_uri()), refusing)
     assert out.attempted and out.detected, out
     refused = _refusals(out, "peers_not_on_roster")
     assert set(refused) == {"hospital-01"}, refused
@@ -88,11 +111,11 @@ def test_made_up_peers_are_refused_before_anything_is_sent(
 
 @pytest.mark.ray
 def test_a_plaintext_round_is_refused_when_secure_aggregation_is_required(
-    ray_session: None, pg: Any, tmp_path: Path
+    ray_session: None, pg: Any, tmp_path: Path, refusing: Any
 ) -> None:
     """``secagg_threshold = 0`` in a secure consortium: all four hospitals refuse and audit
     it; no plaintext update leaves any of them."""
-    out = _run("secagg_threshold_zero", tmp_path, pg)
+    out = threshold_zero(Lab(tmp_path, pg.get_uri()), refusing)
     assert out.attempted and out.detected, out
     refused = _refusals(out, "secagg_required")
     assert set(refused) == {f"hospital-0{i}" for i in range(1, 5)}, refused
@@ -104,11 +127,11 @@ def test_a_plaintext_round_is_refused_when_secure_aggregation_is_required(
 
 @pytest.mark.ray
 def test_a_retried_round_gets_no_second_masked_input(
-    ray_session: None, pg: Any, tmp_path: Path
+    ray_session: None, pg: Any, tmp_path: Path, refusing: Any
 ) -> None:
     """Round 1 is summed once over all four; its retry over the three others is refused by
     each of them (already masked for round 1), so no difference of sums exists."""
-    out = _run("secagg_retry_subtract", tmp_path, pg)
+    out = retry_subtract(Lab(tmp_path, pg.get_uri()), refusing)
     assert out.attempted and out.detected, out
     assert out.details["first_sum"] and not out.details["second_sum"]
     refused = _refusals(out, "already_masked")

@@ -173,7 +173,12 @@ def attacks(ray_session: None, pg: Any, tmp_path_factory: pytest.TempPathFactory
 
     The same two steps ``medimesh bench operator`` takes: run_with_liar, then the judge."""
     from medimesh.bench.operator import Lab
-    from medimesh.bench.operator.setup_reports import ATTACKS, SCENARIOS, run_with_liar
+    from medimesh.bench.operator.setup_reports import (
+        ATTACKS,
+        SCENARIOS,
+        run_options,
+        run_with_liar,
+    )
 
     cache: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
@@ -181,7 +186,8 @@ def attacks(ray_session: None, pg: Any, tmp_path_factory: pytest.TempPathFactory
         assert attack in SCENARIOS
         if attack not in cache:
             lie_, judge = ATTACKS[attack]
-            run = run_with_liar(Lab(tmp_path_factory.mktemp(attack), pg.get_uri()), lie_)
+            run = run_with_liar(Lab(tmp_path_factory.mktemp(attack), pg.get_uri()), lie_,
+                                **run_options(attack))
             cache[attack] = (run, judge(attack, run).to_dict())
         return cache[attack]
 
@@ -249,8 +255,9 @@ def test_inflated_evaluation_counts_are_refused_and_left_out_of_accuracy(
     assert {b["check"] for b in refused} == {"eval_n_exceeds_committed_test"}
     assert all(b["value"] == INFLATED_N for b in refused)
     assert all(b["bound"] == run["sites"][run["liar"]]["n_test"] for b in refused)
-    # Every evaluated model: round 1's (riding on round 2) and the final one.
-    assert len(refused) >= len(run["history"])
+    # Every evaluated model: each round's base (its counts ride on the liar's update) and the
+    # final one (an EvalReport): one more than there are rounds.
+    assert len(refused) >= len(run["history"]) + 1
     honest_test = sum(i["n_test"] for n, i in run["sites"].items() if n != run["liar"])
     for m in run["history"]:
         assert m["n_eval"] == honest_test and m["evaluated_by"] == 3 and m["top1"] < 0.99

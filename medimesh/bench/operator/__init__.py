@@ -50,14 +50,35 @@ class Lab:
 
     def new_database(self) -> str:
         """A fresh, empty database on the lab's server (its URL)."""
+        return self._create("")
+
+    def copy_database(self, url: str, wait_s: float = 30.0) -> str:
+        """A new database on the lab's server that starts as an exact copy of ``url``'s
+        (PostgreSQL's ``CREATE DATABASE … TEMPLATE``): several scenarios tamper, each with its
+        own copy, with what one finished run left. Nobody may be connected to ``url`` (a
+        stopped consortium's auditor may take a moment to hang up: retried for ``wait_s``)."""
+        from urllib.parse import urlsplit
+
+        return self._create(urlsplit(url).path.lstrip("/"), wait_s)
+
+    def _create(self, template: str, wait_s: float = 0.0) -> str:
         import asyncpg
 
         name = f"op_{uuid.uuid4().hex[:12]}"
+        sql = f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")
 
         async def create() -> None:
             conn = await asyncpg.connect(self.admin_url)
             try:
-                await conn.execute(f'CREATE DATABASE "{name}"')
+                deadline = time.monotonic() + wait_s
+                while True:
+                    try:
+                        await conn.execute(sql)
+                        return
+                    except asyncpg.ObjectInUseError:  # the template still has a session
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
             finally:
                 await conn.close()
 

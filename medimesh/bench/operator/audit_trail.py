@@ -5,7 +5,9 @@ role. Each scenario runs a small real federation (Ray actors, embedded PostgreSQ
 whose hospitals witness the writer's signed chain heads in their own directories, tampers with
 the trail as that operator would, then runs ``medimesh audit verify`` as a subprocess with the
 signed roster and the witness directory — what an outside auditor holds — and reports its exit
-code and the entry or sequence number it names.
+code and the entry or sequence number it names. The four trail attacks also take a finished
+federation's :class:`Trail` and tamper with their own copy of its database (the tests run one
+federation for all four; the bench runs each scenario on its own).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from medimesh.audit import AuditChain, AuditEntry, AuditEvent, sign_event
 from medimesh.bench.operator import AttackOutcome, Lab, Scenario
 from medimesh.identity import Identity
 
-__all__ = ["SCENARIOS", "Trail", "federation", "verify_cli"]
+__all__ = ["SCENARIOS", "Trail", "federation", "own_trail", "verify_cli"]
 
 ROUNDS = 2
 HOSPITALS = 3
@@ -84,6 +86,15 @@ def federation(lab: Lab, seed: int = 0) -> Trail:
                      {i.peer_id: n for n, i in fed.identities.items()}, witnessed)
     finally:
         fed.shutdown()
+
+
+def own_trail(lab: Lab, trail: Trail | None) -> Trail:
+    """The trail a scenario tampers with: a copy, in the lab, of ``trail``'s database (one
+    finished federation the caller shares among several scenarios; its roster and witness
+    files are only read), or, without one, a federation of the scenario's own."""
+    if trail is None:
+        return federation(lab)
+    return dataclasses.replace(trail, url=lab.copy_database(trail.url))
 
 
 def verify_cli(trail: Trail, *, roster: bool = True, witness: bool = True) -> dict[str, Any]:
@@ -157,11 +168,11 @@ def _verdict(check: dict[str, Any]) -> tuple[bool, str]:
 # ------------------------------------------------------------------------------ scenarios
 
 
-def audit_empty_signers(lab: Lab) -> AttackOutcome:
+def audit_empty_signers(lab: Lab, trail: Trail | None = None) -> AttackOutcome:
     """Empty ``nodes`` and append an event signed by a key nobody enrolled (chained with the
     writer's key): today's verify took signers from ``nodes``, so an empty table switched the
     check off. Now signers come from the signed roster; without one, no pass."""
-    trail = federation(lab)
+    trail = own_trail(lab, trail)
     _owner(trail.url, "DELETE FROM nodes")
     rows = _entries(trail.url)
     mallory = Identity.generate()
@@ -181,10 +192,10 @@ def audit_empty_signers(lab: Lab) -> AttackOutcome:
     )
 
 
-def audit_truncate(lab: Lab) -> AttackOutcome:
+def audit_truncate(lab: Lab, trail: Trail | None = None) -> AttackOutcome:
     """Delete the newest entries as the database owner (trigger disabled): the chain that is
     left is intact, so only the heads the hospitals witnessed can show the cut."""
-    trail = federation(lab)
+    trail = own_trail(lab, trail)
     cut_from = trail.witnessed - 4
     _owner(trail.url, "ALTER TABLE audit_entries DISABLE TRIGGER audit_entries_append_only",
            f"DELETE FROM audit_entries WHERE seq >= {cut_from}",
@@ -201,11 +212,11 @@ def audit_truncate(lab: Lab) -> AttackOutcome:
     )
 
 
-def audit_rewrite(lab: Lab) -> AttackOutcome:
+def audit_rewrite(lab: Lab, trail: Trail | None = None) -> AttackOutcome:
     """Rewrite a coordinator entry (the operator holds that key too), re-sign it and re-hash the
     rest of the chain with the writer's key: every hash and signature verifies, no actor sequence
     has a hole — the witnessed heads do not match any more."""
-    trail = federation(lab)
+    trail = own_trail(lab, trail)
     rows = _entries(trail.url)
     coord = trail.coordinator.peer_id
     target = next(e for e in rows if e.actor == coord and e.seq < trail.witnessed - 2)
@@ -226,10 +237,10 @@ def audit_rewrite(lab: Lab) -> AttackOutcome:
     )
 
 
-def audit_omit_event(lab: Lab) -> AttackOutcome:
+def audit_omit_event(lab: Lab, trail: Trail | None = None) -> AttackOutcome:
     """The writer leaves one validator event out and re-chains the rest with its own key: the
     validator's own sequence numbers (signed by the validator) show the hole."""
-    trail = federation(lab)
+    trail = own_trail(lab, trail)
     rows = _entries(trail.url)
     validator = next(p for p, n in trail.names.items() if n == "validator")
     theirs = [e for e in rows if e.actor == validator and "actor_seq" in e.body]

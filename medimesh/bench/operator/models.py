@@ -9,12 +9,15 @@
    refuses the edited row, audits ``checkpoint_refused`` and stops (medimesh.checkpoint_seal).
 
 Each scenario trains a small real federation (Ray actors, PostgreSQL, real keys), then acts
-as the database owner with plain SQL, as the owner would.
+as the database owner with plain SQL, as the owner would. The two attack-3 scenarios only need
+what a finished run left in the database: they also take a :class:`Trained` run and tamper
+with their own copy of its database (the tests train once for both).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -25,7 +28,7 @@ import numpy as np
 
 from medimesh.bench.operator import AttackOutcome, Lab, Scenario
 
-__all__ = ["SCENARIOS", "probe_oracle"]
+__all__ = ["SCENARIOS", "Trained", "probe_oracle", "trained"]
 
 _GENES = {"genes": ["GBA1"]}
 
@@ -46,6 +49,35 @@ def _federation(
         raise RuntimeError("the auditor did not flush to the database")
     return {"fed": fed, "final": fed.final_model()["model_hash"], "run_id": fed.run_id,
             "roster": str(fed.signed_roster_path)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """What a finished, stopped run left: its database, newest model, run id, signed roster."""
+
+    url: str
+    final: str
+    run_id: str
+    roster: str
+
+
+def trained(lab: Lab, seed: int) -> Trained:
+    """Train a 3-hospital, 2-round run on a fresh database of the lab, then stop it."""
+    url = lab.new_database()
+    ctx = None
+    try:
+        ctx = _federation(url, seed=seed, roster_dir=lab.subdir("rosters"))
+        return Trained(url, ctx["final"], ctx["run_id"], ctx["roster"])
+    finally:
+        _shutdown(ctx)
+
+
+def _own_run(lab: Lab, run: Trained | None, seed: int) -> Trained:
+    """``run`` with its database copied into the lab (the caller's run, shared), or a run of
+    the scenario's own."""
+    if run is None:
+        return trained(lab, seed)
+    return dataclasses.replace(run, url=lab.copy_database(run.url))
 
 
 async def _sql(url: str, sql: str, *args: Any) -> Any:
@@ -173,27 +205,22 @@ async def _swap_while_serving(
         await app.state.oracle.stop()
 
 
-def model_swapped_weights(lab: Lab) -> AttackOutcome:
+def model_swapped_weights(lab: Lab, run: Trained | None = None) -> AttackOutcome:
     """The owner stores a model nobody trained as the run's newest while the oracle serves,
     then edits the served model's weights in place; the running oracle must keep its vouched
     model, and one started on the edited row must refuse it."""
-    url = lab.new_database()
-    ctx = None
-    try:
-        ctx = _federation(url, seed=11, roster_dir=lab.subdir("rosters"))
-        final, run_id, roster = ctx["final"], ctx["run_id"], ctx["roster"]
-        published = _published(url, final)
-        before, new_row, forged_hash, w = asyncio.run(
-            _swap_while_serving(url, roster, run_id, final))
-        # (b) Edit the weights of the served model in place (its name kept), drop (a)'s row:
-        # a freshly started oracle must not serve them.
-        asyncio.run(_sql(url, "DELETE FROM run_models WHERE model_hash = $1", forged_hash))
-        asyncio.run(_sql(url, "UPDATE models SET weights = $1 WHERE model_hash = $2",
-                         w.astype("<f4").tobytes(), final))
-        edited = probe_oracle(url, roster, run_id, lambda b: b.get("refused") is not None)
-        roster_file = Path(roster)  # the signed roster, for `audit provenance --roster`
-    finally:
-        _shutdown(ctx)
+    own = _own_run(lab, run, seed=11)
+    url, final, run_id, roster = own.url, own.final, own.run_id, own.roster
+    published = _published(url, final)
+    before, new_row, forged_hash, w = asyncio.run(
+        _swap_while_serving(url, roster, run_id, final))
+    # (b) Edit the weights of the served model in place (its name kept), drop (a)'s row:
+    # a freshly started oracle must not serve them.
+    asyncio.run(_sql(url, "DELETE FROM run_models WHERE model_hash = $1", forged_hash))
+    asyncio.run(_sql(url, "UPDATE models SET weights = $1 WHERE model_hash = $2",
+                     w.astype("<f4").tobytes(), final))
+    edited = probe_oracle(url, roster, run_id, lambda b: b.get("refused") is not None)
+    roster_file = Path(roster)  # the signed roster, for `audit provenance --roster`
     served_honest = (
         before["diagnose"].get("model_hash") == final
         and new_row["diagnose_status"] == 200
@@ -239,25 +266,20 @@ def model_swapped_weights(lab: Lab) -> AttackOutcome:
 # ------------------------------------------------------------------- attack 3: mean and std
 
 
-def model_swapped_standardization(lab: Lab) -> AttackOutcome:
+def model_swapped_standardization(lab: Lab, run: Trained | None = None) -> AttackOutcome:
     """The owner edits only mean/std in the run's newest checkpoint (weights untouched): the
     same weights on shifted inputs give other answers; an oracle must refuse to load them."""
-    url = lab.new_database()
-    ctx = None
-    try:
-        ctx = _federation(url, seed=12, roster_dir=lab.subdir("rosters"))
-        final, run_id, roster = ctx["final"], ctx["run_id"], ctx["roster"]
-        before = probe_oracle(url, roster, run_id, lambda b: b.get("model_hash") == final)
-        cp = asyncio.run(_sql(url, "SELECT id, state FROM checkpoints WHERE run_id = $1"
-                                   " ORDER BY id DESC LIMIT 1", run_id))[0]
-        state = json.loads(cp["state"])
-        state["mean"] = [float(v) * 1.5 + 1.0 for v in state["mean"]]
-        state["std"] = [float(v) * 0.5 for v in state["std"]]
-        asyncio.run(_sql(url, "UPDATE checkpoints SET state = $1::jsonb WHERE id = $2",
-                         json.dumps(state), cp["id"]))
-        after = probe_oracle(url, roster, run_id, lambda b: b.get("refused") is not None)
-    finally:
-        _shutdown(ctx)
+    own = _own_run(lab, run, seed=12)
+    url, final, run_id, roster = own.url, own.final, own.run_id, own.roster
+    before = probe_oracle(url, roster, run_id, lambda b: b.get("model_hash") == final)
+    cp = asyncio.run(_sql(url, "SELECT id, state FROM checkpoints WHERE run_id = $1"
+                               " ORDER BY id DESC LIMIT 1", run_id))[0]
+    state = json.loads(cp["state"])
+    state["mean"] = [float(v) * 1.5 + 1.0 for v in state["mean"]]
+    state["std"] = [float(v) * 0.5 for v in state["std"]]
+    asyncio.run(_sql(url, "UPDATE checkpoints SET state = $1::jsonb WHERE id = $2",
+                     json.dumps(state), cp["id"]))
+    after = probe_oracle(url, roster, run_id, lambda b: b.get("refused") is not None)
     refused = after["ready"].get("refused") or {}
     detected = (
         before["ready_status"] == 200 and _vouched(before["ready"]) is not None

@@ -52,6 +52,14 @@ HOSPITALS = 4
 CLIP = 1.0
 WAIT_S = 12.0  # the longest a scenario waits for one phase's answers
 
+# The request each awaited answer is sent for: a hospital that refused that request (a
+# ``secagg_refused`` entry naming its type) will not answer it.
+_ASKED_WITH: dict[type[Message], str] = {
+    SecAggAdvert: RoundStart.TYPE, Update: RoundStart.TYPE, SecAggShares: SecAggAdverts.TYPE,
+    SecAggMasked: SecAggInbox.TYPE, SecAggCheck: SecAggCheckRequest.TYPE,
+    SecAggUnmask: SecAggUnmaskRequest.TYPE,
+}
+
 
 
 def consortium(lab: Lab, name: str, behaviours: tuple[tuple[str, str], ...] = ()) -> Any:
@@ -92,6 +100,10 @@ class HostileCoordinator:
         self.base_hash = str(model["model_hash"])
         self.committed = {self.peer[h["name"]]: int(h["n_train"]) for h in fed.hospital_info}
         self.got: list[tuple[str, Message]] = []  # (sender, message) opened with our key
+        # How many refusals the trail held before the first request since the last wait: a
+        # refusal that comes before the next wait starts still ends that wait.
+        self._mark: int | None = None
+        self.first_refusal = len(self.refusals())  # earlier attacks' refusals are not this one's
 
     def hospital(self, i: int) -> str:
         return str(self.peer[f"hospital-{i:02d}"])
@@ -99,6 +111,8 @@ class HostileCoordinator:
     def send(self, msg: Message, to: Iterable[str], round_: int) -> None:
         import ray
 
+        if self._mark is None:
+            self._mark = len(self.refusals())
         env = seal(self.ident, msg.TYPE, list(to), round_, msg.to_payload())
         ray.get(self.router.send.remote(env))
 
@@ -123,7 +137,7 @@ class HostileCoordinator:
                 self.got.append((h.sender, decode(h.type, opened.payload, MESSAGE_TYPES[h.type])))
 
     def refusals(self, since: int = 0) -> list[Any]:
-        """``secagg_refused`` audit entries (all actors flushed first)."""
+        """``secagg_refused`` audit entries (all actors flushed first), from the ``since``-th."""
         return [e for e in self.fed.audit_entries() if e.event == "secagg_refused"][since:]
 
     def wait(
@@ -131,10 +145,13 @@ class HostileCoordinator:
         round_: int | None = None,
     ) -> dict[str, Any]:
         """The first ``kind`` message from each sender, until all came, each sender either
-        answered or refused (audited), or ``timeout``."""
+        answered or refused (audited) the request sent for it since the last wait (of
+        ``round_``, when given), or ``timeout``."""
         want = set(senders)
         deadline = time.monotonic() + timeout
-        seen = len(self.refusals())
+        seen = len(self.refusals()) if self._mark is None else self._mark
+        self._mark = None
+        asked = _ASKED_WITH.get(kind)
         while True:
             self._pull()
             out: dict[str, Any] = {}
@@ -143,7 +160,11 @@ class HostileCoordinator:
                     round_ is None or getattr(msg, "round", None) == round_
                 ):
                     out[sender] = msg
-            refused = {e.actor for e in self.refusals(seen)} if len(out) < len(want) else set()
+            refused = {
+                e.actor for e in self.refusals(seen)
+                if (round_ is None or e.round == round_)
+                and (asked is None or e.body.get("type") == asked)
+            } if len(out) < len(want) else set()
             if set(out) | refused >= want or time.monotonic() > deadline:
                 taken = {id(m) for m in out.values()}  # consumed: a retry waits for new ones
                 self.got = [(p, m) for p, m in self.got if id(m) not in taken]
@@ -200,7 +221,7 @@ def _refusal_outcome(
     attack: str, hostile: HostileCoordinator, rules: set[str], leaked: bool,
     details: dict[str, Any], loss: str,
 ) -> AttackOutcome:
-    refused = [e for e in hostile.refusals() if e.body.get("rule") in rules]
+    refused = [e for e in hostile.refusals(hostile.first_refusal) if e.body.get("rule") in rules]
     by = sorted({hostile.names.get(e.actor, e.actor[:12]) for e in refused})
     caught = bool(refused) and not leaked
     details = {
@@ -219,21 +240,29 @@ def _refusal_outcome(
 
 
 def _with(lab: Lab, name: str, body: Callable[[Any], AttackOutcome],
-          behaviours: tuple[tuple[str, str], ...] = ()) -> AttackOutcome:
-    """Run ``body`` on a fresh consortium; the audit trail ends up in the lab's database,
-    whose URL (and the hospitals' public peer ids) the outcome names as its evidence."""
+          behaviours: tuple[tuple[str, str], ...] = (), fed: Any = None) -> AttackOutcome:
+    """Run ``body`` on ``fed`` — a started :func:`consortium` the caller shares among attacks
+    that leave no state the next one depends on, and stops itself — or on a fresh one. The
+    audit trail ends up in the consortium's database, whose URL, the hospitals' public peer ids
+    and the last entry before the attack (``from_seq``) the outcome names as its evidence."""
     import dataclasses
 
-    fed = consortium(lab, name, behaviours)
+    own = fed is None
+    if fed is None:
+        fed = consortium(lab, name, behaviours)
     try:
+        before = fed.audit_entries()
+        from_seq = before[-1].seq if before else -1
         outcome = body(fed)
         fed.flush_store()
     finally:
-        fed.shutdown()
+        if own:
+            fed.shutdown()
     evidence = {
         "database": fed.cfg.database_url,
         "hospital_ids": {n: i.peer_id for n, i in fed.identities.items()
                          if n.startswith("hospital-")},
+        "from_seq": from_seq,
     }
     return dataclasses.replace(outcome, details={**outcome.details, **evidence})
 
@@ -241,7 +270,7 @@ def _with(lab: Lab, name: str, body: Callable[[Any], AttackOutcome],
 # ----------------------------------------------------------------------------- the attacks
 
 
-def fake_peers(lab: Lab) -> AttackOutcome:
+def fake_peers(lab: Lab, fed: Any = None) -> AttackOutcome:
     """A RoundStart for one target and two peers the operator made up (t = 2 of 3)."""
 
     def attack(fed: Any) -> AttackOutcome:
@@ -299,10 +328,10 @@ def fake_peers(lab: Lab) -> AttackOutcome:
             "the made-up peers' shares matched its signed commitment)",
         )
 
-    return _with(lab, "fake_peers", attack)
+    return _with(lab, "fake_peers", attack, fed=fed)
 
 
-def threshold_zero(lab: Lab) -> AttackOutcome:
+def threshold_zero(lab: Lab, fed: Any = None) -> AttackOutcome:
     """A plaintext RoundStart (``secagg_threshold = 0``) in a secure consortium."""
 
     def attack(fed: Any) -> AttackOutcome:
@@ -316,10 +345,10 @@ def threshold_zero(lab: Lab) -> AttackOutcome:
             f"{len(updates)} plaintext update(s) readable by the coordinator",
         )
 
-    return _with(lab, "threshold_zero", attack)
+    return _with(lab, "threshold_zero", attack, fed=fed)
 
 
-def retry_subtract(lab: Lab) -> AttackOutcome:
+def retry_subtract(lab: Lab, fed: Any = None) -> AttackOutcome:
     """Round 1 twice: all four hospitals, then the three others; subtract the sums."""
 
     def attack(fed: Any) -> AttackOutcome:
@@ -353,7 +382,7 @@ def retry_subtract(lab: Lab) -> AttackOutcome:
             "hospital-01's clipped update, as the difference of two secure sums",
         )
 
-    return _with(lab, "retry_subtract", attack)
+    return _with(lab, "retry_subtract", attack, fed=fed)
 
 
 def _share_kinds(answers: dict[str, bytes], sa: SecAggRound, owner: str) -> dict[str, list[str]]:

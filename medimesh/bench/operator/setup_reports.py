@@ -17,14 +17,24 @@ import numpy as np
 
 from medimesh.bench.operator import AttackOutcome, Lab, Scenario
 
-__all__ = ["ATTACKS", "SCENARIOS", "judge_eval", "judge_setup", "run_with_liar"]
+__all__ = ["ATTACKS", "SCENARIOS", "judge_eval", "judge_setup", "run_options", "run_with_liar"]
 
 LIAR_SITE = 3  # the fourth of four hospitals lies
 ROUNDS = 2
+ROUND_TIMEOUT_S = 20.0
+# The evaluation attack: a refused report leaves the coordinator's tally short of the liar, so
+# every round runs to its deadline (the updates are all in within a second or two on an idle
+# machine) and the final evaluation to its own (10 s): a shorter deadline, several times what a
+# round needs, and one round. One round still refuses both kinds of report the liar sends — the
+# counts riding on its update (of the round's base model) and the EvalReport of the final model.
+EVAL_ROUNDS = 1
+EVAL_ROUND_TIMEOUT_S = 8.0
 
 
-def run_with_liar(lab: Lab, lie: str) -> dict[str, Any]:
-    """Four hospitals (one of them ``lie``-ing), two rounds, audit in a fresh PostgreSQL.
+def run_with_liar(
+    lab: Lab, lie: str, rounds: int = ROUNDS, round_timeout_s: float = ROUND_TIMEOUT_S
+) -> dict[str, Any]:
+    """Four hospitals (one of them ``lie``-ing), ``rounds`` rounds, audit in a fresh PostgreSQL.
 
     Returns what the evidence needs: the liar's name and peer id, the audit entries (event,
     body), the history, the published standardization and checkpoint, the honest sites'
@@ -35,7 +45,7 @@ def run_with_liar(lab: Lab, lie: str) -> dict[str, Any]:
     from medimesh.actors.liars import LIARS
     from medimesh.actors.runtime import Consortium, RunConfig, site_descriptors
 
-    cfg = RunConfig(hospitals=4, rounds=ROUNDS, seed=7, round_timeout_s=20.0,
+    cfg = RunConfig(hospitals=4, rounds=rounds, seed=7, round_timeout_s=round_timeout_s,
                     database_url=lab.new_database(), cross_baselines=False, round_retries=0)
     liar = site_descriptors(cfg)[LIAR_SITE].name
     fed = Consortium(cfg, {liar: LIARS[lie]})
@@ -135,11 +145,18 @@ ATTACKS: dict[str, tuple[str, Callable[[str, dict[str, Any]], AttackOutcome]]] =
 }
 
 
+def run_options(attack: str) -> dict[str, Any]:
+    """``run_with_liar``'s rounds and deadline for ``attack`` (see EVAL_ROUNDS)."""
+    if ATTACKS[attack][1] is judge_eval:
+        return {"rounds": EVAL_ROUNDS, "round_timeout_s": EVAL_ROUND_TIMEOUT_S}
+    return {}
+
+
 def _scenario(attack: str) -> Scenario:
     lie, judge = ATTACKS[attack]
 
     def scenario(lab: Lab) -> AttackOutcome:
-        return judge(attack, run_with_liar(lab, lie))
+        return judge(attack, run_with_liar(lab, lie, **run_options(attack)))
 
     scenario.__name__ = attack
     return scenario
