@@ -196,6 +196,9 @@ class EvalTally:
     # (medimesh.setup_checks); None = not known (bounds checked among the counts only).
     test_sizes: Mapping[str, int] | None = None
     reports: dict[str, EvalReport] = field(default_factory=dict)
+    # Sites whose report for this model was refused: they answered (nothing to wait for), but
+    # their counts are left out of the accuracy.
+    refused: set[str] = field(default_factory=set)
 
     def add(self, sender: str, report: EvalReport) -> Refusal | None:
         """Count a site's report, or refuse it (returned, for the audit trail): counts that
@@ -206,6 +209,8 @@ class EvalTally:
         refusal = check_eval_report(report, limit)
         if refusal is None:
             self.reports[sender] = report
+        else:
+            self.refused.add(sender)
         return refusal
 
     def add_from_update(self, sender: str, update: Update) -> Refusal | None:
@@ -225,12 +230,16 @@ class EvalTally:
         limit = None if self.test_sizes is None else self.test_sizes.get(sender, 0)
         refusal = check_eval_counts(n, top1, top3, loss, limit)
         if refusal is not None:
-            return refusal if base_hash == self.model_hash and sender in self.expected else None
+            if base_hash != self.model_hash or sender not in self.expected:
+                return None
+            self.refused.add(sender)
+            return refusal
         report = EvalReport(round_ - 1, base_hash, int(n), int(top1), int(top3), loss)
         return self.add(sender, report)
 
     def complete(self) -> bool:
-        return set(self.reports) >= self.expected
+        """Every expected site answered: a counted report or a refused one."""
+        return set(self.reports) | self.refused >= self.expected
 
     def summary(self) -> dict[str, float]:
         n = sum(r.n_examples for r in self.reports.values())

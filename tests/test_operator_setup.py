@@ -154,6 +154,11 @@ def test_eval_tally_refuses_inflated_reports_and_publishes_the_rest() -> None:
     assert tally.summary()["n_eval"] == 30 and tally.summary()["top1"] == 0.5
     ev = {"n_examples": 1e9, "correct_top1": 1e9, "correct_top3": 1e9, "loss_sum": 0.0}
     assert tally.add_counts("b", 2, "m", ev) is not None and "b" not in tally.reports
+    # A refused report is still an answer: the round does not wait for b until its deadline.
+    assert tally.complete() and tally.refused == {"b"}
+    late = EvalTally("m", frozenset({"a", "b"}), {"a": 30, "b": 40})
+    late.add("a", EvalReport(1, "m", 30, 15, 20, 20.0))
+    assert not late.complete()  # b has not answered at all: keep waiting
 
 
 def test_every_lie_is_named() -> None:
