@@ -458,12 +458,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("training done; still serving. Press Ctrl-C to stop", file=sys.stderr, flush=True)
         _wait_for_ctrl_c()
     finally:
-        for stop in reversed(stops):
-            try:
-                stop()
-            except Exception as exc:  # keep shutting the rest down
-                print(f"medimesh: shutdown: {type(exc).__name__}: {exc}", file=sys.stderr)
-        fed.shutdown()
+        shut_down(stops, fed)
     return 0
 
 
@@ -530,6 +525,17 @@ def _stop_serve() -> None:
     from medimesh.actors.oracle import undeploy
 
     undeploy()
+
+
+def shut_down(stops: Sequence[Callable[[], object]], fed: Any) -> None:
+    """Stop the services (newest first), then the federation; one failing stop does not keep
+    the others running."""
+    for stop in reversed(stops):
+        try:
+            stop()
+        except Exception as exc:  # keep shutting the rest down
+            print(f"medimesh: shutdown: {type(exc).__name__}: {exc}", file=sys.stderr)
+    fed.shutdown()
 
 
 def _wait_for_ctrl_c() -> None:

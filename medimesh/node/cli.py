@@ -119,6 +119,7 @@ def cmd_node_consortium(args: argparse.Namespace) -> int:
         _start_services,
         _wait_for_ctrl_c,
         emit,
+        shut_down,
     )
     from medimesh.errors import ConfigError
     from medimesh.node.hospital import load_verified_roster
@@ -188,10 +189,5 @@ def cmd_node_consortium(args: argparse.Namespace) -> int:
             print("training done; still serving. Ctrl-C to stop", file=sys.stderr, flush=True)
             _wait_for_ctrl_c()
     finally:
-        for stop in reversed(stops):
-            try:
-                stop()
-            except Exception as exc:  # keep shutting the rest down
-                print(f"medimesh: shutdown: {type(exc).__name__}: {exc}", file=sys.stderr)
-        fed.shutdown()
+        shut_down(stops, fed)
     return 0 if audit["ok"] else 1
