@@ -1,17 +1,13 @@
 """HTTP shell of the AXL front: Starlette routes over :class:`medimesh.axl_front.AxlFront`.
 
-Run it next to a running consortium so agents outside Ray can join through the router::
-
-    python -m medimesh.actors.axl_front --address auto --pub cleveland.pub --port 9002
-
-Every served peer gets a mailbox at the router (``register(peer, None)``) while the front runs
-and is detached (unreachable, AXL's 502) when it stops. Its API is AXL's, at
-``/{peer_id}/send|recv|topology`` and, when the front serves exactly one peer, also at
-``/send|recv|topology``, so an unmodified AXL client can point at it. ``/send`` only takes
-envelopes the node's own key signed (and only from roster members); ``/recv`` and
-``/topology`` need a request signed by the mailbox owner (``medimesh.axl_auth``). With
-``--tls-key ROUTER.key`` it serves TLS 1.3 with a certificate whose key is the router's, so
-clients pin the roster's router peer id (``medimesh.tls``); see docs/axl.md.
+Run next to a consortium so agents outside Ray join through the router:
+``python -m medimesh.actors.axl_front --address auto --pub cleveland.pub --port 9002``.
+Each served peer gets a router mailbox while the front runs (detached, AXL's 502, when it
+stops). The API is AXL's at ``/{peer_id}/send|recv|topology`` (also at ``/send|recv|topology``
+for a single peer, for an unmodified AXL client). ``/send`` takes only envelopes the node's own
+key signed, from roster members; ``/recv`` and ``/topology`` need a request signed by the
+mailbox owner (``medimesh.axl_auth``). ``--tls-key ROUTER.key`` serves TLS 1.3 with the
+router's key, which clients pin from the roster (``medimesh.tls``); see docs/axl.md.
 """
 
 from __future__ import annotations
@@ -36,6 +32,7 @@ from starlette.routing import Route
 from medimesh.axl import TO_HEADER
 from medimesh.axl_auth import RequestAuth, SignedRequest
 from medimesh.axl_front import AxlFront, Reply
+from medimesh.axl_longpoll import while_connected
 from medimesh.errors import ConfigError, MediMeshError
 from medimesh.identity import Roster
 from medimesh.tls import server_context
@@ -60,6 +57,9 @@ class RayRouterPort:
     async def recv(self, peer_id: str) -> tuple[str, bytes] | None:
         item = await _unwrap(self.handle.recv.remote(peer_id))
         return None if item is None else (str(item[0]), bytes(item[1]))
+
+    async def recv_batch(self, peer_ids: Sequence[str]) -> list[tuple[str, str, bytes]]:
+        return list(await _unwrap(self.handle.recv_batch.remote(list(peer_ids))))
 
     async def topology(self) -> dict[str, Any]:
         return dict(await _unwrap(self.handle.topology.remote()))
@@ -120,8 +120,9 @@ def build_front_app(
         body = await request.body()
         return await _answer(front.send(peer_of(request), request.headers.get(TO_HEADER), body))
 
-    async def recv(request: Request) -> Response:
-        return await _answer(front.recv(peer_of(request), signed(request)))
+    async def recv(request: Request) -> Response:  # a client gone mid-wait gets nothing popped
+        work = front.recv(peer_of(request), signed(request))
+        return await _answer(while_connected(work, request.receive, Reply(204)))
 
     async def topology(request: Request) -> Response:
         return await _answer(front.topology(peer_of(request), signed(request)))
@@ -167,14 +168,8 @@ class RunningFront:
 
 
 def serve_front(
-    router: Any,
-    peers: Sequence[str],
-    *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    tls_seed: bytes | None,
-    roster: Roster | None,
-    require_signed: bool = True,
+    router: Any, peers: Sequence[str], *, host: str = "127.0.0.1", port: int = 0,
+    tls_seed: bytes | None, roster: Roster | None, require_signed: bool = True,
     start_timeout_s: float = 30.0,
 ) -> RunningFront:
     """Serve the front for ``peers`` in a daemon thread of this process (``port=0``: any free

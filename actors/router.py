@@ -233,6 +233,13 @@ class Router(Audited):
         with self._lock:
             return self._boxes.pop(peer_id)
 
+    def recv_batch(self, peer_ids: list[str]) -> list[tuple[str, str, bytes]]:
+        """At most one message for each mailbox peer in ``peer_ids`` that has one: what an AXL
+        front's long-polled ``/recv`` requests wait for, asked in one call per tick."""
+        with self._lock:
+            items = ((p, self._boxes.pop(p)) for p in peer_ids)
+            return [(p, item[0], item[1]) for p, item in items if item is not None]
+
     def captured(self) -> list[bytes]:
         """The envelopes kept by ``capture`` (empty unless capture was enabled)."""
         return list(self._captured)

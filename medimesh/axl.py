@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from medimesh.axl_auth import sign_request
+from medimesh.axl_longpoll import WAIT_HEADER
 from medimesh.errors import ConfigError, MediMeshError, NotEnrolled, PeerUnreachable
 from medimesh.identity import Identity, Roster
 from medimesh.tls import pinned_context
@@ -210,9 +212,12 @@ class AxlTransport:
         return out
 
     # -- the rest of the AXL API -----------------------------------------------------------
-    def recv(self) -> Received | None:
-        """The next queued message, or ``None`` when the node answers 204."""
-        resp = self._request("GET", "/recv", signed=True)
+    def recv(self, wait_s: float = 0.0) -> Received | None:
+        """The next queued message, or ``None`` when the node answers 204. ``wait_s`` > 0 asks
+        a MediMesh front to hold the request until a message arrives (medimesh.axl_longpoll);
+        a real AXL node ignores it and answers at once."""
+        headers = {WAIT_HEADER: f"{wait_s:g}"} if wait_s > 0 else {}
+        resp = self._request("GET", "/recv", signed=True, headers=headers)
         if resp.status_code == 204:
             return None
         if resp.status_code != 200:
@@ -232,23 +237,26 @@ class AxlTransport:
 
     def listen(
         self, deliver: Callable[[bytes], object], stop: threading.Event,
-        idle_s: float = 0.002, max_idle_s: float = 0.05,
+        idle_s: float = 0.002, max_idle_s: float = 0.05, long_poll_s: float = 1.0,
     ) -> None:
-        """Poll until ``stop`` is set: how a node outside Ray gets its ``deliver`` calls.
+        """Receive until ``stop`` is set: how a node outside Ray gets its ``deliver`` calls.
 
-        AXL has no push to applications, so an empty queue costs one request per wait. The
-        wait starts at ``idle_s`` after a message (replies tend to come in bursts) and doubles
-        while the queue stays empty, up to ``max_idle_s``: a quiet node costs the front ~20
-        requests a second instead of hundreds, and a message waits at most ``max_idle_s``.
-        A busy queue is drained without sleeping.
+        Each ``/recv`` asks to be held up to ``long_poll_s`` (a MediMesh front answers as soon
+        as a message arrives, so an idle node costs one request a second). A node that answers
+        204 at once (real AXL has no long-poll) is polled instead, the wait between polls
+        starting at ``idle_s`` after a message and doubling up to ``max_idle_s``. ``stop`` is
+        noticed within ``long_poll_s``.
         """
         wait = idle_s
         while not stop.is_set():
-            if self.poll(deliver) == 0:
+            asked = time.monotonic()
+            msg = self.recv(wait_s=long_poll_s)
+            if msg is not None:
+                deliver(msg.envelope)
+                wait = idle_s
+            elif time.monotonic() - asked < long_poll_s / 2:  # not held: plain polling
                 stop.wait(wait)
                 wait = min(wait * 2, max_idle_s)
-            else:
-                wait = idle_s
 
     def topology(self) -> Topology:
         resp = self._request("GET", "/topology", signed=True)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from medimesh.axl import FROM_HEADER, SENT_HEADER
 from medimesh.axl_auth import AuthRefused, RequestAuth, SignedRequest
+from medimesh.axl_longpoll import WAIT_HEADER, Waiters, wait_seconds
 from medimesh.errors import EnvelopeError, NotEnrolled, PeerUnreachable
 from medimesh.identity import Roster
 from medimesh.wire import MAX_ENVELOPE_BYTES, digest, inspect
@@ -39,6 +40,10 @@ class RouterPort(Protocol):
     async def send(self, envelope: bytes) -> int: ...
 
     async def recv(self, peer_id: str) -> tuple[str, bytes] | None: ...
+
+    async def recv_batch(self, peer_ids: Sequence[str]) -> list[tuple[str, str, bytes]]:
+        """At most one message for each of ``peer_ids``: (peer, sender, envelope)."""
+        ...
 
     async def topology(self) -> dict[str, Any]: ...
 
@@ -96,6 +101,7 @@ class AxlFront:
         self._remember = remember
         self._routed: OrderedDict[str, int] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[int]] = {}
+        self._waiters = Waiters(router.recv_batch)
 
     def _refused(self, peer: str, request: SignedRequest | None) -> Reply | None:
         """401 unless ``request`` proves possession of ``peer``'s key (when auth is on)."""
@@ -170,12 +176,17 @@ class AxlFront:
         return await asyncio.shield(task)
 
     async def recv(self, peer: str, request: SignedRequest | None = None) -> Reply:
-        """``GET /recv`` for node ``peer``: one envelope from its mailbox, or 204."""
+        """``GET /recv`` for node ``peer``: one envelope from its mailbox, or 204. With
+        ``X-MediMesh-Wait: S`` an empty mailbox holds the request up to S seconds
+        (medimesh.axl_longpoll); a plain AXL client never sends it and gets AXL's answer."""
         if (missing := self._unknown(peer)) is not None:
             return missing
         if (refused := self._refused(peer, request)) is not None:
             return refused
-        item = await self._router.recv(peer)
+        item = self._waiters.take_held(peer) or await self._router.recv(peer)
+        wait = wait_seconds(request.headers.get(WAIT_HEADER)) if request is not None else 0.0
+        if item is None and wait > 0:
+            item = await self._waiters.wait(peer, wait)
         if item is None:
             return Reply(204)
         sender, envelope = item

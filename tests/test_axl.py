@@ -383,3 +383,57 @@ def test_a_dead_router_is_503_not_a_stack_trace(ray_session: None) -> None:
         for _ in range(2):
             assert resp.status_code == 503 and "router is unavailable" in resp.text
             resp = recv(client)
+
+
+def test_a_long_polled_recv_is_answered_when_a_message_arrives(network: dict[str, Any]) -> None:
+    """``X-MediMesh-Wait``: the front holds beta's /recv until alpha's envelope is routed, then
+    answers with it; an empty mailbox is held for the wait and then answered 204."""
+    ta, tb = network["a"], network["b"]
+    _drain(tb)
+    env = seal(A, "update", [B.peer_id], 7, b"held for beta")
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(tb.recv(wait_s=4.0)))
+    waiter.start()
+    time.sleep(0.5)  # beta's request is waiting at the front now
+    assert waiter.is_alive(), "an empty mailbox answered at once instead of holding the request"
+    assert ta.send(env) == 1
+    waiter.join(timeout=10)
+    assert got and got[0] is not None and got[0].envelope == env
+    asked = time.monotonic()
+    assert tb.recv(wait_s=0.6) is None  # nothing came: 204 once the wait is over
+    assert time.monotonic() - asked >= 0.5
+
+
+def test_listen_delivers_through_the_long_poll(network: dict[str, Any]) -> None:
+    """A node's receive loop gets every envelope sent to it, in order, and stops on request."""
+    ta, tb = network["a"], network["b"]
+    _drain(tb)
+    seen: list[bytes] = []
+    stop = threading.Event()
+    loop = threading.Thread(target=tb.listen, args=(seen.append, stop), daemon=True)
+    loop.start()
+    envs = [seal(A, "update", [B.peer_id], r, b"r%d" % r) for r in range(1, 6)]
+    for env in envs:
+        ta.send(env)
+        time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while len(seen) < len(envs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    loop.join(timeout=5)
+    assert seen == envs and not loop.is_alive()
+
+
+def test_a_client_gone_mid_wait_loses_no_message(network: dict[str, Any]) -> None:
+    """A node that hangs up while its /recv is held (killed, timed out) must not have the next
+    message popped for the dead connection: it waits in the mailbox for its next request."""
+    ta, tb = network["a"], network["b"]
+    _drain(tb)
+    with AxlTransport(f"{network['base']}/{B.peer_id}", identity=B, timeout=0.5) as impatient:
+        with pytest.raises(AxlError):
+            impatient.recv(wait_s=4.0)  # the client gives up after 0.5 s; the front held it
+    time.sleep(0.3)  # the front has seen the disconnect
+    env = seal(A, "update", [B.peer_id], 9, b"not for a dead socket")
+    assert ta.send(env) == 1
+    got = tb.recv(wait_s=2.0)
+    assert got is not None and got.envelope == env
