@@ -66,6 +66,7 @@ class Router(Audited):
         self._namespace = namespace
         self._last_push: dict[str, tuple[Any, float]] = {}
         self._oldest: dict[str, tuple[Any, float]] = {}  # oldest delivery not known processed
+        self._described: dict[str, dict[str, Any]] = {}  # peer -> what its launcher told us
         for peer_id in self._directory:
             self._table.attach(peer_id)
 
@@ -228,6 +229,12 @@ class Router(Audited):
                 out[peer] = "live"
         return out
 
+    def describe(self, peer_id: str, info: dict[str, Any]) -> None:
+        """Labels for ``/network`` from whoever started a peer (e.g. the demo: ``runs_as``
+        "process", its ``pid``); shown as given, never used for routing."""
+        self._table.roster.get(peer_id)  # raises NotEnrolled
+        self._described[peer_id] = dict(info)
+
     def recv(self, peer_id: str) -> tuple[str, bytes] | None:
         """Pull the next message for a mailbox peer; ``None`` means empty (AXL's 204)."""
         with self._lock:
@@ -272,8 +279,16 @@ class Router(Audited):
             out["mailboxes"] = {"limit": self._boxes.limit,
                                 "dropped": dict(self._boxes.dropped),
                                 "delayed_in_flight": self._delay_line.pending()}
+            now = time.time()
+            boxes = {pid: self._boxes.describe(pid, now)
+                     for pid in out["peers"] if pid in self._boxes}
         health = self.health()
         for pid, peer in out["peers"].items():
+            peer.update(self._described.get(pid, {}))
+            if pid in boxes:  # an AXL peer: reachable while it keeps polling its mailbox
+                peer.update(boxes[pid])
+                continue
+            peer["transport"] = "ray"
             peer["status"] = health.get(pid, "live" if peer.get("reachable") else "down")
         return out
 

@@ -385,10 +385,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from medimesh.actors.runtime import Consortium
 
     cfg = _config(args)
+    sites = _site_processes(args) if args.sites == "processes" else None
+    if sites is not None:
+        from medimesh.node.consortium import remote_config
+
+        cfg = remote_config(keys=sites.keys, roster=sites.roster, spec=sites.spec,
+                            axl_listen="127.0.0.1:0", base=cfg)
     serving = not (args.no_serve or args.json) and cfg.database_url is not None
     server = _server_summary(cfg)
+    dataset = cfg.dataset if sites is None else f"{args.dataset} (each site its own process)"
     print(
-        f"MediMesh demo: {cfg.n_sites} hospitals, {cfg.rounds} rounds, dataset {cfg.dataset}, "
+        f"MediMesh demo: {cfg.n_sites} hospitals, {cfg.rounds} rounds, dataset {dataset}, "
         f"aggregator {cfg.aggregator}, server {server['server_optimizer']} "
         f"(lr {server['server_lr']:g}, momentum {server['server_momentum']:g}); "
         "starting Ray…",
@@ -396,7 +403,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     fed = Consortium(cfg)
-    stops: list[Callable[[], None]] = []
+    if sites is not None:
+        fed.on_front = lambda front: _launch_sites(sites, fed, front)
+    # Stopped last of all but the federation: a hospital process flushes its audit events
+    # through the AXL front on its way out.
+    stops: list[Callable[[], None]] = [] if sites is None else [lambda: _stop_sites(sites)]
     try:
         timings = fed.start()
         print(
@@ -419,11 +430,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         history = fed.run(None if args.json else _progress(cfg.rounds))
         final = fed.final_model()
         stats = fed.router_stats()
+        network = None
+        if sites is not None:
+            import ray
+
+            from medimesh.oracle.responses import network_from_router
+
+            topo = ray.get(fed.handles["router"].topology.remote())
+            network = network_from_router(stats, topo)  # what /network answers now
+            if not serving:  # their node_stopped events reach the trail before it is verified
+                _stop_sites(sites)
         audit = fed.verify_audit()
         fed.flush_store()
         result = {
             "run_id": fed.run_id,
-            "dataset": cfg.dataset,
+            "dataset": cfg.dataset if sites is None else args.dataset,
+            "sites": args.sites,
             "hospitals": cfg.n_sites,
             "server": server,
             "rounds": history,
@@ -438,6 +460,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             },
             "audit": audit,
         }
+        if sites is not None:
+            result["processes"] = {"folder": str(sites.root), "sites": sites.describe(),
+                                   "network": network}
         if args.json:
             emit(json.dumps(result))
         else:
@@ -460,6 +485,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         shut_down(stops, fed)
     return 0
+
+
+def _site_processes(args: argparse.Namespace) -> Any:
+    """The demo's folder for ``--sites processes``: keys, signed roster, site CSVs, spec."""
+    from medimesh.node.processes import PROCESSES_DIR, SiteProcesses
+    from medimesh.runs import new_run_id
+
+    root = (PROCESSES_DIR / new_run_id()).resolve()
+    sites = SiteProcesses.prepare(root, args.dataset, hospitals=args.hospitals, seed=args.seed,
+                                  alpha=_alpha(args), n_diseases=args.diseases,
+                                  data_dir=args.data_dir)
+    print(f"sites as processes: {root} holds a key per member (the demo holds them all and "
+          f"signed the roster for each), the roster and each site's CSV", file=sys.stderr,
+          flush=True)
+    return sites
+
+
+def _launch_sites(sites: Any, fed: Any, front: Any) -> None:
+    """Start one ``medimesh node hospital`` process per site against the AXL front; label
+    each on the router, so /network and the dashboard show it as a process over AXL."""
+    import ray
+
+    sites.launch(front.url)
+    router = fed.handles["router"]
+    ray.get([router.describe.remote(s.peer_id, {"runs_as": "process", "pid": s.proc.pid})
+             for s in sites.sites])
+    for s in sites.sites:
+        print(f"hospital process {s.name}: pid {s.proc.pid}, log {s.folder / 'node.log'}",
+              file=sys.stderr, flush=True)
+    print(f"AXL front {front.url} (pin {front.pin[:16]}…); waiting for setup",
+          file=sys.stderr, flush=True)
+
+
+def _stop_sites(sites: Any) -> None:
+    if not sites.running():
+        return
+    killed = sites.stop()
+    codes = {s.name: s.proc.returncode for s in sites.sites if s.proc is not None}
+    print(f"hospital processes stopped: exit codes {codes}"
+          + (f"; killed after the timeout: {killed}" if killed else ""), file=sys.stderr,
+          flush=True)
 
 
 def _access(args: argparse.Namespace) -> Any:
@@ -1087,6 +1153,10 @@ def build_parser() -> argparse.ArgumentParser:
     _access_args(demo)
     demo.add_argument("--ui-host", default="127.0.0.1", help="dashboard host")
     demo.add_argument("--ui-port", type=int, default=7860, help="dashboard HTTP port")
+    demo.add_argument("--sites", choices=["ray", "processes"], default="ray",
+                      help="ray: every hospital an actor on this Ray (default); processes: "
+                           "each its own OS process (`medimesh node hospital`) over AXL, with "
+                           "its own key, data and state in .medimesh/processes/<id>/")
     demo.add_argument("--pace", type=float, default=None, metavar="SECONDS",
                       help="pause between rounds, so people can watch them arrive (default: "
                            f"{DEMO_PACE_S:g} s while serving the dashboard, 0 with --no-serve "

@@ -223,6 +223,8 @@ class NetworkNode:
     dropped: int
     last_seen: float | None
     status: str = "unknown"  # live / slow / restarting / down, as the router sees deliveries
+    transport: str = "ray"  # "axl": it polls a mailbox through the AXL front (its own node)
+    runs_as: str = ""  # as its launcher described it, e.g. "process pid 4242" (the demo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,13 +463,18 @@ def _diagnosis(d: Mapping[str, Any]) -> Diagnosis:
     )
 
 
+def _runs_as(n: Mapping[str, Any]) -> str:
+    what = str(n.get("runs_as", ""))
+    return f"{what} pid {n['pid']}" if what and n.get("pid") is not None else what
+
+
 def _network(d: Mapping[str, Any]) -> Network:
     nodes = tuple(
         NetworkNode(
             n["peer_id"], n.get("name", "?"), n.get("role", "?"), n.get("reachable"),
             int(n.get("msgs_out", 0)), int(n.get("bytes_out", 0)), int(n.get("msgs_in", 0)),
             int(n.get("bytes_in", 0)), int(n.get("dropped", 0)), n.get("last_seen"),
-            str(n.get("status", "unknown")),
+            str(n.get("status", "unknown")), str(n.get("transport", "ray")), _runs_as(n),
         )
         for n in d.get("nodes", [])
     )

@@ -24,9 +24,21 @@ from medimesh.errors import ConfigError, NotEnrolled, PeerUnreachable
 from medimesh.identity import Roster
 from medimesh.wire import Header, inspect
 
-__all__ = ["MAILBOX_LIMIT", "DelayLine", "Faults", "Mailboxes", "PeerCounters", "RoutingTable"]
+__all__ = ["MAILBOX_LIMIT", "POLL_DOWN_S", "POLL_LIVE_S", "DelayLine", "Faults", "Mailboxes",
+           "PeerCounters", "RoutingTable", "mailbox_status"]
 
 MAILBOX_LIMIT = 100  # AXL's receive queue: it drops the oldest message when full
+POLL_LIVE_S = 5.0  # a mailbox peer that polled this recently is "live"
+POLL_DOWN_S = 30.0  # ... one silent for longer (or that never polled) is "down"; between: "slow"
+
+
+def mailbox_status(polled_at: float | None, now: float) -> str:
+    """A mailbox (AXL) peer's state, from when it last polled ``/recv``: the router cannot see
+    a remote process, only whether something keeps draining its mailbox."""
+    if polled_at is None:
+        return "down"
+    waited = now - polled_at
+    return "live" if waited <= POLL_LIVE_S else "slow" if waited <= POLL_DOWN_S else "down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +244,7 @@ class Mailboxes:
         self.limit = limit
         self._boxes: dict[str, deque[tuple[str, bytes]]] = {}
         self.dropped: Counter[str] = Counter()
+        self.polled: dict[str, float] = {}  # peer -> when it last asked for its mail (time.time)
 
     def open(self, peer: str) -> None:
         self._boxes.setdefault(peer, deque())
@@ -250,12 +263,20 @@ class Mailboxes:
             self.dropped[peer] += dropped
         return dropped
 
-    def pop(self, peer: str) -> tuple[str, bytes] | None:
+    def pop(self, peer: str, now: float | None = None) -> tuple[str, bytes] | None:
         box = self._boxes.get(peer)
+        if box is not None:
+            self.polled[peer] = time.time() if now is None else now
         return box.popleft() if box else None
 
     def size(self, peer: str) -> int:
         return len(self._boxes.get(peer, ()))
+
+    def describe(self, peer: str, now: float) -> dict[str, Any]:
+        """What ``/network`` shows of a mailbox peer: queued messages, last poll, status."""
+        polled = self.polled.get(peer)
+        return {"transport": "axl", "queued": self.size(peer), "last_polled": polled,
+                "status": mailbox_status(polled, now)}
 
 
 class DelayLine:

@@ -11,6 +11,10 @@ exposes, with rules simple enough to state in the legend:
 * ``slow``: it sent a late update recently, or it has been silent for ``SLOW_AFTER_S`` while
   others kept talking;
 * ``live``: otherwise (``unknown`` when only enrolment data is available).
+
+A node that talks over AXL (its own process polling its mailbox through the AXL front, e.g.
+``medimesh demo --sites processes``) is drawn with a dashed ring and says so in its tooltip;
+its status comes from how recently it polled (the router's ``mailbox_status``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class NodeView:
     status: str
     messages: int
     bytes: int
+    transport: str = "ray"
+    runs_as: str = ""
 
 
 def _status(
@@ -85,18 +91,27 @@ def node_views(
                 e.messages for e in network.edges
             ),
             n.bytes_in + n.bytes_out,
+            n.transport,
+            n.runs_as,
         )
         for n in network.nodes
     ]
     return sorted(out, key=lambda v: (_ROLE_ORDER.get(v.role, 5), v.name))
 
 
-def _legend(x: float, y: float) -> Iterable[str]:
+def _legend(x: float, y: float, axl: bool) -> Iterable[str]:
     for i, (status, colour) in enumerate(STATUS_COLOURS.items()):
         yy = y + i * 16
         yield (
             f'<circle cx="{x}" cy="{yy}" r="5" fill="{colour}"/>'
             f'<text x="{x + 10}" y="{yy + 4}" fill="#374151">{status}</text>'
+        )
+    if axl:
+        yy = y + len(STATUS_COLOURS) * 16
+        yield (
+            f'<circle cx="{x}" cy="{yy}" r="5" fill="white" stroke="#111827" '
+            f'stroke-dasharray="2 2"/><text x="{x + 10}" y="{yy + 4}" fill="#374151">over AXL'
+            "</text>"
         )
 
 
@@ -139,7 +154,7 @@ def topology_svg(nodes: list[NodeView], width: int = 640, height: int = 440) -> 
     if router is not None:
         circles.append(_node(router, cx, cy, 24, True))
     body = [f'<rect width="{width}" height="{height}" fill="white"/>', *links, *circles,
-            *_legend(width - 90, 20)]
+            *_legend(width - 90, 20, any(n.transport == "axl" for n in nodes))]
     return (
         '<svg xmlns="http://www.w3.org/2000/svg" class="mm-chart" data-chart="topology" '
         f'data-nodes="{len(nodes)}" viewBox="0 0 {width} {height}" width="100%" '
@@ -151,6 +166,10 @@ def topology_svg(nodes: list[NodeView], width: int = 640, height: int = 440) -> 
 def _node(n: NodeView, x: float, y: float, r: int, label: bool) -> str:
     colour = STATUS_COLOURS.get(n.status, STATUS_COLOURS["unknown"])
     letter = (n.role[:1] or "?").upper()
+    axl = n.transport == "axl"
+    where = (f", over AXL ({escape(n.runs_as)})" if n.runs_as else ", over AXL") if axl else ""
+    ring = (f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r + 4}" fill="none" stroke="#111827" '
+            'stroke-width="1.5" stroke-dasharray="3 2"/>') if axl else ""
     text = (
         f'<text x="{x:.1f}" y="{y + r + 14:.1f}" text-anchor="middle" fill="#111827">'
         f"{escape(n.name)}</text>"
@@ -159,8 +178,9 @@ def _node(n: NodeView, x: float, y: float, r: int, label: bool) -> str:
     )
     return (
         f'<g class="mm-node" data-name="{escape(n.name)}" data-role="{escape(n.role)}" '
-        f'data-status="{n.status}"><title>{escape(n.name)} ({escape(n.role)}): {n.status}, '
-        f"{n.messages} messages, peer {escape(n.peer_id[:16])}…</title>"
+        f'data-status="{n.status}" data-transport="{escape(n.transport)}">'
+        f"<title>{escape(n.name)} ({escape(n.role)}{where}): {n.status}, "
+        f"{n.messages} messages, peer {escape(n.peer_id[:16])}…</title>{ring}"
         f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{colour}" stroke="white" '
         f'stroke-width="2"/><text x="{x:.1f}" y="{y + 4:.1f}" text-anchor="middle" '
         f'fill="white" font-weight="bold">{letter}</text>{text}</g>'

@@ -4,5 +4,7 @@
 directory, never joining the consortium's Ray: it speaks only through an AXL node API
 (:mod:`medimesh.node.hospital`). ``medimesh node consortium`` runs coordinator, validator and
 auditor on the operator's Ray and serves the roster's hospitals through an AXL front
-(:mod:`medimesh.node.consortium`). Deployment walkthrough: ``deploy/README.md``.
+(:mod:`medimesh.node.consortium`). ``medimesh demo --sites processes`` plays every party on
+one machine, each hospital its own process (:mod:`medimesh.node.processes`). Deployment
+walkthrough: ``deploy/README.md``.
 """

@@ -112,7 +112,7 @@ def _round_line(m: dict[str, Any]) -> dict[str, Any]:
 def cmd_node_consortium(args: argparse.Namespace) -> int:
     """Start coordinator, validator and auditor with the AXL front, wait for every hospital at
     setup, train ``--rounds``; print the AXL URL and pin, then one line per round."""
-    from medimesh.actors.runtime import Consortium, RunConfig
+    from medimesh.actors.runtime import Consortium
     from medimesh.cli import (
         _database_url,
         _progress,
@@ -122,28 +122,23 @@ def cmd_node_consortium(args: argparse.Namespace) -> int:
         shut_down,
     )
     from medimesh.errors import ConfigError
-    from medimesh.node.hospital import load_verified_roster
+    from medimesh.node.consortium import remote_config
     from medimesh.recipes import recipe
-    from medimesh.spec import load_spec
 
     _info_logs(args.verbose)
-    roster = load_verified_roster(args.roster)
-    names = tuple(m.name for m in roster.with_role("hospital"))
-    if not names:
-        raise ConfigError(f"{args.roster} enrols no hospital")
     database_url = _database_url(args.database_url)
     if args.serve and database_url is None:
         raise ConfigError("--serve needs a database (--database-url)")
     state = Path(".medimesh").resolve()
-    cfg = RunConfig(
-        dataset="csv", spec=load_spec(args.spec).to_dict(), remote_hospitals=names,
-        keys_dir=str(args.keys), roster_file=str(args.roster), axl_listen=args.axl_listen,
+    cfg = remote_config(
+        keys=args.keys, roster=args.roster, spec=args.spec, axl_listen=args.axl_listen,
         rounds=args.rounds, min_updates=args.min_updates, round_timeout_s=args.round_timeout,
         setup_timeout_s=args.setup_timeout, database_url=database_url,
         train=recipe("csv").train,
         roster_dir=str(state / "rosters") if database_url else None,
         witness_dir=str(state / "witness") if database_url else None,
     )
+    names = cfg.remote_hospitals
     fed = Consortium(cfg)
 
     def announce(front: Any) -> None:
