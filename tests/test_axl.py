@@ -429,9 +429,9 @@ def test_a_client_gone_mid_wait_loses_no_message(network: dict[str, Any]) -> Non
     message popped for the dead connection: it waits in the mailbox for its next request."""
     ta, tb = network["a"], network["b"]
     _drain(tb)
-    with AxlTransport(f"{network['base']}/{B.peer_id}", identity=B, timeout=0.5) as impatient:
-        with pytest.raises(AxlError):
-            impatient.recv(wait_s=4.0)  # the client gives up after 0.5 s; the front held it
+    impatient = AxlTransport(f"{network['base']}/{B.peer_id}", identity=B, timeout=0.5)
+    with impatient, pytest.raises(AxlError):
+        impatient.recv(wait_s=4.0)  # the client gives up after 0.5 s; the front held it
     time.sleep(0.3)  # the front has seen the disconnect
     env = seal(A, "update", [B.peer_id], 9, b"not for a dead socket")
     assert ta.send(env) == 1
