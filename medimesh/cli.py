@@ -418,7 +418,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             flush=True,
         )
         if args.drop or args.delay or args.partition:
-            fed.set_faults(args.drop, args.delay, [g.split(",") for g in args.partition])
+            fed.set_faults(args.drop, args.delay, [g.split(",") for g in args.partition],
+                           jitter_s=args.jitter)
             print(f"fault drill: drop {args.drop:.0%}, delay {args.delay} s, partitions "
                   f"{args.partition or 'none'}", file=sys.stderr, flush=True)
         if serving:
@@ -1122,7 +1123,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from medimesh.bench.rounds import run_rounds
 
-        result = run_rounds(cfg, progress, transport=args.transport, delay_s=args.delay)
+        result = run_rounds(cfg, progress, transport=args.transport, delay_s=args.delay,
+                            jitter_s=args.jitter)
     result["wall_s"] = round(time.perf_counter() - t0, 2)
     emit(json.dumps(result, indent=None if args.json else 2))
     return 0
@@ -1137,7 +1139,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--drop", type=_probability, default=0.0,
                       help="fault drill: fraction of envelopes the router drops")
     demo.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
-                      help="fault drill: delay every delivery by this long")
+                      help="fault drill: delay every delivery by this long (a WAN hop)")
+    demo.add_argument("--jitter", type=float, default=0.0, metavar="SECONDS",
+                      help="with --delay: each hop's delay is uniform in delay ± jitter "
+                           "(order per sender-recipient pair kept)")
     demo.add_argument("--partition", action="append", default=[], metavar="A,B,…",
                       help="fault drill: node names that can only talk among themselves "
                            "(repeat for several groups)")
@@ -1324,7 +1329,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="axl: also run the hospitals over the AXL front's HTTP API and "
                              "report both paths (medimesh.bench.rounds)")
     rounds.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
-                        help="router delay on every push delivery (a WAN hop)")
+                        help="router delay on every delivery, pushed or into a mailbox "
+                             "(a WAN hop)")
+    rounds.add_argument("--jitter", type=float, default=0.0, metavar="SECONDS",
+                        help="with --delay: each hop's delay is uniform in delay ± jitter")
     rounds.set_defaults(func=cmd_bench)
     return parser
 

@@ -2,8 +2,8 @@
 
 ``--transport axl`` runs the same consortium twice in one Ray, once with the hospitals pushed
 to by the router (in-Ray path) and once with the hospitals reached only through the AXL front
-over HTTP (``medimesh.actors.axl_hospital``), and reports both; ``--delay`` is the router's
-fault delay on every push delivery, for both runs.
+over HTTP (``medimesh.actors.axl_hospital``), and reports both; ``--delay`` (± ``--jitter``)
+is the router's per-hop delay on every delivery, pushed or into a mailbox, for both runs.
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ AXL_HOSPITALS_AS = (
 
 
 def run_rounds(
-    cfg: Any, progress: Any = None, *, transport: str = "ray", delay_s: float = 0.0
+    cfg: Any, progress: Any = None, *, transport: str = "ray", delay_s: float = 0.0,
+    jitter_s: float = 0.0,
 ) -> dict[str, Any]:
     """Each round: train, seal, route, validate, aggregate, publish, evaluate, audit."""
     if transport == "ray":
-        return _one(cfg, progress, delay_s)
-    in_ray = _one(dataclasses.replace(cfg, hospital_transport="ray"), progress, delay_s)
-    over_axl = _one(dataclasses.replace(cfg, hospital_transport="axl"), progress, delay_s)
+        return _one(cfg, progress, delay_s, jitter_s)
+    in_ray = _one(dataclasses.replace(cfg, hospital_transport="ray"), progress, delay_s,
+                  jitter_s)
+    over_axl = _one(dataclasses.replace(cfg, hospital_transport="axl"), progress, delay_s,
+                    jitter_s)
     return {
         "benchmark": "rounds",
         "transport": "axl",
@@ -37,6 +40,7 @@ def run_rounds(
         "hospitals": cfg.n_sites,
         "rounds": cfg.rounds,
         "delay_s": delay_s,
+        "jitter_s": jitter_s,
         "in_ray": in_ray,
         "axl": over_axl,
         "axl_p50_over_in_ray_p50": round(
@@ -45,14 +49,14 @@ def run_rounds(
     }
 
 
-def _one(cfg: Any, progress: Any, delay_s: float) -> dict[str, Any]:
+def _one(cfg: Any, progress: Any, delay_s: float, jitter_s: float = 0.0) -> dict[str, Any]:
     from medimesh.actors.runtime import Consortium
 
     fed = Consortium(cfg)
     try:
         timings = fed.start()
         if delay_s:
-            fed.set_faults(delay_s=delay_s)
+            fed.set_faults(delay_s=delay_s, jitter_s=jitter_s)
         history = fed.run(progress)
         stats = fed.router_stats()
         audit = fed.verify_audit()
@@ -64,6 +68,7 @@ def _one(cfg: Any, progress: Any, delay_s: float) -> dict[str, Any]:
         "benchmark": "rounds",
         "hospital_transport": cfg.hospital_transport,
         "delay_s": delay_s,
+        "jitter_s": jitter_s,
         "dataset": cfg.dataset,
         "hospitals": cfg.n_sites,
         "rounds": cfg.rounds,
