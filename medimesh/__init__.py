@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Client": "medimesh.client",
     "AsyncClient": "medimesh.client",
-    "RunConfig": "medimesh.actors.runtime",
+    "RunConfig": "medimesh.run_config",
     "Consortium": "medimesh.actors.runtime",
     "Model": "medimesh.model",
     "TrainConfig": "medimesh.model",
