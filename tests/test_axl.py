@@ -18,6 +18,7 @@ import pytest
 
 from medimesh.axl import TO_HEADER, AxlError, AxlTransport, Topology
 from medimesh.axl_auth import sign_request
+from medimesh.bench.operator.hostile import Inbox  # a push peer that keeps what arrives
 from medimesh.errors import DecryptionFailed, NotARecipient, NotEnrolled, PeerUnreachable
 from medimesh.identity import Identity, Member, Role, Roster
 from medimesh.transport import Transport
@@ -37,19 +38,6 @@ ROSTER = Roster(
         Member("solo", "oracle", S.peer_id),
     ]
 )
-
-
-class Inbox:
-    """A Ray-side peer with a push handle, as hospitals and validators are."""
-
-    def __init__(self) -> None:
-        self.got: list[bytes] = []
-
-    def deliver(self, envelope: bytes) -> None:
-        self.got.append(envelope)
-
-    def received(self) -> list[bytes]:
-        return self.got
 
 
 def _free_port() -> int:

@@ -20,6 +20,7 @@ import pytest
 
 from medimesh.axl import TO_HEADER, AxlError, AxlTransport, AxlUnauthorized
 from medimesh.axl_auth import PEER_HEADER, TIME_HEADER, sign_request
+from medimesh.bench.operator.hostile import Inbox  # a push peer that keeps what arrives
 from medimesh.errors import ConfigError, NotEnrolled
 from medimesh.identity import Identity, Member, Roster
 from medimesh.routing import MAILBOX_LIMIT
@@ -40,19 +41,6 @@ ROSTER = Roster(
         Member("delta", "hospital", D.peer_id),
     ]
 )
-
-
-class Inbox:
-    """A Ray-side peer with a push handle (as validators are), recording arrival order."""
-
-    def __init__(self) -> None:
-        self.got: list[bytes] = []
-
-    def deliver(self, envelope: bytes) -> None:
-        self.got.append(envelope)
-
-    def received(self) -> list[bytes]:
-        return self.got
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ __all__ = ["Inbox", "take_coordinator_seat"]
 
 
 class Inbox:
-    """Keeps the (sealed) envelopes that arrive for the coordinator's peer id."""
+    """Keeps the (sealed) envelopes that arrive for the peer id it is registered as (the
+    coordinator's here; tests use it as any push peer)."""
 
     def __init__(self) -> None:
         self._got: list[bytes] = []
@@ -24,6 +25,10 @@ class Inbox:
     def take(self) -> list[bytes]:
         out, self._got = self._got, []
         return out
+
+    def received(self) -> list[bytes]:
+        """Everything kept so far, in arrival order (kept: a test may ask again)."""
+        return list(self._got)
 
 
 def take_coordinator_seat(router: Any, peer_id: str) -> Any:
